@@ -1,0 +1,144 @@
+"""Command-line interface: a thin shell over the library (each command parses options and calls one function)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="segfromxai")
+def main() -> None:
+    """segfromxai: segmentation pseudo-labels from classifier explanations."""
+
+
+def model_options(f):
+    """--model / --checkpoint / --device, shared by every command that loads a classifier."""
+    f = click.option("--device", default="cpu", show_default=True, help="torch device")(f)
+    f = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                     help="local weights: model card (card.json or its folder), .safetensors or torch file")(f)
+    f = click.option("--model", "model_name", default=None,
+                     help="timm model name (default: the embedded model in data/model)")(f)
+    return f
+
+
+def _load(model_name: str | None, checkpoint: Path | None, device: str):
+    from .model import load_model
+
+    try:
+        return load_model(model_name, checkpoint, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+
+
+@main.command("list")
+def list_cmd() -> None:
+    """Print every registry (explainers, thresholds, refiners, metrics), one name per line under a header."""
+    from .registry import registries
+
+    for title, names in registries().items():
+        click.echo(f"{title}:")
+        for name in names:
+            click.echo(f"  {name}")
+        if not names:
+            click.echo("  (none registered yet)")
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="output folder")
+@click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="number of images")
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed (same seed, same bytes)")
+@click.option("--size", type=click.IntRange(min=32), default=224, show_default=True, help="image side in pixels")
+@click.option("--mode", type=click.Choice(["single", "multi"]), default="single", show_default=True,
+              help="one object per image, or two of different classes")
+def synth(out: Path, n: int, seed: int, size: int, mode: str) -> None:
+    """Write a synthetic shapes benchmark with exact ground truth (images/, annotations.json, labels.csv)."""
+    from .synth import write_synth
+
+    write_synth(out, n, seed, size=size, mode=mode)
+    click.echo(f"wrote {n} images to {out}")
+
+
+@main.command()
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="a synth folder (labels.csv + images/) or an ImageFolder layout")
+@click.option("--model", "model_name", required=True, help="timm model name, e.g. vit_small_patch14_dinov2")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="output folder: model.safetensors + card.json")
+@click.option("--init", type=click.Path(exists=True, path_type=Path), default=None,
+              help="local checkpoint to start from (safetensors, torch file or model card)")
+@click.option("--freeze-blocks", type=click.IntRange(min=0), default=0, show_default=True,
+              help="train only the blocks after K (ViT: frozen tokens cached once)")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--img-size", type=click.IntRange(min=16), default=None, help="input side (default: the model's)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="learning rate of the trunk")
+@click.option("--head-lr", type=float, default=1e-3, show_default=True, help="learning rate of the new head")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--val", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="separate validation folder (default: hold out --val-fraction of --data)")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="use at most N training images")
+@click.option("--storage-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def finetune(data: Path, model_name: str, out: Path, init: Path | None, freeze_blocks: int, epochs: int,
+             img_size: int | None, batch_size: int, lr: float, head_lr: float, weight_decay: float,
+             val: Path | None, val_fraction: float, limit: int | None, storage_dtype: str, seed: int,
+             device: str) -> None:
+    """Fine-tune a timm classifier; writes weights (safetensors) and a model card (JSON)."""
+    from .train import finetune as run_finetune
+
+    card = run_finetune(data, model_name, out, init=init, freeze_blocks=freeze_blocks, epochs=epochs,
+                        img_size=img_size, batch_size=batch_size, lr=lr, head_lr=head_lr,
+                        weight_decay=weight_decay, seed=seed, val=val, val_fraction=val_fraction, limit=limit,
+                        storage_dtype=storage_dtype, device=device, log=click.echo)
+    click.echo(f"wrote {out}/card.json (val accuracy {card['val_accuracy']:.4f})")
+
+
+@main.command()
+@click.option("--images", type=click.Path(exists=True, path_type=Path), required=True,
+              help="image folder (searched recursively) or one image")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV file_name,label: print the accuracy per class against it")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write predictions as CSV (file_name,label,confidence)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@model_options
+def classify(images: Path, labels: Path | None, out: Path | None, batch_size: int, model_name: str | None,
+             checkpoint: Path | None, device: str) -> None:
+    """Top-1 class of every image; with --labels, a table of accuracy per class."""
+    from .pipeline import accuracy_table, classify as run_classify, read_labels_csv
+
+    model = _load(model_name, checkpoint, device)
+    failures = []
+    preds = run_classify(model, images, batch_size=batch_size, on_failure=failures.append)
+    for f in failures:
+        click.echo(f"skipped {f.path}: {f.reason}", err=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write("file_name,label,confidence\n")
+            fh.writelines(f"{p.rel_path},{model.classes[p.label]},{p.confidence:.6f}\n" for p in preds)
+        tmp.replace(out)
+    click.echo(f"classified {len(preds)} images ({len(failures)} skipped) with {model.source}")
+    if labels is not None:
+        rows = accuracy_table(preds, model.classes, read_labels_csv(labels))
+        click.echo(f"{'class':<12}{'n':>5}{'correct':>9}{'accuracy':>10}")
+        for r in rows:
+            click.echo(f"{r['class']:<12}{r['n']:>5}{r['correct']:>9}{r['accuracy']:>10.3f}")
+
+
+def _entry() -> None:  # pragma: no cover - `python -m segfromxai`
+    main(prog_name="segfromxai")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(_entry())

@@ -1,0 +1,18 @@
+"""The registries in one view, for `segfromxai list`, docs tests and recipe validation."""
+
+from __future__ import annotations
+
+
+def registries() -> dict[str, list[str]]:
+    """Map each registry's title to its sorted registered names."""
+    from .explainers import EXPLAINERS
+    from .metrics import METRICS
+    from .refine import REFINERS
+    from .threshold import THRESHOLDS
+
+    return {
+        "explainers": sorted(EXPLAINERS),
+        "thresholds": sorted(THRESHOLDS),
+        "refiners": sorted(REFINERS),
+        "metrics": sorted(METRICS),
+    }
