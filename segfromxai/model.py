@@ -337,10 +337,10 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     sd, meta = (None, {})
     if checkpoint is not None:
         sd, meta = read_state_dict(checkpoint)
-        if name is None:
-            name = meta.get("timm_name")
-            if name is None:
-                raise ValueError(f"checkpoint {checkpoint} does not name its timm model: pass name=")
+        if name is None and "timm_name" not in meta:
+            raise ValueError(f"checkpoint {checkpoint} does not name its timm model: pass name=")
+        if name is None or name == meta.get("timm_name"):  # the kwargs it was saved with, unless overridden
+            name = meta["timm_name"]
             timm_kwargs = {**json.loads(meta.get("timm_kwargs", "{}")), **timm_kwargs}
     assert name is not None
     if pretrained and sd is not None:

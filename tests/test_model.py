@@ -140,3 +140,16 @@ def test_timm_preprocessing_of_a_cnn_and_vit_only_helpers():
 def test_pretrained_without_a_name_is_refused():
     with pytest.raises(ValueError, match="needs a model name"):
         load_model(pretrained=True)
+
+
+def test_checkpoint_metadata_kwargs_apply_when_the_name_matches(tmp_path):
+    m = _tiny()
+    path = tmp_path / "w.safetensors"
+    save_file(m.state_dict(), str(path), metadata={
+        "timm_name": "vit_tiny_patch16_224",
+        "timm_kwargs": json.dumps({"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 3})})
+    loaded = load_model("vit_tiny_patch16_224", checkpoint=path)
+    assert len(loaded.module.blocks) == 2 and loaded.preprocess.size == (32, 32)
+    with pytest.raises(ValueError, match="does not name its timm model"):
+        save_file(m.state_dict(), str(tmp_path / "bare.safetensors"))
+        load_model(checkpoint=tmp_path / "bare.safetensors")
