@@ -16,6 +16,14 @@ def _tiny(**kw):
     return timm.create_model("vit_tiny_patch16_224", **args).eval()
 
 
+def _save_named(m, path):
+    """Save the _tiny() model as segfromxai does: safetensors naming its timm model and kwargs."""
+    save_file(m.state_dict(), str(path), metadata={
+        "timm_name": "vit_tiny_patch16_224",
+        "timm_kwargs": json.dumps({"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 3})})
+    return path
+
+
 def test_unknown_model_name_suggests_close_names():
     with pytest.raises(ValueError, match=r"unknown timm model 'vit_small_patch16_22'.*vit_small_patch16_224"):
         load_model("vit_small_patch16_22")
@@ -30,10 +38,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_safetensors_round_trip_names_its_model(tmp_path):
     m = _tiny()
-    path = tmp_path / "w.safetensors"
-    save_file(m.state_dict(), str(path), metadata={
-        "timm_name": "vit_tiny_patch16_224",
-        "timm_kwargs": json.dumps({"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 3})})
+    path = _save_named(m, tmp_path / "w.safetensors")
     loaded = load_model(checkpoint=path)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -144,10 +149,7 @@ def test_pretrained_without_a_name_is_refused():
 
 def test_checkpoint_metadata_kwargs_apply_when_the_name_matches(tmp_path):
     m = _tiny()
-    path = tmp_path / "w.safetensors"
-    save_file(m.state_dict(), str(path), metadata={
-        "timm_name": "vit_tiny_patch16_224",
-        "timm_kwargs": json.dumps({"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 3})})
+    path = _save_named(m, tmp_path / "w.safetensors")
     loaded = load_model("vit_tiny_patch16_224", checkpoint=path)
     assert len(loaded.module.blocks) == 2 and loaded.preprocess.size == (32, 32)
     with pytest.raises(ValueError, match="does not name its timm model"):
