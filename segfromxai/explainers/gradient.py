@@ -1,0 +1,108 @@
+"""Gradient explainers: Grad-CAM, HiResCAM, vanilla saliency and gradient x input.
+
+All of them read the one shared backward pass of ``sum_b logit[b, target_b]`` (the target logit, not the
+softmax probability).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import is_vit
+from .core import Explainer, Needs, Pass
+
+
+def default_layer(model: nn.Module) -> str:
+    """The layer Grad-CAM reads by default.
+
+    ViT: the last block's first LayerNorm (``blocks.{L-1}.norm1``), the token activations that feed the last
+    attention. CNN: the last feature stage that timm's ``feature_info`` names (e.g. ``layer4`` of a ResNet).
+    """
+    if is_vit(model):
+        return f"blocks.{len(model.blocks) - 1}.norm1"
+    info = getattr(model, "feature_info", None)
+    if info:
+        last = info[-1] if isinstance(info, list) else info.info[-1]
+        if last.get("module"):
+            return last["module"]
+    raise ValueError(f"cannot choose a Grad-CAM layer for {type(model).__name__}; pass layer='<module name>'")
+
+
+def _layer(model: nn.Module, params: dict[str, Any]) -> str:
+    return params["layer"] or default_layer(model)
+
+
+def _cam_inputs(ps: Pass, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Activations and gradients of the CAM layer as (B, positions, C), and the spatial shape of positions."""
+    name = _layer(ps.model, params)
+    a, g = ps.captured.outputs[name], ps.output_grads[name]
+    if a.ndim == 4:  # CNN feature map (B, C, h, w)
+        return a.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2), tuple(a.shape[-2:])
+    if a.ndim == 3 and is_vit(ps.model):  # ViT tokens (B, N, C): patch tokens only
+        p = ps.num_prefix_tokens
+        return a[:, p:], g[:, p:], ps.grid
+    raise ValueError(f"Grad-CAM layer {name!r} gives a tensor of shape {tuple(a.shape)}; "
+                     "expected CNN (B, C, h, w) or ViT tokens (B, N, C)")
+
+
+def gradcam(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017): relu(sum_c mean_pos(dy/dA_c) * A_c).
+
+    On a ViT, A is the (B, N, C) output of ``layer`` (default: the last block's ``norm1``); the weights are the
+    gradients averaged over the patch tokens only, prefix tokens (class, registers, distillation) are dropped.
+    On a CNN, A is the layer's (B, C, h, w) feature map. Map: (B, gh, gw) on the layer's grid, unnormalised.
+    """
+    a, g, shape = _cam_inputs(ps, params)
+    w = g.mean(1, keepdim=True)
+    return torch.relu((a * w).sum(-1)).reshape(a.shape[0], *shape)
+
+
+def hirescam(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
+    """HiResCAM (Draelos and Gallagher, 2020): relu(sum_c dy/dA_c * A_c) per position (no gradient averaging).
+
+    Same layer choice and grid as ``gradcam``.
+    """
+    a, g, shape = _cam_inputs(ps, params)
+    return torch.relu((a * g).sum(-1)).reshape(a.shape[0], *shape)
+
+
+def saliency(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
+    """Vanilla gradient (Simonyan et al., 2014): max over colour channels of |dy/dx|, at pixel level (B, H, W).
+
+    x is the preprocessed (normalised) input.
+    """
+    return ps.input_grad.abs().amax(1)
+
+
+def gradxinput(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
+    """Gradient x input (Shrikumar et al., 2016): s = sum_c x_c * dy/dx_c on the preprocessed input, (B, H, W).
+
+    ``sign``: "positive" keeps relu(s) (evidence for the class), "absolute" keeps |s|.
+    """
+    s = (ps.x * ps.input_grad).sum(1)
+    return torch.relu(s) if params["sign"] == "positive" else s.abs()
+
+
+def _layer_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
+    return Needs(layers=(_layer(model, params),))
+
+
+def _input_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
+    return Needs(input_grad=True)
+
+
+_SIGN = {"sign": ("positive", "absolute")}
+
+GRADIENT_EXPLAINERS = {
+    "gradcam": Explainer(gradcam, _layer_needs, {"layer": None}, vit_only=False,
+                         summary="Grad-CAM on a layer's activations (ViT tokens or CNN maps)"),
+    "hirescam": Explainer(hirescam, _layer_needs, {"layer": None}, vit_only=False,
+                          summary="HiResCAM: element-wise gradient x activation"),
+    "saliency": Explainer(saliency, _input_needs, {}, vit_only=False, pixel_level=True,
+                          summary="vanilla gradient, max |grad| over channels"),
+    "gradxinput": Explainer(gradxinput, _input_needs, {"sign": "positive"}, vit_only=False, pixel_level=True,
+                            choices=_SIGN, summary="gradient x input, summed over channels"),
+}

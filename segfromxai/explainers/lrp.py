@@ -1,0 +1,374 @@
+"""Layer-wise relevance propagation through a timm Vision Transformer, down to pixels.
+
+One engine, three rules for every linear operation z = L x + b (x+ = max(x, 0), x- = min(x, 0), likewise L+/L-):
+
+- ``epsilon`` (Bach et al., 2015):   R_x = x * L^T (R_z / (z + eps sign z))
+- ``alpha1beta0`` (z+ rule):          R_x = x+ * L+^T s + x- * L-^T s,  s = R_z / (L+ x+ + L- x- + eps), biases excluded
+- ``abslrp`` (Vukadin et al., 2024):  the same numerator, s = R_z / (|z| + eps): the Relative Absolute Magnitude rule
+
+applied along timm's data flow: the patch convolution, the position-embedding add (relevance at the prefix tokens
+and the embedding parameters is dropped), LayerNorm (statistics detached, see ``layernorm``), the qkv and
+projection linears, attention (see ``attention``), LayerScale, residual adds (one joint operation with both
+inputs; relevances of a split are summed), the MLP (GELU passes relevance unchanged), the final norm, pooling
+(class token or average) and the head. Operations with two inputs that multiply (q k^T, A V) take one pass per
+input with the other input as the weights and the shared denominator; the passes' relevances are summed where the
+inputs meet (the qkv linear), as the absLRP paper prescribes.
+
+Block internals are recomputed from the captured block inputs, one block at a time from the top (memory stays at
+one block), and checked against the model's own forward; a block layout this engine does not know (post-norm,
+gated or SwiGLU MLPs, q/k norms, attention pooling) raises ``NotImplementedError`` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .core import Explainer, Needs, Pass
+
+Fn = Callable[[torch.Tensor, int], torch.Tensor]
+RULES = ("epsilon", "alpha1beta0", "abslrp")
+EPSILON = {"epsilon": 1e-6, "alpha1beta0": 1e-9, "abslrp": 1e-9}
+
+
+@dataclass(frozen=True)
+class LRPConfig:
+    """Settings of one LRP pass.
+
+    rule : "epsilon", "alpha1beta0" or "abslrp".
+    epsilon : the stabiliser of the rule's denominator.
+    attention : "full" propagates through the attention probabilities into q and k (softmax denominator
+        detached, relevance passed unchanged through the exponential); "constant" treats the probabilities as
+        fixed weights of the value path (Ali et al., 2022), which conserves relevance.
+    layernorm : both keep sigma = sqrt(var + eps) detached. "center" keeps the mean subtraction inside the linear
+        map (I - 11^T/D)/sigma (Ali et al., 2022; conserves relevance); "detach" also detaches the mean, making
+        LayerNorm an element-wise affine map with bias -mu/sigma (the absLRP paper).
+    start : relevance at the logits: "logit" (the target logit, for conservation), "onehot" (1 at the target),
+        "contrastive" (Gu et al., 2019, used by absLRP): two passes, one from the target class and one spread
+        evenly over the other classes; each is rescaled to unit L1 norm per image at the pixels and the second is
+        subtracted from the first. The paper states the start as 1 for the target and -1/N for the others; the
+        rule divides by |z|, which amplifies small logits, so without the rescaling the non-target classes
+        dominate and the map is all negative. The authors' released code does the same two-pass subtraction.
+    """
+
+    rule: str
+    epsilon: float
+    attention: str
+    layernorm: str
+    start: str
+
+
+@dataclass
+class LRPResult:
+    """Relevance at the (preprocessed) input pixels (passes, B, 3, H, W) and, when recorded, at each block's
+    attention probabilities (passes, B, heads, N, N)."""
+
+    input: torch.Tensor
+    attention: list[torch.Tensor] | None
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def _part(w: torch.Tensor, part: int) -> torch.Tensor:
+    return w if part == 0 else (w.clamp(min=0) if part > 0 else w.clamp(max=0))
+
+
+def _scale(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn) -> torch.Tensor:
+    """s = R_z / denominator of the rule."""
+    if cfg.rule == "epsilon":
+        return r / (z + cfg.epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
+    if cfg.rule == "alpha1beta0":
+        return r / (fwd(x.clamp(min=0), 1) + fwd(x.clamp(max=0), -1) + cfg.epsilon)
+    return r / (z.abs() + cfg.epsilon)
+
+
+def _apply(cfg: LRPConfig, x: torch.Tensor, s: torch.Tensor, bwd: Fn) -> torch.Tensor:
+    """Relevance of input x given the scaled relevance s and the transpose ``bwd`` of its linear map."""
+    if cfg.rule == "epsilon":
+        return x * bwd(s, 0)
+    return x.clamp(min=0) * bwd(s, 1) + x.clamp(max=0) * bwd(s, -1)
+
+
+def _rule(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn, bwd: Fn) -> torch.Tensor:
+    return _apply(cfg, x, _scale(cfg, x, z, r, fwd), bwd)
+
+
+def _linear(cfg: LRPConfig, lin: nn.Linear, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    w = lin.weight
+    return _rule(cfg, x, z, r, lambda v, p: F.linear(v, _part(w, p)), lambda s, p: s @ _part(w, p))
+
+
+def _diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """z = a * x + b element-wise."""
+    fn = lambda v, p: _part(a, p) * v  # noqa: E731  (symmetric: forward and transpose are the same)
+    return _rule(cfg, x, z, r, fn, fn)
+
+
+def _add(cfg: LRPConfig, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, r: torch.Tensor):
+    """z = a + b as one operation with two inputs (identity weights): the shared denominator splits R_z."""
+    if cfg.rule == "epsilon":
+        s = _scale(cfg, a, z, r, None)
+    elif cfg.rule == "alpha1beta0":
+        s = r / (a.clamp(min=0) + b.clamp(min=0) + cfg.epsilon)
+    else:
+        s = r / (z.abs() + cfg.epsilon)
+    ident = lambda v, p: v if p >= 0 else torch.zeros_like(v)  # noqa: E731
+    return _apply(cfg, a, s, ident), _apply(cfg, b, s, ident)
+
+
+def _layer_scale(cfg: LRPConfig, ls: nn.Module, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    if isinstance(ls, nn.Identity):
+        return r
+    if not hasattr(ls, "gamma"):
+        raise NotImplementedError(f"LRP does not know the layer-scale module {type(ls).__name__}")
+    return _diag(cfg, ls.gamma, x, z, r)
+
+
+def _layernorm(cfg: LRPConfig, ln: nn.Module, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Relevance of a LayerNorm's input; sigma (and with "detach" the mean) treated as constants."""
+    if isinstance(ln, nn.Identity):
+        return r
+    if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+        raise NotImplementedError(f"LRP does not know the normalisation {type(ln).__name__}")
+    d = x.shape[-1]
+    mu = x.mean(-1, keepdim=True)
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    u = (x - mu) / sigma
+    gamma = ln.weight if ln.weight is not None else torch.ones(d, dtype=x.dtype, device=x.device)
+    beta = ln.bias if ln.bias is not None else torch.zeros_like(gamma)
+    r_u = _diag(cfg, gamma, u, gamma * u + beta, r)
+    if cfg.layernorm == "detach":
+        return _diag(cfg, 1 / sigma, x, u, r_u)
+
+    def center(v: torch.Tensor, p: int) -> torch.Tensor:  # (I - 11^T/D)/sigma and its parts; symmetric
+        if p == 0:
+            return (v - v.mean(-1, keepdim=True)) / sigma
+        if p > 0:
+            return v * ((1 - 1 / d) / sigma)
+        return (v - v.sum(-1, keepdim=True)) / (d * sigma)
+
+    return _rule(cfg, x, u, r_u, center, center)
+
+
+def _conv_input(cfg: LRPConfig, conv: nn.Conv2d, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    if isinstance(conv.padding, str) and conv.padding != "valid":
+        raise NotImplementedError(f"LRP does not support padding={conv.padding!r} in the patch embedding")
+    pad = 0 if isinstance(conv.padding, str) else conv.padding
+    kw = dict(stride=conv.stride, padding=pad, dilation=conv.dilation, groups=conv.groups)
+    w = conv.weight
+
+    def transpose(s: torch.Tensor, p: int) -> torch.Tensor:  # s carries the leading pass dimension
+        flat = s.reshape(-1, *s.shape[-3:])
+        out = torch.nn.grad.conv2d_input((flat.shape[0], *x.shape[1:]), _part(w, p), flat, **kw)
+        return out.reshape(*s.shape[:-3], *x.shape[1:])
+
+    return _rule(cfg, x, z, r, lambda v, p: F.conv2d(v, _part(w, p), **kw), transpose)
+
+
+# ------------------------------------------------------------------------------------------------ model parts
+def _check(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    tol = 1e-4 * (1 + float(expected.abs().max()))
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=tol):
+        diff = (got - expected).abs().max().item() if got.shape == expected.shape else "shape"
+        raise NotImplementedError(f"LRP: the re-computed {what} differs from the model's forward (max diff {diff}); "
+                                  "this layout is not supported")
+
+
+def _check_block(i: int, blk: nn.Module) -> None:
+    attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+    ok = (all(hasattr(blk, a) for a in ("norm1", "ls1", "norm2", "ls2")) and attn is not None and mlp is not None
+          and hasattr(attn, "qkv") and hasattr(attn, "proj") and hasattr(mlp, "fc1") and hasattr(mlp, "fc2"))
+    if not ok:
+        raise NotImplementedError(f"LRP: block {i} ({type(blk).__name__}) is not a timm pre-norm Block")
+    for sub in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(attn, sub, nn.Identity()), nn.Identity):
+            raise NotImplementedError(f"LRP: block {i} attention has a {sub} ({type(getattr(attn, sub)).__name__})")
+    if getattr(attn, "gate", None) is not None or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise NotImplementedError(f"LRP: block {i} has a gated attention or a normalised MLP")
+
+
+def _block(cfg: LRPConfig, i: int, blk: nn.Module, x: torch.Tensor, out: torch.Tensor, r_out: torch.Tensor,
+           record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Relevance at a block's input tokens (and at its attention probabilities when ``record``)."""
+    _check_block(i, blk)
+    attn, mlp = blk.attn, blk.mlp
+    b, n, _ = x.shape
+    heads, hd = attn.num_heads, attn.head_dim
+    n1 = blk.norm1(x)
+    qkv = attn.qkv(n1)
+    q, k, v = qkv.reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    sq, sk = q * attn.scale, k * attn.scale
+    s_logits = sq @ k.transpose(-2, -1)
+    a = s_logits.softmax(-1)
+    o = (a @ v).transpose(1, 2).reshape(b, n, heads * hd)
+    p = attn.proj(o)
+    p1 = blk.ls1(p)
+    x1 = x + p1
+    n2 = blk.norm2(x1)
+    h = mlp.fc1(n2)
+    m = mlp.fc2(mlp.act(h))
+    m1 = blk.ls2(m)
+    _check(f"output of block {i}", x1 + m1, out)
+
+    r_x1, r_m1 = _add(cfg, x1, m1, x1 + m1, r_out)
+    r_g = _linear(cfg, mlp.fc2, mlp.act(h), m, _layer_scale(cfg, blk.ls2, m, m1, r_m1))
+    r_x1 = r_x1 + _layernorm(cfg, blk.norm2, x1, _linear(cfg, mlp.fc1, n2, h, r_g))
+    r_x, r_p1 = _add(cfg, x, p1, x1, r_x1)
+    r_o = _linear(cfg, attn.proj, o, p, _layer_scale(cfg, blk.ls1, p, p1, r_p1))
+    r_out_heads = r_o.reshape(*r_o.shape[:-1], heads, hd).transpose(-3, -2)
+
+    # O = A V: a pass for V (weights A >= 0) and one for A (weights V), sharing the denominator.
+    s = _scale(cfg, v, a @ v, r_out_heads, lambda t, part: _part(a, part) @ t)
+    r_v = _apply(cfg, v, s, lambda t, part: _part(a, part).transpose(-2, -1) @ t)
+    r_a = None
+    if record or cfg.attention == "full":
+        r_a = _apply(cfg, a, s, lambda t, part: t @ _part(v, part).transpose(-2, -1))
+    if cfg.attention == "full":  # softmax (denominator detached) passes R unchanged; then S = (scale q) k^T
+        s2 = _scale(cfg, q, s_logits, r_a, lambda t, part: t @ _part(sk, part).transpose(-2, -1))
+        r_q = _apply(cfg, q, s2, lambda t, part: t @ _part(sk, part))
+        r_k = _apply(cfg, k, s2, lambda t, part: t.transpose(-2, -1) @ _part(sq, part))
+    else:
+        r_q = r_k = torch.zeros_like(q)
+    r_q, r_k = r_q.expand_as(r_v), r_k.expand_as(r_v)
+    r_qkv = torch.stack([r_q, r_k, r_v], -4).transpose(-2, -4).flatten(-3)  # (..., N, 3, h, d) -> (..., N, 3C)
+    r_x = r_x + _layernorm(cfg, blk.norm1, x, _linear(cfg, attn.qkv, n1, qkv, r_qkv))
+    return r_x, (r_a if record else None)
+
+
+def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.Tensor,
+          r_y: torch.Tensor) -> torch.Tensor:
+    """Relevance at the last block's output tokens."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise NotImplementedError("LRP does not support attention pooling ('map') heads")
+    if not isinstance(model.head, nn.Linear):
+        raise NotImplementedError(f"LRP needs a Linear classifier head, got {type(model.head).__name__}")
+    t = model.norm(tokens)
+    pool, npt = model.global_pool, model.num_prefix_tokens
+    r_t = t.new_zeros(r_y.shape[:1] + t.shape)
+    if isinstance(getattr(model, "head_dist", None), nn.Linear):  # DeiT distilled: y = (head(t0) + head_dist(t1)) / 2
+        y0, y1 = model.head(t[:, 0]), model.head_dist(t[:, 1])
+        _check("logits", (y0 + y1) / 2, logits)
+        r0, r1 = _add(cfg, y0 / 2, y1 / 2, logits, r_y)
+        r_t[:, :, 0] = _linear(cfg, model.head, t[:, 0], y0, _diag(cfg, torch.full_like(y0[:1], 0.5), y0, y0 / 2, r0))
+        r_t[:, :, 1] = _linear(cfg, model.head_dist, t[:, 1], y1, _diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))
+        return _layernorm(cfg, model.norm, tokens, r_t)
+    if pool == "token":
+        pooled = t[:, 0]
+    elif pool == "avg":
+        first = 0 if getattr(model, "pool_include_prefix", False) else npt
+        pooled = t[:, first:].mean(1)
+    else:
+        raise NotImplementedError(f"LRP supports global_pool 'token' or 'avg', not {pool!r}")
+    f = model.fc_norm(pooled)
+    y = model.head(f)
+    _check("logits", y, logits)
+    r_pooled = _layernorm(cfg, model.fc_norm, pooled, _linear(cfg, model.head, f, y, r_y))
+    if pool == "token":
+        r_t[:, :, 0] = r_pooled
+    else:
+        cnt = t.shape[1] - first
+        mean = lambda v, p: v.mean(1) * (p >= 0)  # noqa: E731  (1/cnt >= 0: no negative part)
+        spread = lambda s, p: (s[..., None, :] * ((p >= 0) / cnt)).expand(*s.shape[:-1], cnt, s.shape[-1])  # noqa: E731
+        r_t[:, :, first:] = _rule(cfg, t[:, first:], pooled, r_pooled, mean, spread)
+    return _layernorm(cfg, model.norm, tokens, r_t)
+
+
+def _embedding(cfg: LRPConfig, model: nn.Module, x: torch.Tensor, block0_in: torch.Tensor,
+               r_tokens: torch.Tensor) -> torch.Tensor:
+    """Relevance at the input pixels from the relevance at the first block's input tokens."""
+    pe = model.patch_embed
+    if not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity) or getattr(pe, "dynamic_img_pad", False):
+        raise NotImplementedError("LRP supports a plain convolutional patch embedding (no norm, no padding)")
+    conv = pe.proj
+    z = conv(x)
+    e = z.flatten(2).transpose(1, 2)
+    tok = model.patch_drop(model._pos_embed(pe(x)))
+    _check("token embedding", model.norm_pre(tok), block0_in)
+    npt = model.num_prefix_tokens
+    r_tok = _layernorm(cfg, model.norm_pre, tok, r_tokens)[..., npt:, :]
+    r_e = _diag(cfg, torch.ones_like(e[:1, :1]), e, tok[:, npt:], r_tok)  # patch + position embedding
+    return _conv_input(cfg, conv, x, z, r_e.transpose(-1, -2).reshape(*r_e.shape[:-2], *z.shape[1:]))
+
+
+def _start(cfg: LRPConfig, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relevance at the logits, (passes, B, K)."""
+    onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    if cfg.start == "logit":
+        return (onehot * logits)[None]
+    if cfg.start == "contrastive":
+        return torch.stack([onehot, (1 - onehot) / max(1, logits.shape[1] - 1)])
+    return onehot[None]
+
+
+def _unit(r: torch.Tensor) -> torch.Tensor:
+    """Rescale each (pass, image) slice to unit L1 norm."""
+    return r / (r.abs().flatten(2).sum(-1).clamp_min(1e-30).reshape(*r.shape[:2], *[1] * (r.ndim - 2)))
+
+
+def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRPResult:
+    """Run (or reuse, from ``ps.cache``) one LRP pass for the batch of ``ps``.
+
+    Relevance tensors carry a leading pass dimension: one pass, or two for the contrastive start (the target
+    class, and the other classes), run together. The abslrp rule is not conservative (sum_i (x_i w_ij)+ / |z_j|
+    can exceed 1 at every layer), so its relevance is rescaled to unit L1 norm per pass and image after each
+    block; each pass is linear in its start, so this changes no map, it only prevents overflow.
+    """
+    hit = ps.cache.get(cfg)
+    if hit is not None and (hit.attention is not None or not record_attention):
+        return hit
+    model, io = ps.model, ps.captured.block_io
+    with torch.no_grad():
+        r = _head(cfg, model, io[-1][1], ps.logits, _start(cfg, ps.logits, ps.target))
+        recorded = []
+        for i in range(len(model.blocks) - 1, -1, -1):
+            r = _unit(r) if cfg.rule == "abslrp" else r
+            r, r_a = _block(cfg, i, model.blocks[i], io[i][0], io[i][1], r, record_attention)
+            recorded.append(r_a)
+        r_x = _embedding(cfg, model, ps.x, io[0][0], r)
+    res = LRPResult(r_x, recorded[::-1] if record_attention else None)
+    ps.cache[cfg] = res
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ explainers
+def _config(rule: str, params: dict[str, Any], start: str) -> LRPConfig:
+    eps = params["epsilon"] if params.get("epsilon") is not None else EPSILON[rule]
+    return LRPConfig(rule, float(eps), params["attention"], params["layernorm"], start)
+
+
+def _pixels(rule: str, start: str) -> Callable[[Pass, dict[str, Any]], torch.Tensor]:
+    def fn(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
+        r = lrp_pass(ps, _config(rule, params, start)).input.sum(-3)
+        s = _unit(r[:, :, None])[:, :, 0] if start == "contrastive" else r
+        s = s[0] - s[1] if start == "contrastive" else s[0]
+        return torch.relu(s) if params["sign"] == "positive" else s.abs()
+
+    return fn
+
+
+def _block_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
+    return Needs(blocks=True)
+
+
+def _lrp_explainer(rule: str, start: str, attention: str, layernorm: str, summary: str) -> Explainer:
+    fn = _pixels(rule, start)
+    fn.__doc__ = f"{summary}. Relevance at the preprocessed pixels, summed over channels; ``sign`` keeps its " \
+                 f"positive part (default) or absolute value. Map (B, H, W). See ``LRPConfig``."
+    return Explainer(fn, _block_needs,
+                     {"epsilon": EPSILON[rule], "attention": attention, "layernorm": layernorm, "sign": "positive"},
+                     vit_only=True, pixel_level=True, summary=summary,
+                     choices={"attention": ("full", "constant"), "layernorm": ("center", "detach"),
+                              "sign": ("positive", "absolute")})
+
+
+LRP_EXPLAINERS = {
+    "abslrp": _lrp_explainer("abslrp", "contrastive", "full", "detach",
+                             "Relative Absolute Magnitude LRP (Vukadin et al., 2024) with a contrastive start"),
+    "lrp_epsilon": _lrp_explainer("epsilon", "logit", "constant", "center",
+                                  "LRP-epsilon (Bach et al., 2015) from the target logit"),
+    "lrp_alpha1beta0": _lrp_explainer("alpha1beta0", "onehot", "constant", "center",
+                                      "LRP-alpha1beta0 (z+ rule) from a one-hot start"),
+}
