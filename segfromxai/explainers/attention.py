@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .core import Explainer, Needs, Pass
-from .lrp import EPSILON, RULES, LRPConfig, lrp_pass
+from .lrp import RULES, LRPConfig, lrp_pass
 
 
 def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
@@ -83,14 +83,11 @@ def lrp(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
     """Transformer attribution (Chefer et al., CVPR 2021): relevance x gradient of attention, rolled out.
 
     Ā_l = mean over heads of relu(dy/dA_l * R_A_l), with R_A_l the LRP relevance at block l's attention
-    probabilities (``rule``, default alpha1beta0 from a one-hot start; ``attention`` and ``layernorm`` as in
-    ``LRPConfig``), rolled out as in ``grad_rollout``. Differences from the authors' code: LayerNorm and softmax
+    probabilities (``rule``, default alpha1beta0, with ``epsilon`` 1e-6, from a one-hot start at the target;
+    ``attention`` and ``layernorm`` as in ``LRPConfig``), rolled out as in ``grad_rollout``. Differences from the authors' code: LayerNorm and softmax
     follow our ``LRPConfig`` choices instead of passing relevance unchanged, and rows are not re-normalised.
     """
-    rule = params["rule"]
-    start = {"epsilon": "logit", "abslrp": "contrastive"}.get(rule, "onehot")
-    eps = params["epsilon"] if params["epsilon"] is not None else EPSILON[rule]
-    cfg = LRPConfig(rule, float(eps), params["attention"], params["layernorm"], start)
+    cfg = LRPConfig(params["rule"], float(params["epsilon"]), params["attention"], params["layernorm"], "onehot")
     rel_a = lrp_pass(ps, cfg, record_attention=True).attention
     w = [g * r[0] for g, r in zip(ps.attention_grads, rel_a)]
     return _weighted_rollout(ps, w, _check_start(ps, params["start_layer"]))
@@ -115,7 +112,7 @@ ATTENTION_EXPLAINERS = {
     "grad_rollout": Explainer(grad_rollout, _gradient_attention_needs, {"start_layer": 0}, vit_only=True,
                               summary="gradient-weighted attention rollout (Chefer et al., ICCV 2021)"),
     "lrp": Explainer(lrp, _lrp_needs,
-                     {"rule": "alpha1beta0", "epsilon": None, "attention": "full", "layernorm": "center",
+                     {"rule": "alpha1beta0", "epsilon": 1e-6, "attention": "full", "layernorm": "center",
                       "start_layer": 0},
                      vit_only=True, summary="transformer attribution: LRP relevance x attention gradient, rolled out "
                                             "(Chefer et al., CVPR 2021)",

@@ -233,7 +233,7 @@ def _block(cfg: LRPConfig, i: int, blk: nn.Module, x: torch.Tensor, out: torch.T
     else:
         r_q = r_k = torch.zeros_like(q)
     r_q, r_k = r_q.expand_as(r_v), r_k.expand_as(r_v)
-    r_qkv = torch.stack([r_q, r_k, r_v], -4).transpose(-2, -4).flatten(-3)  # (..., N, 3, h, d) -> (..., N, 3C)
+    r_qkv = torch.stack([r_q, r_k, r_v], -4).movedim(-2, -4).flatten(-3)  # (..., 3, h, N, d) -> (..., N, 3C)
     r_x = r_x + _layernorm(cfg, blk.norm1, x, _linear(cfg, attn.qkv, n1, qkv, r_qkv))
     return r_x, (r_a if record else None)
 
@@ -314,7 +314,8 @@ def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRP
     Relevance tensors carry a leading pass dimension: one pass, or two for the contrastive start (the target
     class, and the other classes), run together. The abslrp rule is not conservative (sum_i (x_i w_ij)+ / |z_j|
     can exceed 1 at every layer), so its relevance is rescaled to unit L1 norm per pass and image after each
-    block; each pass is linear in its start, so this changes no map, it only prevents overflow.
+    block when the start is contrastive (the abslrp explainer); each pass is linear in its start, so this changes
+    no map, it only prevents overflow. Other starts keep the rule's own magnitudes (``lrp``'s roll-out needs them).
     """
     hit = ps.cache.get(cfg)
     if hit is not None and (hit.attention is not None or not record_attention):
@@ -324,7 +325,7 @@ def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRP
         r = _head(cfg, model, io[-1][1], ps.logits, _start(cfg, ps.logits, ps.target))
         recorded = []
         for i in range(len(model.blocks) - 1, -1, -1):
-            r = _unit(r) if cfg.rule == "abslrp" else r
+            r = _unit(r) if cfg.start == "contrastive" else r
             r, r_a = _block(cfg, i, model.blocks[i], io[i][0], io[i][1], r, record_attention)
             recorded.append(r_a)
         r_x = _embedding(cfg, model, ps.x, io[0][0], r)
@@ -370,5 +371,6 @@ LRP_EXPLAINERS = {
     "lrp_epsilon": _lrp_explainer("epsilon", "logit", "constant", "center",
                                   "LRP-epsilon (Bach et al., 2015) from the target logit"),
     "lrp_alpha1beta0": _lrp_explainer("alpha1beta0", "onehot", "constant", "center",
-                                      "LRP-alpha1beta0 (z+ rule) from a one-hot start"),
+                                      "LRP-alpha1beta0 (z+ rule) from a one-hot start; a baseline: it fails the model-randomisation "
+                                      "check (Sixt et al., 2020)"),
 }
