@@ -85,11 +85,15 @@ def _scale(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fw
     return r / (z.abs() + cfg.epsilon)
 
 
-def _apply(cfg: LRPConfig, x: torch.Tensor, s: torch.Tensor, bwd: Fn) -> torch.Tensor:
-    """Relevance of input x given the scaled relevance s and the transpose ``bwd`` of its linear map."""
+def _apply(cfg: LRPConfig, x: torch.Tensor, s: torch.Tensor, bwd: Fn, *, nonneg: bool = False) -> torch.Tensor:
+    """Relevance of input x given the scaled relevance s and the transpose ``bwd`` of its linear map.
+
+    ``nonneg``: x or the weights are known to be >= 0 (attention probabilities), so x- * L-^T s vanishes.
+    """
     if cfg.rule == "epsilon":
         return x * bwd(s, 0)
-    return x.clamp(min=0) * bwd(s, 1) + x.clamp(max=0) * bwd(s, -1)
+    pos = x.clamp(min=0) * bwd(s, 1)
+    return pos if nonneg else pos + x.clamp(max=0) * bwd(s, -1)
 
 
 def _rule(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn, bwd: Fn) -> torch.Tensor:
@@ -222,10 +226,10 @@ def _block(cfg: LRPConfig, i: int, blk: nn.Module, x: torch.Tensor, out: torch.T
 
     # O = A V: a pass for V (weights A >= 0) and one for A (weights V), sharing the denominator.
     s = _scale(cfg, v, a @ v, r_out_heads, lambda t, part: _part(a, part) @ t)
-    r_v = _apply(cfg, v, s, lambda t, part: _part(a, part).transpose(-2, -1) @ t)
+    r_v = _apply(cfg, v, s, lambda t, part: _part(a, part).transpose(-2, -1) @ t, nonneg=True)
     r_a = None
     if record or cfg.attention == "full":
-        r_a = _apply(cfg, a, s, lambda t, part: t @ _part(v, part).transpose(-2, -1))
+        r_a = _apply(cfg, a, s, lambda t, part: t @ _part(v, part).transpose(-2, -1), nonneg=True)
     if cfg.attention == "full":  # softmax (denominator detached) passes R unchanged; then S = (scale q) k^T
         s2 = _scale(cfg, q, s_logits, r_a, lambda t, part: t @ _part(sk, part).transpose(-2, -1))
         r_q = _apply(cfg, q, s2, lambda t, part: t @ _part(sk, part))
