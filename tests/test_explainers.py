@@ -276,3 +276,13 @@ def test_class_sensitivity_on_a_two_object_image(embedded):
         for k, obj in enumerate(objs[:2]):
             assert share(maps[k][name], obj.mask) > share(maps[1 - k][name], obj.mask), name
     assert torch.equal(maps[0]["rollout"], maps[1]["rollout"])  # documented as class-agnostic
+
+
+def test_a_loaded_model_is_accepted_as_is(embedded):
+    from segfromxai.synth import make_scene
+
+    x = embedded.preprocess.batch([make_scene(1, 0, 224, "single")[0]])
+    a = explain(embedded, x, ["gradcam", "rollout"])
+    b = explain(embedded.module, x, ["gradcam", "rollout"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["gradcam"].shape == (1, *embedded.module.patch_embed.grid_size)
