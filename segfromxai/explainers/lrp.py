@@ -340,8 +340,7 @@ def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRP
 
 # ------------------------------------------------------------------------------------------------ explainers
 def _config(rule: str, params: dict[str, Any], start: str) -> LRPConfig:
-    eps = params["epsilon"] if params.get("epsilon") is not None else EPSILON[rule]
-    return LRPConfig(rule, float(eps), params["attention"], params["layernorm"], start)
+    return LRPConfig(rule, float(params["epsilon"]), params["attention"], params["layernorm"], start)
 
 
 def _pixels(rule: str, start: str) -> Callable[[Pass, dict[str, Any]], torch.Tensor]:
