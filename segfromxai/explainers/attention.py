@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .core import Explainer, Needs, Pass
-from .lrp import RULES, LRPConfig, lrp_pass
+from .lrp import ATTENTION_MODES, LAYERNORM_MODES, RULES, LRPConfig, lrp_pass
 
 
 def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
@@ -84,8 +84,9 @@ def lrp(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
 
     Ā_l = mean over heads of relu(dy/dA_l * R_A_l), with R_A_l the LRP relevance at block l's attention
     probabilities (``rule``, default alpha1beta0, with ``epsilon`` 1e-6, from a one-hot start at the target;
-    ``attention`` and ``layernorm`` as in ``LRPConfig``), rolled out as in ``grad_rollout``. Differences from the authors' code: LayerNorm and softmax
-    follow our ``LRPConfig`` choices instead of passing relevance unchanged, and rows are not re-normalised.
+    ``attention`` and ``layernorm`` as in ``LRPConfig``), rolled out as in ``grad_rollout``. Differences from the
+    authors' code: LayerNorm and softmax follow our ``LRPConfig`` choices instead of passing relevance unchanged,
+    and rows are not re-normalised.
     """
     cfg = LRPConfig(params["rule"], float(params["epsilon"]), params["attention"], params["layernorm"], "onehot")
     rel_a = lrp_pass(ps, cfg, record_attention=True).attention
@@ -116,5 +117,5 @@ ATTENTION_EXPLAINERS = {
                       "start_layer": 0},
                      vit_only=True, summary="transformer attribution: LRP relevance x attention gradient, rolled out "
                                             "(Chefer et al., CVPR 2021)",
-                     choices={"rule": RULES, "attention": ("full", "constant"), "layernorm": ("center", "detach")}),
+                     choices={"rule": RULES, "attention": ATTENTION_MODES, "layernorm": LAYERNORM_MODES}),
 }

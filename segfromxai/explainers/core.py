@@ -50,7 +50,6 @@ class Explainer:
     vit_only: bool
     summary: str
     choices: Mapping[str, tuple] = field(default_factory=dict)
-    pixel_level: bool = False
 
     def resolve(self, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overridden by ``params``; unknown keys and values outside ``choices`` raise ValueError."""
@@ -104,6 +103,14 @@ class Pass:
         else:
             row = rel[:, p:, p:].mean(1)
         return self.to_grid(row)
+
+
+SIGNS = ("positive", "absolute")
+
+
+def signed(s: torch.Tensor, sign: str) -> torch.Tensor:
+    """The positive part of a signed map (evidence for the class) or its absolute value."""
+    return torch.relu(s) if sign == "positive" else s.abs()
 
 
 def _unwrap(model: Any) -> nn.Module:

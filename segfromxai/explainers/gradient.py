@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..model import is_vit
-from .core import Explainer, Needs, Pass
+from .core import SIGNS, Explainer, Needs, Pass, signed
 
 
 def default_layer(model: nn.Module) -> str:
@@ -82,8 +82,7 @@ def gradxinput(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
 
     ``sign``: "positive" keeps relu(s) (evidence for the class), "absolute" keeps |s|.
     """
-    s = (ps.x * ps.input_grad).sum(1)
-    return torch.relu(s) if params["sign"] == "positive" else s.abs()
+    return signed((ps.x * ps.input_grad).sum(1), params["sign"])
 
 
 def _layer_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
@@ -94,15 +93,13 @@ def _input_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(input_grad=True)
 
 
-_SIGN = {"sign": ("positive", "absolute")}
-
 GRADIENT_EXPLAINERS = {
     "gradcam": Explainer(gradcam, _layer_needs, {"layer": None}, vit_only=False,
                          summary="Grad-CAM on a layer's activations (ViT tokens or CNN maps)"),
     "hirescam": Explainer(hirescam, _layer_needs, {"layer": None}, vit_only=False,
                           summary="HiResCAM: element-wise gradient x activation"),
-    "saliency": Explainer(saliency, _input_needs, {}, vit_only=False, pixel_level=True,
+    "saliency": Explainer(saliency, _input_needs, {}, vit_only=False,
                           summary="vanilla gradient, max |grad| over channels"),
-    "gradxinput": Explainer(gradxinput, _input_needs, {"sign": "positive"}, vit_only=False, pixel_level=True,
-                            choices=_SIGN, summary="gradient x input, summed over channels"),
+    "gradxinput": Explainer(gradxinput, _input_needs, {"sign": "positive"}, vit_only=False,
+                            choices={"sign": SIGNS}, summary="gradient x input, summed over channels"),
 }

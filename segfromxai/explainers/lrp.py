@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Explainer, Needs, Pass
+from .core import SIGNS, Explainer, Needs, Pass, signed
 
 Fn = Callable[[torch.Tensor, int], torch.Tensor]
 RULES = ("epsilon", "alpha1beta0", "abslrp")
+ATTENTION_MODES = ("full", "constant")
+LAYERNORM_MODES = ("center", "detach")
 EPSILON = {"epsilon": 1e-6, "alpha1beta0": 1e-9, "abslrp": 1e-9}
 
 
@@ -113,12 +115,10 @@ def _diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: 
 
 def _add(cfg: LRPConfig, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, r: torch.Tensor):
     """z = a + b as one operation with two inputs (identity weights): the shared denominator splits R_z."""
-    if cfg.rule == "epsilon":
-        s = _scale(cfg, a, z, r, None)
-    elif cfg.rule == "alpha1beta0":
+    if cfg.rule == "alpha1beta0":  # the positive contributions of both inputs
         s = r / (a.clamp(min=0) + b.clamp(min=0) + cfg.epsilon)
     else:
-        s = r / (z.abs() + cfg.epsilon)
+        s = _scale(cfg, a, z, r, None)
     ident = lambda v, p: v if p >= 0 else torch.zeros_like(v)  # noqa: E731
     return _apply(cfg, a, s, ident), _apply(cfg, b, s, ident)
 
@@ -346,9 +346,10 @@ def _config(rule: str, params: dict[str, Any], start: str) -> LRPConfig:
 def _pixels(rule: str, start: str) -> Callable[[Pass, dict[str, Any]], torch.Tensor]:
     def fn(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
         r = lrp_pass(ps, _config(rule, params, start)).input.sum(-3)
-        s = _unit(r[:, :, None])[:, :, 0] if start == "contrastive" else r
-        s = s[0] - s[1] if start == "contrastive" else s[0]
-        return torch.relu(s) if params["sign"] == "positive" else s.abs()
+        if start == "contrastive":  # target pass minus other-classes pass, each at unit L1 per image
+            r = _unit(r[:, :, None])[:, :, 0]
+            return signed(r[0] - r[1], params["sign"])
+        return signed(r[0], params["sign"])
 
     return fn
 
@@ -363,9 +364,8 @@ def _lrp_explainer(rule: str, start: str, attention: str, layernorm: str, summar
                  f"positive part (default) or absolute value. Map (B, H, W). See ``LRPConfig``."
     return Explainer(fn, _block_needs,
                      {"epsilon": EPSILON[rule], "attention": attention, "layernorm": layernorm, "sign": "positive"},
-                     vit_only=True, pixel_level=True, summary=summary,
-                     choices={"attention": ("full", "constant"), "layernorm": ("center", "detach"),
-                              "sign": ("positive", "absolute")})
+                     vit_only=True, summary=summary,
+                     choices={"attention": ATTENTION_MODES, "layernorm": LAYERNORM_MODES, "sign": SIGNS})
 
 
 LRP_EXPLAINERS = {
@@ -374,6 +374,6 @@ LRP_EXPLAINERS = {
     "lrp_epsilon": _lrp_explainer("epsilon", "logit", "constant", "center",
                                   "LRP-epsilon (Bach et al., 2015) from the target logit"),
     "lrp_alpha1beta0": _lrp_explainer("alpha1beta0", "onehot", "constant", "center",
-                                      "LRP-alpha1beta0 (z+ rule) from a one-hot start; a baseline: it fails the model-randomisation "
-                                      "check (Sixt et al., 2020)"),
+                                      "LRP-alpha1beta0 (z+ rule) from a one-hot start; a baseline: it fails "
+                                      "the model-randomisation check (Sixt et al., 2020)"),
 }
