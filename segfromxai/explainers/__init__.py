@@ -7,10 +7,10 @@ The registry is the single source of truth for CLI choices, recipe validation, `
 from __future__ import annotations
 
 from .attention import ATTENTION_EXPLAINERS
-from .core import Explainer, Needs, Pass, explain, resolve_methods
+from .core import Explainer, Needs, Pass, explain, explain_with_logits, resolve_methods
 from .gradient import GRADIENT_EXPLAINERS
 from .lrp import LRP_EXPLAINERS, LRPConfig, lrp_pass
 
 EXPLAINERS: dict[str, Explainer] = {**GRADIENT_EXPLAINERS, **ATTENTION_EXPLAINERS, **LRP_EXPLAINERS}
 
-__all__ = ["EXPLAINERS", "Explainer", "LRPConfig", "Needs", "Pass", "explain", "lrp_pass", "resolve_methods"]
+__all__ = ["EXPLAINERS", "Explainer", "LRPConfig", "Needs", "Pass", "explain", "explain_with_logits", "lrp_pass", "resolve_methods"]

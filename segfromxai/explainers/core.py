@@ -151,6 +151,17 @@ def explain(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[
             target: Any = None, *, registry: Mapping[str, Explainer] | None = None) -> dict[str, torch.Tensor]:
     """Explanation maps of a batch for each requested method, sharing the forward and backward passes.
 
+    Same as :func:`explain_with_logits` without the logits.
+    """
+    return explain_with_logits(model, x, methods, target, registry=registry)[0]
+
+
+def explain_with_logits(model: Any, x: torch.Tensor,
+                        methods: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None], target: Any = None, *,
+                        registry: Mapping[str, Explainer] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Explanation maps of a batch for each requested method, and the logits of the same forward pass.
+
     Parameters
     ----------
     model : a timm classifier (``nn.Module``) or a ``LoadedModel``; used in eval mode, left as it was found.
@@ -160,8 +171,8 @@ def explain(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[
 
     Returns
     -------
-    ``{name: map}``; each map float32 (B, gh, gw) on the token grid or (B, H, W) for pixel-level methods,
-    finite and non-negative (not normalised).
+    ``({name: map}, logits)``; each map float32 (B, gh, gw) on the token grid or (B, H, W) for pixel-level
+    methods, finite and non-negative (not normalised); logits (B, C), detached.
     """
     if registry is None:
         from . import EXPLAINERS as registry
@@ -201,4 +212,4 @@ def explain(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[
             if not torch.isfinite(m).all():
                 raise FloatingPointError(f"explainer {name!r} produced non-finite values")
             maps[name] = m
-    return maps
+    return maps, ps.logits
