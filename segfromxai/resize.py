@@ -1,0 +1,78 @@
+"""Exact resizing of small 2-D maps in float64, as two matrix products (rows, then columns).
+
+Grid maps (a model's token grid) go to image size with :func:`resize_bilinear` and to another grid with
+:func:`resize_area`. Both are separable: ``R_h @ grid @ R_w.T`` with 1-D weight matrices built here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
+    if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
+        raise ValueError(f"size must be (H, W) with positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D linear interpolation, half-pixel centres, edges clamped (align_corners=False)."""
+    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = src - i0
+    r = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    np.add.at(r, (rows, i0), 1.0 - w1)
+    np.add.at(r, (rows, i1), w1)
+    return r
+
+
+def _area_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D area averaging: output cell o covers input [o n_in/n_out, (o+1) n_in/n_out)."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    cells = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, cells + 1.0) - np.maximum(lo, cells), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D map, exactly in float64.
+
+    Half-pixel centres and clamped edges, no antialiasing: equal (up to rounding) to
+    ``torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=False)`` and to ``cv2.resize(...,
+    INTER_LINEAR)`` (whose weights are float32).
+
+    Parameters
+    ----------
+    grid : ndarray, float, shape (h, w)
+    size : (H, W)
+
+    Returns
+    -------
+    ndarray, float64, shape (H, W)
+    """
+    g = np.asarray(grid, dtype=np.float64)
+    H, W = check_size(size)
+    return _bilinear_matrix(H, g.shape[0]) @ g @ _bilinear_matrix(W, g.shape[1]).T
+
+
+def resize_area(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-averaging resize of a 2-D map, exactly in float64 (each output cell averages the input it covers).
+
+    For integer shrink factors this is block averaging and equals ``cv2.resize(..., INTER_AREA)`` up to cv2's
+    float32 weights; when enlarging, each output cell takes the area-weighted mean of the input cells it overlaps.
+
+    Parameters
+    ----------
+    grid : ndarray, float, shape (h, w)
+    size : (H, W)
+
+    Returns
+    -------
+    ndarray, float64, shape (H, W)
+    """
+    g = np.asarray(grid, dtype=np.float64)
+    H, W = check_size(size)
+    return _area_matrix(H, g.shape[0]) @ g @ _area_matrix(W, g.shape[1]).T
