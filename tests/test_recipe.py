@@ -1,0 +1,97 @@
+import itertools
+import json
+
+import pytest
+
+from segfromxai.explainers import EXPLAINERS
+from segfromxai.recipe import RecipeError, load_recipe, parse_recipe, recipes_dir, with_output
+from segfromxai.refine import REFINERS
+from segfromxai.threshold import THRESHOLDS
+
+SHIPPED = sorted(recipes_dir().rglob("*.toml"))
+
+
+def base(**over):
+    data = {"explainers": {"gradcam": {}}}
+    data.update(over)
+    return data
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(recipes_dir()).as_posix())
+def test_every_shipped_recipe_loads_and_round_trips(path):
+    r = load_recipe(path)
+    again = parse_recipe(json.loads(json.dumps(r.to_dict())), name=r.name)
+    assert again == r and again.digest() == r.digest()
+
+
+def test_shipped_recipes_include_default_tokencut_and_the_vitmix_grid():
+    names = {p.relative_to(recipes_dir()).with_suffix("").as_posix() for p in SHIPPED}
+    assert {"default", "tokencut"} <= names
+    methods = ("gradcam", "lrp", "saliency", "rollout")
+    combos = {frozenset(c) for k in (1, 2, 3) for c in itertools.combinations(methods, k)}
+    grid = {frozenset(load_recipe(p).explainers) for p in SHIPPED if p.parent.name == "vitmix"}
+    assert grid == combos and len(combos) == 14
+    for p in SHIPPED:
+        if p.parent.name == "vitmix":
+            r = load_recipe(p)
+            assert (r.fusion["method"], r.threshold.method, r.refine.method) == ("geometric", "otsu", "none")
+
+
+def test_a_bare_name_finds_a_shipped_recipe_and_a_miss_lists_them():
+    assert load_recipe("default").name == "default"
+    assert load_recipe("vitmix/gradcam+lrp").explainers.keys() == {"gradcam", "lrp"}
+    with pytest.raises(FileNotFoundError, match="shipped recipes: .*default"):
+        load_recipe("defualt")
+
+
+def test_defaults_are_filled_in():
+    r = parse_recipe(base())
+    assert r.explainers["gradcam"] == EXPLAINERS["gradcam"].defaults
+    assert r.fusion["method"] == "geometric" and r.threshold.method == "otsu" and r.refine.method == "none"
+    assert parse_recipe(base(threshold={"method": "percentile"})).threshold.params == {"q": 20.0}
+
+
+@pytest.mark.parametrize("data, match", [
+    (base(fusoin={}), r"unknown key 'fusoin'; valid: name, description, model, explainers"),
+    ({}, r"at least one explainer.*valid: .*gradcam"),
+    (base(explainers={"gradcm": {}}), r"unknown explainer 'gradcm'; valid: .*gradcam"),
+    (base(explainers={"gradcam": {"layr": "x"}}), r"no parameter 'layr'; valid: .*layer"),
+    (base(explainers={"rollout": {"head_fusion": "median"}}), r"head_fusion='median' is not one of"),
+    (base(fusion={"method": "median"}), r"method = 'median' is not one of 'geometric', 'product', 'mean'"),
+    (base(fusion={"grid": "pixels"}), r"grid = 'pixels' is not one of 'tokens', 'input'"),
+    (base(fusion={"eps": "small"}), r"eps = 'small' should be a float"),
+    (base(fusion={"weights": {"lrp": 2.0}}), r"weights must be .* for the recipe's explainers"),
+    (base(fusion={"clip": 120}), r"clip must be a percentile"),
+    (base(threshold={"method": "otsuu"}), r"unknown method 'otsuu'; valid: " + ", ".join(sorted(THRESHOLDS))),
+    (base(threshold={"method": "percentile", "p": 3}), r"unknown key 'p'; valid: q"),
+    (base(threshold={"method": "otsu", "q": 3}), r"unknown key 'q'; valid: $"),
+    (base(refine={"method": "cut"}), r"unknown method 'cut'; valid: " + ", ".join(sorted(REFINERS))),
+    (base(refine={"method": "ncut", "feature": "x"}), r"feature = 'x' is not one of 'k'"),
+    (base(refine={"method": "ncut", "tau": "high"}), r"tau = 'high' should be a float"),
+    (base(masks={"fill_holes": 1}), r"fill_holes = 1 should be a bool"),
+    (base(masks={"keep": "biggest"}), r"keep = 'biggest' is not one of 'all', 'largest'"),
+    (base(output={"min_confidence": 2}), r"min_confidence must lie in \[0, 1\]"),
+    (base(model={"weights": "x"}), r"unknown key 'weights'; valid: checkpoint, name"),
+])
+def test_bad_recipes_name_the_valid_choices(data, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(data)
+
+
+def test_toml_errors_name_the_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[explainers.gradcam\n")
+    with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
+        load_recipe(p)
+    p.write_text("[explainers.gradcam]\n[refine]\nmethod = 'ncutt'\n")
+    with pytest.raises(RecipeError, match=r"bad.toml: recipe \[refine\]: unknown method 'ncutt'"):
+        load_recipe(p)
+
+
+def test_digest_ignores_name_and_artefacts_but_not_masks():
+    r = parse_recipe(base())
+    assert parse_recipe(base(name="other", description="x")).digest() == r.digest()
+    assert with_output(r, maps=True, overlays=True).digest() == r.digest()
+    assert with_output(r, min_confidence=0.5).digest() != r.digest()
+    assert parse_recipe(base(threshold={"method": "mean"})).digest() != r.digest()
+    assert with_output(r, min_confidence=None) == r
