@@ -136,6 +136,71 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
             click.echo(f"{r['class']:<12}{r['n']:>5}{r['correct']:>9}{r['accuracy']:>10.3f}")
 
 
+@main.command()
+@click.argument("recipe")
+@click.option("--images", type=click.Path(exists=True, path_type=Path), required=True,
+              help="image folder (searched recursively) or one image")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
+@model_options
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV file_name,label: explain these classes (images without a label are skipped)")
+@click.option("--folder-labels", is_flag=True, help="ImageFolder layout: explain the class named by each "
+              "image's top folder")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="skip images whose explained class has a lower probability (default: the recipe's)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "formats", type=click.Choice(["coco", "png", "yolo"]), multiple=True,
+              help="extra exports (repeatable); COCO is always written")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
+@click.option("--resume/--overwrite", default=None,
+              help="continue an interrupted run in --out, or start it again (default: refuse to touch one)")
+@click.option("--maps", is_flag=True, help="also save every map per image (maps/*.npz)")
+@click.option("--overlays", is_flag=True, help="also save overlay PNGs (overlays/*.png)")
+def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
+        labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
+        formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool) -> None:
+    """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
+    from .pipeline import Targets, read_labels_csv, run as run_recipe
+    from .recipe import RecipeError, load_recipe, with_output
+
+    try:
+        rec = with_output(load_recipe(recipe), min_confidence=min_confidence, maps=maps or None,
+                          overlays=overlays or None)
+    except (RecipeError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    if labels is not None and folder_labels:
+        raise click.UsageError("give --labels or --folder-labels, not both")
+    targets = (Targets("labels", read_labels_csv(labels)) if labels else
+               Targets("folders") if folder_labels else Targets())
+    model = _load(model_name or rec.model["name"] or None,
+                  checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None), device)
+    bar = None
+
+    def progress(advance: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=advance, unit="img", disable=not sys.stderr.isatty())
+        else:
+            bar.update(advance)
+
+    try:
+        summary = run_recipe(rec, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
+                             formats=formats, resume=bool(resume), overwrite=resume is False, seed=seed,
+                             progress=progress)
+    except (FileExistsError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+    c = summary["counts"]
+    click.echo(f"{c['found']} images: {c['labelled']} labelled ({c['annotations']} masks), {c['no_mask']} without "
+               f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
+    if c["failed"]:
+        click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
+
+
 def _entry() -> None:  # pragma: no cover - `python -m segfromxai`
     main(prog_name="segfromxai")
 

@@ -1,21 +1,37 @@
-"""The one place that chains the stages: images -> model -> (explainers -> fusion -> threshold -> refine -> COCO).
+"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> masks
+-> COCO.
 
-For now it holds the classification pass that every later stage starts from: which class each image is, and how
-sure the model is.
+:func:`classify` is the classification pass alone; :func:`run` is a whole labelling run (see its docstring for the
+files it writes and how it resumes).
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import random
+import shutil
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from .images import Failure, LoadedImage, iter_images
-from .model import LoadedModel
+from .artifacts import save_artifacts
+from .coco import Manifest, atomic_write, export_png, export_yolo, write_coco, write_results
+from .explainers._hooks import capture
+from .explainers.core import explain_with_logits
+from .explainers.gradient import default_layer
+from .fusion import as_numpy, fuse, resample
+from .images import Failure, ImageLoadError, LoadedImage, find_images, iter_images, load_image
+from .masks import encode, fill_holes, keep_largest, remove_small, split_components
+from .model import LoadedModel, is_vit, token_grid
+from .recipe import Recipe
+from .refine import REFINERS
+from .threshold import THRESHOLDS
 
 
 @dataclass(frozen=True)
@@ -83,3 +99,347 @@ def accuracy_table(preds: list[Prediction], classes: list[str], labels: dict[str
     rows.append({"class": "all", "n": len(hits), "correct": sum(hits),
                  "accuracy": float(np.mean(hits)) if hits else float("nan")})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ labelling run
+TARGET_SOURCES = ("top1", "labels", "folders")
+RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl")
+RUN_DIRS = ("maps", "overlays", "png", "yolo")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which class each image is explained for: the model's top-1, a ``file_name,label`` CSV, or class folders."""
+
+    source: str = "top1"
+    labels: dict[str, str] | None = None
+
+    def name(self, rel_path: str) -> str | None:
+        """The class name given for an image (``None``: none given, or top-1)."""
+        if self.source == "folders":
+            return rel_path.split("/")[0] if "/" in rel_path else None
+        return None if self.source == "top1" else (self.labels or {}).get(rel_path)
+
+    def of(self, rel_path: str, classes: list[str]) -> int | str | None:
+        """The class index to explain, ``None`` for top-1, or a reason (str) to skip the image."""
+        if self.source == "top1":
+            return None
+        name = self.name(rel_path)
+        if name is None:
+            return "not inside a class folder" if self.source == "folders" else "no label in the labels file"
+        return classes.index(name) if name in classes else f"label {name!r} is not a class of the model"
+
+    def check(self, rel_paths: list[str], classes: list[str]) -> None:
+        """Raise ValueError naming the labels that are not classes of the model, before any image is explained."""
+        bad = sorted({n for n in map(self.name, rel_paths) if n is not None and n not in classes})
+        if bad:
+            raise ValueError(f"labels that are not classes of the model: {', '.join(bad)}; "
+                             f"classes: {', '.join(classes)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "n_labels": len(self.labels or {})}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (the run has no randomness of its own; explainers added later might)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape the output."""
+    import platform
+
+    import pycocotools
+    import timm
+
+    from . import __version__
+    return {"segfromxai": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": np.__version__,
+            "pycocotools": getattr(pycocotools, "__version__", "unknown")}
+
+
+def feature_layer(module: torch.nn.Module, feature: str, block: int) -> str:
+    """The module whose output gives ncut's token features: a block's ``attn.qkv`` (q, k, v) or the block itself
+    (tokens) for a ViT; the Grad-CAM layer (last feature stage) for a CNN."""
+    if not is_vit(module):
+        return default_layer(module)
+    n = len(module.blocks)
+    if not -n <= block < n:
+        raise ValueError(f"block {block} out of range for a model with {n} blocks")
+    b = block % n
+    return f"blocks.{b}" if feature == "tokens" else f"blocks.{b}.attn.qkv"
+
+
+def token_features(module: torch.nn.Module, out: torch.Tensor, feature: str, input_size: tuple[int, int]
+                   ) -> np.ndarray:
+    """Per-token features (B, fh, fw, C) from the output of :func:`feature_layer`'s module."""
+    out = out.detach().float()
+    if not is_vit(module):
+        return out.permute(0, 2, 3, 1).cpu().numpy()
+    if feature != "tokens":
+        b, n, three_d = out.shape
+        out = out.reshape(b, n, 3, three_d // 3)[:, :, "qkv".index(feature)]
+    gh, gw = token_grid(module, input_size)
+    patches = out[:, module.num_prefix_tokens:]
+    return patches.reshape(out.shape[0], gh, gw, -1).cpu().numpy()
+
+
+def fusion_size(model: LoadedModel, maps: dict[str, torch.Tensor], grid: str) -> tuple[int, int]:
+    """The common grid of :func:`fusion.fuse`: the token grid (a CNN: the coarsest map's) or the input size."""
+    if grid == "input":
+        return model.preprocess.size
+    if model.is_vit:
+        return token_grid(model.module, model.preprocess.size)
+    return min((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
+
+
+def clean_masks(masks: list[np.ndarray], spec: dict[str, Any]) -> list[np.ndarray]:
+    """Fill holes, drop small components, keep all or the largest, optionally split into components; no empties.
+
+    ``spec`` is the recipe's ``masks`` section (areas as fractions of the image area).
+    """
+    out = []
+    for m in masks:
+        n = m.size
+        if spec["fill_holes"]:
+            max_hole = None if spec["max_hole"] is None else int(round(spec["max_hole"] * n))
+            m = fill_holes(m, max_area=max_hole)
+        m = remove_small(m, min_area=max(1, int(np.ceil(spec["min_area"] * n))))
+        if spec["keep"] == "largest" and m.any():
+            m = keep_largest(m)
+        parts = split_components(m) if spec["split_components"] else [m]
+        out.extend(p for p in parts if p.any())
+    return out
+
+
+def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None
+                ) -> list[np.ndarray]:
+    """Threshold, refine and clean one fused map (h, w) into bool instance masks at the image's ``size``."""
+    mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
+    masks = REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
+    return clean_masks(masks, recipe.masks)
+
+
+def annotation_score(confidence: float, fused_pixels: np.ndarray, mask: np.ndarray) -> float:
+    """Confidence of the explained class times the mean fused explanation (in [0, 1]) inside the mask."""
+    return float(confidence * fused_pixels[mask].mean())
+
+
+class _Clock:
+    """Seconds spent per stage, summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _manifest_header(recipe: Recipe, images: Path, model: LoadedModel, targets: Targets) -> dict[str, Any]:
+    return {"manifest": 1, "recipe": recipe.digest(), "images": str(Path(images).resolve()),
+            "model": model.source, "targets": targets.to_dict()}
+
+
+def _prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: bool) -> Manifest:
+    manifest = Manifest(out / "manifest.jsonl")
+    if manifest.path.exists():
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(out / name, ignore_errors=True)
+        elif not resume:
+            raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or --overwrite to "
+                                  "start again")
+        else:
+            old, _ = manifest.read()
+            diff = sorted(k for k in header if (old or {}).get(k) != header[k])
+            if diff:
+                raise ValueError(f"cannot resume {out}: its run differs in {', '.join(diff)} "
+                                 "(use --overwrite to start again)")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.open(header)
+    return manifest
+
+
+def _done_indices(manifest: Manifest) -> set[int]:
+    return {r["index"] for r in manifest.read()[1]}
+
+
+def _sorted_records(manifest: Manifest, statuses: tuple[str, ...]) -> Callable[[], Iterator[dict]]:
+    """A factory of iterators over the manifest's records with these statuses, by image index, first copy wins."""
+    def records() -> Iterator[dict]:
+        by_index: dict[int, dict] = {}
+        for r in manifest.read()[1]:
+            by_index.setdefault(r["index"], r)
+        for i in sorted(by_index):
+            if by_index[i]["status"] in statuses:
+                yield by_index[i]
+    return records
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+def _explain_batch(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: torch.Tensor | None
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray | None]:
+    """Maps, logits and (for ncut) token features of one batch, all from one forward pass."""
+    layer = None
+    if recipe.refine.method == "ncut":
+        params = recipe.refine.params
+        layer = feature_layer(model.module, params["feature"], params["block"])
+    with capture(model.module, layers=(layer,) if layer else ()) as got:
+        maps, logits = explain_with_logits(model, x, recipe.explainers, target)
+    feats = None
+    if layer:
+        feats = token_features(model.module, got.outputs[layer], recipe.refine.params["feature"],
+                               tuple(x.shape[-2:]))
+    return maps, logits, feats
+
+
+def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, Path, str, np.ndarray]],
+                 targets: list[int | None], clock: _Clock) -> tuple[list[dict], dict[int, dict]]:
+    """Explain, fuse, threshold, refine and encode one batch; returns records and per-image maps to save."""
+    with clock("preprocess"):
+        x = model.preprocess.batch([im for _, _, _, im in loaded]).to(model.device)
+    target = None if all(t is None for t in targets) else torch.tensor(targets, device=model.device)
+    with clock("explain"):
+        maps, logits, feats = _explain_batch(model, recipe, x, target)
+        cls = logits.argmax(1) if target is None else target
+        conf = logits.float().softmax(1).gather(1, cls[:, None])[:, 0].cpu().numpy()
+        cls = cls.cpu().numpy()
+    with clock("fuse"):
+        f = recipe.fusion
+        fused = as_numpy(fuse(maps, method=f["method"], size=fusion_size(model, maps, f["grid"]), clip=f["clip"],
+                              eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"]))
+    records, saved = [], {}
+    provenance = {"recipe": recipe.name, "explainers": list(recipe.explainers), "fusion": recipe.fusion["method"],
+                  "threshold": recipe.threshold.method, "refiner": recipe.refine.method}
+    for j, (index, path, rel, im) in enumerate(loaded):
+        h, w = im.shape[:2]
+        image = {"id": index + 1, "file_name": rel, "height": h, "width": w}
+        rec = {"index": index, "file_name": rel, "class": int(cls[j]), "confidence": float(conf[j])}
+        if conf[j] < recipe.output["min_confidence"]:
+            records.append({**rec, "status": "skipped",
+                            "reason": f"confidence {conf[j]:.3f} < {recipe.output['min_confidence']}"})
+            continue
+        with clock("refine"):
+            masks = label_image(fused[j], (h, w), recipe, None if feats is None else feats[j])
+        with clock("encode"):
+            fused_px = as_numpy(resample(torch.from_numpy(fused[j][None]), (h, w)))[0]
+            anns = [{"category_id": int(cls[j]) + 1, "segmentation": encode(m),
+                     "score": annotation_score(float(conf[j]), fused_px, m),
+                     "attributes": {**provenance, "confidence": float(conf[j])}} for m in masks]
+        records.append({**rec, "status": "ok" if anns else "empty", "image": image, "annotations": anns})
+        if recipe.output["maps"] or recipe.output["overlays"]:
+            saved[index] = {"maps": {k: v[j].cpu().numpy() for k, v in maps.items()}, "fused": fused[j],
+                            "image": im, "masks": masks, "rel": rel}
+    return records, saved
+
+
+def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
+        batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
+        overwrite: bool = False, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Label every image under ``images`` with ``recipe`` and write the dataset to ``out``.
+
+    Writes ``out/pseudo_labels.json`` (COCO instances, category id = class index + 1), ``pseudo_labels_results.json``
+    (for COCOeval), ``failures.jsonl`` (unreadable images with reasons), ``run.json`` (resolved recipe, versions,
+    counts, skipped images, seconds per stage), the append-only ``manifest.jsonl``, and on request ``maps/*.npz``,
+    ``overlays/*.png``, ``png/`` (index masks) and ``yolo/`` (polygons). Images are taken in sorted order, in
+    chunks of ``batch_size`` consecutive files; each chunk's results are appended to the manifest in one write, so
+    a killed run resumed with ``resume=True`` skips finished images and ends with the same files (chunks that were
+    cut short are redone whole, with the same batch). Failures, skipped images (``min_confidence``, no label) and
+    images without a mask are recorded once and never retried. ``progress(advance, total)`` is called once at the
+    start and after every chunk. Returns the run summary (``run.json``).
+    """
+    out = Path(out)
+    seed_everything(seed)
+    paths = find_images(images)[:limit]
+    rels = [p.name if p == Path(images) else p.relative_to(images).as_posix() for p in paths]
+    targets.check(rels, model.classes)
+    manifest = _prepare_out(out, _manifest_header(recipe, Path(images), model, targets), resume=resume,
+                            overwrite=overwrite)
+    done = _done_indices(manifest)
+    clock, processed = _Clock(), 0
+    if progress is not None:
+        progress(len(done & set(range(len(paths)))), len(paths))
+    with manifest:
+        for chunk in _chunks(len(paths), batch_size):
+            todo = [i for i in chunk if i not in done]
+            if not todo:
+                continue
+            records, loaded, wanted = [], [], []
+            with clock("load"):
+                for i in chunk:
+                    try:
+                        im = load_image(paths[i])
+                    except Exception as e:  # one bad file never stops the run (see images.iter_images)
+                        reason = e.reason if isinstance(e, ImageLoadError) else f"unexpected error ({e!r})"
+                        records.append({"index": i, "file_name": rels[i], "status": "failed", "reason": reason})
+                        continue
+                    t = targets.of(rels[i], model.classes)
+                    if isinstance(t, str):
+                        records.append({"index": i, "file_name": rels[i], "status": "skipped", "reason": t})
+                        continue
+                    loaded.append((i, paths[i], rels[i], im))
+                    wanted.append(t)
+            if loaded:
+                got, saved = _label_chunk(model, recipe, loaded, wanted, clock)
+                records += got
+                with clock("write"):
+                    for i, art in saved.items():
+                        if i in todo:
+                            save_artifacts(out, art, maps=recipe.output["maps"], overlays=recipe.output["overlays"])
+            records = sorted((r for r in records if r["index"] in todo), key=lambda r: r["index"])
+            with clock("write"):
+                manifest.append(records)
+            done.update(todo)
+            processed += len(todo)
+            if progress is not None:
+                progress(len(todo), len(paths))
+    with clock("write"):
+        summary = finish(out, recipe, manifest, model=model, formats=formats)
+    summary["seconds"] = {k: round(v, 4) for k, v in clock.seconds.items()}
+    summary["processed_now"] = processed
+    summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
+    with atomic_write(out / "run.json") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def finish(out: Path, recipe: Recipe, manifest: Manifest, *, model: LoadedModel,
+           formats: tuple[str, ...] = ("coco",)) -> dict[str, Any]:
+    """Write the dataset files from the manifest (streamed, atomic) and return the run summary."""
+    categories = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(model.classes)]
+    labelled = _sorted_records(manifest, ("ok", "empty"))
+    info = {"description": f"segfromxai pseudo-labels ({recipe.name})", "version": versions()["segfromxai"],
+            "recipe": recipe.to_dict(), "model": model.source, "versions": versions()}
+    counts = write_coco(out / "pseudo_labels.json", labelled, categories=categories, info=info)
+    write_results(out / "pseudo_labels_results.json", labelled)
+    with atomic_write(out / "failures.jsonl") as f:
+        for r in _sorted_records(manifest, ("failed",))():
+            f.write(json.dumps({"file_name": r["file_name"], "reason": r["reason"]}) + "\n")
+    if "png" in formats:
+        export_png(out / "png", labelled())
+    if "yolo" in formats:
+        export_yolo(out / "yolo", labelled(), categories=categories)
+    status: dict[str, int] = {}
+    skipped = []
+    for r in _sorted_records(manifest, ("ok", "empty", "failed", "skipped"))():
+        status[r["status"]] = status.get(r["status"], 0) + 1
+        if r["status"] == "skipped":
+            skipped.append({"file_name": r["file_name"], "reason": r["reason"]})
+    return {"recipe": recipe.to_dict(), "model": model.source, "versions": versions(),
+            "counts": {"found": sum(status.values()), "labelled": status.get("ok", 0),
+                       "no_mask": status.get("empty", 0), "failed": status.get("failed", 0),
+                       "skipped": status.get("skipped", 0), "annotations": counts["annotations"]},
+            "skipped": skipped, "formats": sorted({"coco", *formats})}
