@@ -37,42 +37,29 @@ def _area_matrix(n_out: int, n_in: int) -> np.ndarray:
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
+def _separable(grid: np.ndarray, size: tuple[int, int], weights) -> np.ndarray:
+    g = np.asarray(grid, dtype=np.float64)
+    if g.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {g.shape}")
+    H, W = check_size(size)
+    return weights(H, g.shape[0]) @ g @ weights(W, g.shape[1]).T
+
+
 def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a 2-D map, exactly in float64.
+    """Bilinear resize of a float (h, w) map to float64 (H, W) = ``size``, exactly.
 
     Half-pixel centres and clamped edges, no antialiasing: equal (up to rounding) to
     ``torch.nn.functional.interpolate(x, size, mode="bilinear", align_corners=False)`` and to ``cv2.resize(...,
     INTER_LINEAR)`` (whose weights are float32).
-
-    Parameters
-    ----------
-    grid : ndarray, float, shape (h, w)
-    size : (H, W)
-
-    Returns
-    -------
-    ndarray, float64, shape (H, W)
     """
-    g = np.asarray(grid, dtype=np.float64)
-    H, W = check_size(size)
-    return _bilinear_matrix(H, g.shape[0]) @ g @ _bilinear_matrix(W, g.shape[1]).T
+    return _separable(grid, size, _bilinear_matrix)
 
 
 def resize_area(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-averaging resize of a 2-D map, exactly in float64 (each output cell averages the input it covers).
+    """Area-averaging resize of a float (h, w) map to float64 (H, W) = ``size``, exactly: each output cell averages
+    the input it covers.
 
     For integer shrink factors this is block averaging and equals ``cv2.resize(..., INTER_AREA)`` up to cv2's
     float32 weights; when enlarging, each output cell takes the area-weighted mean of the input cells it overlaps.
-
-    Parameters
-    ----------
-    grid : ndarray, float, shape (h, w)
-    size : (H, W)
-
-    Returns
-    -------
-    ndarray, float64, shape (H, W)
     """
-    g = np.asarray(grid, dtype=np.float64)
-    H, W = check_size(size)
-    return _area_matrix(H, g.shape[0]) @ g @ _area_matrix(W, g.shape[1]).T
+    return _separable(grid, size, _area_matrix)
