@@ -3,77 +3,90 @@
 Conventions (stated, never silent): TP, FP, FN, TN count pixels; a ratio whose denominator is zero is NaN
 (undefined), never 0 or 1. So IoU and Dice are NaN when both masks are empty, precision is NaN for an empty
 prediction, recall is NaN for an empty ground truth. Pixel accuracy is (TP + TN) / N, the fraction of all pixels
-labelled correctly (not recall). These are per-image values; averaging over images is the caller's choice.
+labelled correctly (not recall). ``miou`` is the mean of the foreground IoU and the background IoU (TN / (TN + FP +
+FN)), over those of the two that are defined.
+
+Every metric is a function of the four counts, so the same definition gives both averages used in reports:
+
+- **per image**: the metric of each image's counts, then the mean over images where it is defined (NaN skipped,
+  the number of images counted is reported beside it);
+- **pooled**: the metric of the counts summed over the whole dataset (large objects weigh more).
+
+Pixels marked ``ignore`` (e.g. 255 in a PNG label map) are left out of every count.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Metric:
-    """A metric function and whether a higher value is better."""
-
-    fn: Callable[[np.ndarray, np.ndarray], float]
-    higher_is_better: bool
-
-    def __call__(self, pred: np.ndarray, gt: np.ndarray) -> float:
-        return self.fn(pred, gt)
-
-
-def confusion(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:
-    """(TP, FP, FN, TN) pixel counts of two bool masks of the same shape."""
-    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"mask shapes differ: prediction {pred.shape}, ground truth {gt.shape}")
-    tp = int(np.count_nonzero(pred & gt))
-    fp = int(np.count_nonzero(pred & ~gt))
-    fn = int(np.count_nonzero(~pred & gt))
-    return tp, fp, fn, pred.size - tp - fp - fn
+Counts = tuple[int, int, int, int]
 
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else float("nan")
 
 
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """TP / (TP + FP + FN); NaN when both masks are empty."""
-    tp, fp, fn, _ = confusion(pred, gt)
-    return _ratio(tp, tp + fp + fn)
+@dataclass(frozen=True)
+class Metric:
+    """A metric of the confusion counts (TP, FP, FN, TN), and whether a higher value is better."""
+
+    from_counts: Callable[[int, int, int, int], float]
+    higher_is_better: bool
+    doc: str
+
+    def __call__(self, pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
+        return self.from_counts(*confusion(pred, gt, ignore))
 
 
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """F1 = 2 TP / (2 TP + FP + FN); NaN when both masks are empty."""
-    tp, fp, fn, _ = confusion(pred, gt)
-    return _ratio(2 * tp, 2 * tp + fp + fn)
+def confusion(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> Counts:
+    """(TP, FP, FN, TN) pixel counts of two bool masks of the same shape, leaving out ``ignore`` pixels."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shapes differ: prediction {pred.shape}, ground truth {gt.shape}")
+    n = pred.size
+    if ignore is not None:
+        keep = ~np.asarray(ignore, bool)
+        pred, gt, n = pred & keep, gt & keep, int(np.count_nonzero(keep))
+    tp = int(np.count_nonzero(pred & gt))
+    fp = int(np.count_nonzero(pred & ~gt))
+    fn = int(np.count_nonzero(~pred & gt))
+    return tp, fp, fn, n - tp - fp - fn
 
 
-def precision(pred: np.ndarray, gt: np.ndarray) -> float:
-    """TP / (TP + FP); NaN for an empty prediction."""
-    tp, fp, _, _ = confusion(pred, gt)
-    return _ratio(tp, tp + fp)
-
-
-def recall(pred: np.ndarray, gt: np.ndarray) -> float:
-    """TP / (TP + FN); NaN for an empty ground truth."""
-    tp, _, fn, _ = confusion(pred, gt)
-    return _ratio(tp, tp + fn)
-
-
-def pixel_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
-    """(TP + TN) / N over all pixels."""
-    tp, fp, fn, tn = confusion(pred, gt)
-    return _ratio(tp + tn, tp + fp + fn + tn)
+def _miou(tp: int, fp: int, fn: int, tn: int) -> float:
+    parts = [v for v in (_ratio(tp, tp + fp + fn), _ratio(tn, tn + fp + fn)) if not math.isnan(v)]
+    return sum(parts) / len(parts) if parts else float("nan")
 
 
 METRICS: dict[str, Metric] = {
-    "iou": Metric(iou, True),
-    "dice": Metric(dice, True),
-    "precision": Metric(precision, True),
-    "recall": Metric(recall, True),
-    "pixel_accuracy": Metric(pixel_accuracy, True),
+    "iou": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fp + fn), True,
+                  "TP / (TP + FP + FN); NaN when both masks are empty"),
+    "dice": Metric(lambda tp, fp, fn, tn: _ratio(2 * tp, 2 * tp + fp + fn), True,
+                   "F1 = 2 TP / (2 TP + FP + FN); NaN when both masks are empty"),
+    "precision": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fp), True, "TP / (TP + FP); NaN for an empty prediction"),
+    "recall": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fn), True, "TP / (TP + FN); NaN for an empty ground truth"),
+    "pixel_accuracy": Metric(lambda tp, fp, fn, tn: _ratio(tp + tn, tp + fp + fn + tn), True,
+                             "(TP + TN) / N over all (not ignored) pixels"),
+    "miou": Metric(_miou, True, "mean of foreground and background IoU, over those defined"),
 }
+
+
+def summarise(counts: Iterable[Counts], names: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+    """Per-image mean and pooled value of each metric over a list of per-image counts.
+
+    Returns ``{name: {"per_image_mean": float, "pooled": float, "n": images where defined}}``; the mean is NaN when
+    no image defines the metric.
+    """
+    counts = [tuple(int(v) for v in c) for c in counts]
+    total = tuple(sum(c[i] for c in counts) for i in range(4)) if counts else (0, 0, 0, 0)
+    out = {}
+    for name in names or METRICS:
+        metric = METRICS[name]
+        values = [v for v in (metric.from_counts(*c) for c in counts) if not math.isnan(v)]
+        out[name] = {"per_image_mean": float(np.mean(values)) if values else float("nan"),
+                     "pooled": metric.from_counts(*total), "n": len(values)}
+    return out

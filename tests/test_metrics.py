@@ -5,7 +5,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 
-from segfromxai.metrics import METRICS, confusion
+from segfromxai.metrics import METRICS, confusion, summarise
 
 # 4x4 known answers: TP=2, FP=1, FN=3, TN=10
 PRED = np.array([[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], bool)
@@ -19,6 +19,21 @@ def test_known_answers_on_a_4x4_case():
     assert METRICS["precision"](PRED, GT) == pytest.approx(2 / 3)
     assert METRICS["recall"](PRED, GT) == pytest.approx(2 / 5)
     assert METRICS["pixel_accuracy"](PRED, GT) == pytest.approx(12 / 16)  # (TP+TN)/N, not recall
+    assert METRICS["miou"](PRED, GT) == pytest.approx((2 / 6 + 10 / 14) / 2)  # foreground and background IoU
+
+
+def test_ignored_pixels_leave_every_count():
+    ignore = np.zeros((4, 4), bool)
+    ignore[0, 0] = ignore[3, 3] = True  # one TP and one TN
+    assert confusion(PRED, GT, ignore) == (1, 1, 3, 9)
+
+
+def test_pooled_and_per_image_averages():
+    empty = np.zeros((4, 4), bool)
+    s = summarise([confusion(PRED, GT), confusion(empty, empty), confusion(GT, GT)])
+    assert s["iou"]["n"] == 2 and s["iou"]["per_image_mean"] == pytest.approx((2 / 6 + 1) / 2)
+    assert s["iou"]["pooled"] == pytest.approx((2 + 5) / (6 + 5))
+    assert s["pixel_accuracy"]["n"] == 3 and s["miou"]["n"] == 3
 
 
 def test_empty_cases_are_nan_where_undefined_never_a_silent_hit():
