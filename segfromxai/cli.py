@@ -157,9 +157,12 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
               help="continue an interrupted run in --out, or start it again (default: refuse to touch one)")
 @click.option("--maps", is_flag=True, help="also save every map per image (maps/*.npz)")
 @click.option("--overlays", is_flag=True, help="also save overlay PNGs (overlays/*.png)")
+@click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
+              help="ground truth (COCO file or PNG label folder): evaluate the run, write metrics and report.html")
 def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
         labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
-        formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool) -> None:
+        formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool,
+        gt: Path | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
     from .pipeline import Targets, read_labels_csv, run as run_recipe
     from .recipe import RecipeError, load_recipe, with_output
@@ -199,6 +202,49 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
     if c["failed"]:
         click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
+    if gt is not None:
+        _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
+                  out / "maps", {"recipe": summary["recipe"], "model": summary["model"],
+                                 "versions": summary["versions"], "counts": summary["counts"]})
+
+
+def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None,
+              maps: Path | None, settings: dict) -> None:
+    from .evaluate import comparisons, headline, table, worst, write_evaluation, write_evaluation_report
+
+    try:
+        results = comparisons(pred, gt=gt, student=student)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(table({name: headline(r) for name, r in results.items()}))
+    first_name, first = next(iter(results.items()))
+    click.echo(f"{first['n_images']} images ({first_name}); per image = mean over images, pooled = over all pixels")
+    if first["missing_in_pred"]:
+        click.echo(f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped)")
+    if out is not None:
+        write_evaluation(out, results)
+        report = write_evaluation_report(out, results, settings=settings, images=images, maps=maps)
+        shown = ", ".join(f"{r['file_name']} ({r['iou']:.2f})" for r in worst(first, 5))
+        click.echo(f"worst images by IoU: {shown}")
+        click.echo(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'}, {report}")
+
+
+@main.command("evaluate")
+@click.option("--pred", type=click.Path(exists=True, path_type=Path), required=True,
+              help="predicted masks: COCO file or folder of PNG label maps")
+@click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
+              help="ground truth: COCO file or folder of PNG label maps")
+@click.option("--student", type=click.Path(exists=True, path_type=Path), default=None,
+              help="a student segmenter's masks: adds student vs GT and pseudo vs student agreement")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write metrics.json, per_image.csv and report.html here")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="the image folder, for the report's contact sheets")
+def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None) -> None:
+    """Score predicted masks against ground truth and/or a student's masks (images matched by file name)."""
+    maps = pred.parent / "maps" if pred.is_file() else None
+    _evaluate(pred, gt, student, out, images, maps if maps is not None and maps.is_dir() else None,
+              {"pred": str(pred), "gt": str(gt), "student": str(student)})
 
 
 def _entry() -> None:  # pragma: no cover - `python -m segfromxai`

@@ -103,8 +103,9 @@ def accuracy_table(preds: list[Prediction], classes: list[str], labels: dict[str
 
 # ------------------------------------------------------------------------------------------------ labelling run
 TARGET_SOURCES = ("top1", "labels", "folders")
-RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl")
-RUN_DIRS = ("maps", "overlays", "png", "yolo")
+RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl",
+             "metrics.json", "per_image.csv", "report.html")
+RUN_DIRS = ("maps", "overlays", "png", "yolo", "sheets")
 
 
 @dataclass(frozen=True)
