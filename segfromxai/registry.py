@@ -6,6 +6,7 @@ from __future__ import annotations
 def registries() -> dict[str, list[str]]:
     """Map each registry's title to its sorted registered names."""
     from .explainers import EXPLAINERS
+    from .faithfulness import MAP_METRICS
     from .metrics import METRICS
     from .refine import REFINERS
     from .threshold import THRESHOLDS
@@ -15,4 +16,5 @@ def registries() -> dict[str, list[str]]:
         "thresholds": sorted(THRESHOLDS),
         "refiners": sorted(REFINERS),
         "metrics": sorted(METRICS),
+        "map metrics": sorted(MAP_METRICS),
     }
