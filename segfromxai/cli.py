@@ -247,6 +247,48 @@ def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | 
               {"pred": str(pred), "gt": str(gt), "student": str(student)})
 
 
+@main.command("compare")
+@click.argument("recipes", nargs=-1, required=True)
+@click.option("--images", type=click.Path(exists=True, path_type=Path), required=True, help="image folder")
+@click.option("--gt", type=click.Path(exists=True, path_type=Path), required=True,
+              help="ground truth: COCO file or folder of PNG label maps")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write compare.json and compare.csv here")
+@model_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
+@click.option("--seed", type=int, default=0, show_default=True)
+def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | None, model_name: str | None,
+                checkpoint: Path | None, device: str, batch_size: int, deletion_steps: int, limit: int | None,
+                seed: int) -> None:
+    """Run several RECIPES (files, names, or folders of recipes such as `vitmix`) on the same images, sharing
+    model passes, and print IoU, F1, PA, deletion AUC and time per image against the ground truth."""
+    from .compare import compare, format_rows, write_comparison
+    from .recipe import RecipeError, load_recipes
+
+    try:
+        recs = load_recipes(list(recipes))
+    except (RecipeError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    named = {(r.model["name"], r.model["checkpoint"]) for r in recs}
+    if len(named) > 1 and not (model_name or checkpoint):
+        raise click.UsageError("the recipes name different models; compare runs one model (give --model/--checkpoint)")
+    name, ckpt = named.pop() if len(named) == 1 else ("", "")
+    model = _load(model_name or name or None, checkpoint or (Path(ckpt) if ckpt else None), device)
+    try:
+        result = compare(recs, images, gt, model=model, batch_size=batch_size, deletion_steps=deletion_steps,
+                         limit=limit, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(format_rows(result["rows"]))
+    click.echo(f"{result['n_images']} images, {len(result['failures'])} unreadable; IoU/F1/PA per-image means, "
+               f"deletion AUC lower is better, s/img = the recipe alone on this machine")
+    if out is not None:
+        write_comparison(out, result)
+        click.echo(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")
+
+
 def _entry() -> None:  # pragma: no cover - `python -m segfromxai`
     main(prog_name="segfromxai")
 

@@ -97,17 +97,15 @@ def _key(name: str) -> str:
     return str(PurePosixPath(name).with_suffix(""))
 
 
-def match(pred: MaskSource, ref: MaskSource) -> tuple[list[tuple[str, str]], list[str]]:
-    """Pairs (pred file, reference file) and the reference files no prediction matches.
-
-    Raises ValueError listing the predicted files with no reference.
-    """
+def match_names(names: list[str] | Any, ref: MaskSource) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pairs (predicted file name, reference file) and the reference files no name matches (see the module
+    docstring for the rule). Raises ValueError listing the names with no reference."""
     by_key = {_key(f): f for f in ref.files}
     by_base: dict[str, list[str]] = {}
     for f in ref.files:
         by_base.setdefault(PurePosixPath(_key(f)).name, []).append(f)
     pairs, unmatched = [], []
-    for f in sorted(pred.files):
+    for f in sorted(names):
         hit = by_key.get(_key(f))
         if hit is None and len(by_base.get(PurePosixPath(_key(f)).name, [])) == 1:
             hit = by_base[PurePosixPath(_key(f)).name][0]
@@ -117,6 +115,11 @@ def match(pred: MaskSource, ref: MaskSource) -> tuple[list[tuple[str, str]], lis
         raise ValueError(f"{len(unmatched)} predicted images have no match in {ref.path}: {shown}")
     used = {r for _, r in pairs}
     return pairs, sorted(f for f in ref.files if f not in used)
+
+
+def match(pred: MaskSource, ref: MaskSource) -> tuple[list[tuple[str, str]], list[str]]:
+    """:func:`match_names` of the predicted source's files."""
+    return match_names(pred.files, ref)
 
 
 def _namer(source: MaskSource, other: MaskSource):
@@ -225,14 +228,14 @@ def table(columns: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
     """NaN as null (JSON has no NaN), recursively."""
     if isinstance(v, float) and math.isnan(v):
         return None
     if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -246,7 +249,7 @@ def write_evaluation(out: str | Path, results: dict[str, dict[str, Any]], *, wor
             for name, r in results.items()}
     doc = {**slim[next(iter(slim))], "comparisons": slim} if len(slim) > 1 else slim[next(iter(slim))]
     with atomic_write(out / "metrics.json") as f:
-        json.dump(_json_safe(doc), f, indent=2, allow_nan=False)
+        json.dump(json_safe(doc), f, indent=2, allow_nan=False)
     with atomic_write(out / "per_image.csv") as f:
         rows = first["per_image"]
         if rows:

@@ -240,3 +240,21 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         return parse_recipe(data, name=path.stem)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
+
+
+def load_recipes(names_or_paths: list[str | Path]) -> list[Recipe]:
+    """Several recipes; a folder (a path, or a folder under ``recipes/`` such as ``vitmix``) gives every recipe in
+    it, sorted. Names must be unique."""
+    out: list[Recipe] = []
+    for item in names_or_paths:
+        folder = Path(item) if Path(item).is_dir() else recipes_dir() / str(item)
+        if folder.is_dir() and not Path(item).is_file():
+            out += [load_recipe(p) for p in sorted(folder.glob("*.toml"))]
+        else:
+            out.append(load_recipe(item))
+    seen: set[str] = set()
+    for r in out:
+        if r.name in seen:
+            raise RecipeError(f"two recipes are named {r.name!r}; give each a unique name")
+        seen.add(r.name)
+    return out

@@ -1,0 +1,63 @@
+"""`compare`: shared explain calls, the same masks as `run`, the table and its files."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from segfromxai.cli import main
+from segfromxai.compare import COLUMNS, compare, explain_calls
+from segfromxai.evaluate import evaluate
+from segfromxai.model import load_model
+from segfromxai.pipeline import run
+from segfromxai.recipe import load_recipe, load_recipes, parse_recipe
+
+
+def test_explainers_are_grouped_into_as_few_calls_as_their_parameters_allow():
+    a = parse_recipe({"explainers": {"gradcam": {}, "lrp": {}}}, name="a")
+    b = parse_recipe({"explainers": {"lrp": {}, "rollout": {}}}, name="b")
+    c = parse_recipe({"explainers": {"rollout": {"head_fusion": "max"}}}, name="c")
+    calls = explain_calls([a, b, c])
+    assert [sorted(call) for call in calls] == [["gradcam", "lrp", "rollout"], ["rollout"]]
+    assert calls[1]["rollout"]["head_fusion"] == "max" and calls[0]["rollout"]["head_fusion"] == "mean"
+
+
+def test_recipe_folders_expand_and_names_must_be_unique():
+    grid = load_recipes(["vitmix"])
+    assert len(grid) == 14 and len({r.name for r in grid}) == 14
+    with pytest.raises(ValueError, match="two recipes are named"):
+        load_recipes(["default", "default"])
+
+
+def test_compare_scores_each_recipe_as_run_and_evaluate_do(tmp_path, synth_images, tiny_card):
+    model = load_model(checkpoint=tiny_card)
+    recipes = [load_recipe("default"), load_recipe("vitmix/lrp"), load_recipe("vitmix/lrp+rollout")]
+    res = compare(recipes, synth_images / "images", synth_images / "annotations.json", model=model, batch_size=5,
+                  deletion_steps=4)
+    assert res["n_images"] == 12 and res["settings"]["explain_calls"] == 1
+    rows = {r["recipe"]: r for r in res["rows"]}
+    assert [r["k"] for r in res["rows"]] == sorted(r["k"] for r in res["rows"])
+    for r in res["rows"]:
+        assert set(r) == set(COLUMNS) and r["images"] == 12 and r["s_per_image"] > 0
+        assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["pa"] <= 1
+    for recipe in recipes:  # the same masks as a labelling run of that recipe alone
+        out = tmp_path / recipe.name
+        run(recipe, synth_images / "images", out, model=model, batch_size=5)
+        ev = evaluate(out / "pseudo_labels.json", synth_images / "annotations.json")
+        assert rows[recipe.name]["iou"] == pytest.approx(ev["iou"]["per_image_mean"], nan_ok=True)
+        assert rows[recipe.name]["pa"] == pytest.approx(ev["pixel_accuracy"]["per_image_mean"])
+
+
+def test_compare_command_prints_and_writes_the_table(tmp_path, synth_images, tiny_card):
+    r = CliRunner().invoke(main, ["compare", "vitmix/saliency", "vitmix/rollout", "--images",
+                                  str(synth_images / "images"), "--gt", str(synth_images / "annotations.json"),
+                                  "--checkpoint", str(tiny_card), "--limit", "4", "--deletion-steps", "2",
+                                  "--out", str(tmp_path)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "vitmix-saliency" in r.output and "del.AUC" in r.output
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    assert len(doc["rows"]) == 2 and doc["n_images"] == 4
+    assert (tmp_path / "compare.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    bad = CliRunner().invoke(main, ["compare", "nope", "--images", str(synth_images / "images"), "--gt",
+                                    str(synth_images / "annotations.json")])
+    assert bad.exit_code != 0 and "shipped recipes" in bad.output
