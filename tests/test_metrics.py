@@ -54,6 +54,7 @@ def test_agree_with_sklearn_and_pycocotools_on_random_masks(seed):
     assert METRICS["precision"](p, g) == pytest.approx(precision_score(g.ravel(), p.ravel()))
     assert METRICS["recall"](p, g) == pytest.approx(recall_score(g.ravel(), p.ravel()))
     assert METRICS["pixel_accuracy"](p, g) == pytest.approx(accuracy_score(g.ravel(), p.ravel()))
+    assert METRICS["miou"](p, g) == pytest.approx(jaccard_score(g.ravel(), p.ravel(), average="macro"))
     rp, rg = (mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in (p, g))
     assert METRICS["iou"](p, g) == pytest.approx(mask_utils.iou([rp], [rg], [0])[0, 0])
 

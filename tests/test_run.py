@@ -182,6 +182,17 @@ def test_default_recipe_labels_the_samples_with_the_embedded_model(tmp_path):
     assert len(ious) == 8 and np.mean(ious) > 0.5, ious
 
 
+def test_run_with_gt_prints_the_quality_table_and_writes_the_report(tmp_path, synth_images, tiny_card):
+    r = invoke("run", "vitmix/gradcam", "--images", synth_images / "images", "--out", tmp_path, "--checkpoint",
+               tiny_card, "--gt", synth_images / "annotations.json", "--maps")
+    assert r.exit_code == 0, r.output
+    assert "pseudo vs GT" in r.output and "iou (per image)" in r.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_images"] == 12 and metrics["missing_in_pred"] == []
+    html = (tmp_path / "report.html").read_text()
+    assert all(f"{i:06d}.png" in html for i in range(12)) and list((tmp_path / "sheets").glob("*.png"))
+
+
 def test_labels_min_confidence_and_exports(tmp_path, synth_images, tiny_card):
     model = load_model(checkpoint=tiny_card)
     labels = read_labels_csv(synth_images / "labels.csv")
