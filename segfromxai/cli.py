@@ -159,10 +159,14 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
 @click.option("--overlays", is_flag=True, help="also save overlay PNGs (overlays/*.png)")
 @click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
               help="ground truth (COCO file or PNG label folder): evaluate the run, write metrics and report.html")
+@click.option("--shard", type=click.IntRange(min=0), default=None, help="label only shard I of --num-shards")
+@click.option("--num-shards", type=click.IntRange(min=1), default=None, help="split the images into N shards")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="processes that load and preprocess images while the model works")
 def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
         labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
         formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool,
-        gt: Path | None) -> None:
+        gt: Path | None, shard: int | None, num_shards: int | None, workers: int) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
     from .pipeline import Targets, read_labels_csv, run as run_recipe
     from .recipe import RecipeError, load_recipe, with_output
@@ -174,6 +178,8 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         raise click.UsageError(str(e)) from e
     if labels is not None and folder_labels:
         raise click.UsageError("give --labels or --folder-labels, not both")
+    if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
+        raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
     targets = (Targets("labels", read_labels_csv(labels)) if labels else
                Targets("folders") if folder_labels else Targets())
     model = _load(model_name or rec.model["name"] or None,
@@ -191,6 +197,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
     try:
         summary = run_recipe(rec, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
                              formats=formats, resume=bool(resume), overwrite=resume is False, seed=seed,
+                             shard=(shard, num_shards) if num_shards else None, workers=workers,
                              progress=progress)
     except (FileExistsError, ValueError) as e:
         raise click.UsageError(str(e)) from e
@@ -245,6 +252,31 @@ def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | 
     maps = pred.parent / "maps" if pred.is_file() else None
     _evaluate(pred, gt, student, out, images, maps if maps is not None and maps.is_dir() else None,
               {"pred": str(pred), "gt": str(gt), "student": str(student)})
+
+
+@main.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
+@click.option("--format", "formats", type=click.Choice(["coco", "png", "yolo"]), multiple=True,
+              help="extra exports (repeatable); COCO is always written")
+@click.option("--index-only", is_flag=True, help="keep the parts sharded: write only out/index.json listing them")
+@click.option("--overwrite", is_flag=True, help="replace an earlier merge in --out")
+def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], index_only: bool, overwrite: bool) -> None:
+    """Combine the output folders of a sharded run (run --shard I --num-shards N) into one COCO dataset."""
+    from .dataset import merge
+
+    try:
+        summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from e
+    if index_only:
+        click.echo(f"{len(parts)} parts indexed -> {out / 'index.json'}")
+        return
+    c = summary["counts"]
+    click.echo(f"{len(parts)} parts, {c['found']} images: {c['labelled']} labelled ({c['annotations']} masks), "
+               f"{c['failed']} failed, {c['skipped']} skipped -> {out / 'pseudo_labels.json'}")
+    if summary["missing_shards"]:
+        click.echo(f"missing shards: {summary['missing_shards']}", err=True)
 
 
 @main.command("compare")

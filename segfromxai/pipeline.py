@@ -8,9 +8,9 @@ files it writes and how it resumes).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .artifacts import save_artifacts
-from .coco import Manifest, atomic_write, export_png, export_yolo, write_coco, write_results
+from .coco import atomic_write
+from .dataset import done_indices, finish, prepare_out
 from .explainers._hooks import capture
 from .explainers.core import explain_with_logits
 from .explainers.gradient import default_layer
@@ -103,11 +104,6 @@ def accuracy_table(preds: list[Prediction], classes: list[str], labels: dict[str
 
 # ------------------------------------------------------------------------------------------------ labelling run
 TARGET_SOURCES = ("top1", "labels", "folders")
-RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl",
-             "metrics.json", "per_image.csv", "report.html")
-RUN_DIRS = ("maps", "overlays", "png", "yolo", "sheets")
-
-
 @dataclass(frozen=True)
 class Targets:
     """Which class each image is explained for: the model's top-1, a ``file_name,label`` CSV, or class folders."""
@@ -146,19 +142,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that shape the output."""
-    import platform
-
-    import pycocotools
-    import timm
-
-    from . import __version__
-    return {"segfromxai": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__,
-            "pycocotools": getattr(pycocotools, "__version__", "unknown")}
 
 
 def feature_layer(module: torch.nn.Module, feature: str, block: int) -> str:
@@ -243,52 +226,50 @@ class _Clock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _manifest_header(recipe: Recipe, images: Path, model: LoadedModel, targets: Targets) -> dict[str, Any]:
-    return {"manifest": 1, "recipe": recipe.digest(), "images": str(Path(images).resolve()),
-            "model": model.source, "targets": targets.to_dict()}
+def shard_of(rel_path: str, num_shards: int) -> int:
+    """The shard of an image: a stable hash (SHA-1) of its relative path, modulo ``num_shards``."""
+    return int.from_bytes(hashlib.sha1(rel_path.encode("utf-8")).digest()[:8], "big") % num_shards
 
 
-def _prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: bool) -> Manifest:
-    manifest = Manifest(out / "manifest.jsonl")
-    if manifest.path.exists():
-        if overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            for name in RUN_DIRS:
-                shutil.rmtree(out / name, ignore_errors=True)
-        elif not resume:
-            raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or --overwrite to "
-                                  "start again")
-        else:
-            old, _ = manifest.read()
-            diff = sorted(k for k in header if (old or {}).get(k) != header[k])
-            if diff:
-                raise ValueError(f"cannot resume {out}: its run differs in {', '.join(diff)} "
-                                 "(use --overwrite to start again)")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.open(header)
-    return manifest
+@dataclass(frozen=True)
+class _ChunkLoader(torch.utils.data.Dataset):
+    """Loads and preprocesses one chunk of images per item (run in DataLoader workers when ``--workers`` > 0).
+
+    An item is ``(records, loaded, x)``: records of images that failed to load or were skipped, the loaded images
+    ``(index, rel, image, target)``, and their preprocessed batch (or None).
+    """
+
+    chunks: list[list[int]]
+    paths: list[Path]
+    rels: list[str]
+    targets: Targets
+    classes: list[str]
+    preprocess: Any
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        records, loaded = [], []
+        for i in self.chunks[k]:
+            try:
+                im = load_image(self.paths[i])
+            except Exception as e:  # one bad file never stops the run (see images.iter_images)
+                reason = e.reason if isinstance(e, ImageLoadError) else f"unexpected error ({e!r})"
+                records.append({"index": i, "file_name": self.rels[i], "status": "failed", "reason": reason})
+                continue
+            t = self.targets.of(self.rels[i], self.classes)
+            if isinstance(t, str):
+                records.append({"index": i, "file_name": self.rels[i], "status": "skipped", "reason": t})
+                continue
+            loaded.append((i, self.rels[i], im, t))
+        x = self.preprocess.batch([im for _, _, im, _ in loaded]) if loaded else None
+        return records, loaded, x
 
 
-def _done_indices(manifest: Manifest) -> set[int]:
-    return {r["index"] for r in manifest.read()[1]}
-
-
-def _sorted_records(manifest: Manifest, statuses: tuple[str, ...]) -> Callable[[], Iterator[dict]]:
-    """A factory of iterators over the manifest's records with these statuses, by image index, first copy wins."""
-    def records() -> Iterator[dict]:
-        by_index: dict[int, dict] = {}
-        for r in manifest.read()[1]:
-            by_index.setdefault(r["index"], r)
-        for i in sorted(by_index):
-            if by_index[i]["status"] in statuses:
-                yield by_index[i]
-    return records
-
-
-def _chunks(n: int, size: int) -> Iterator[range]:
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
+def _as_is(item: Any) -> Any:
+    """DataLoader's collate for whole chunks: keep NumPy images as they are."""
+    return item
 
 
 def _explain_batch(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: torch.Tensor | None
@@ -307,11 +288,11 @@ def _explain_batch(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: 
     return maps, logits, feats
 
 
-def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, Path, str, np.ndarray]],
-                 targets: list[int | None], clock: _Clock) -> tuple[list[dict], dict[int, dict]]:
-    """Explain, fuse, threshold, refine and encode one batch; returns records and per-image maps to save."""
-    with clock("preprocess"):
-        x = model.preprocess.batch([im for _, _, _, im in loaded]).to(model.device)
+def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, str, np.ndarray, int | None]],
+                 x: torch.Tensor, clock: _Clock) -> tuple[list[dict], dict[int, dict]]:
+    """Explain, fuse, threshold, refine and encode one preprocessed batch; returns records and maps to save."""
+    x = x.to(model.device)
+    targets = [t for _, _, _, t in loaded]
     target = None if all(t is None for t in targets) else torch.tensor(targets, device=model.device)
     with clock("explain"):
         maps, logits, feats = _explain_batch(model, recipe, x, target)
@@ -325,7 +306,7 @@ def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, Pat
     records, saved = [], {}
     provenance = {"recipe": recipe.name, "explainers": list(recipe.explainers), "fusion": recipe.fusion["method"],
                   "threshold": recipe.threshold.method, "refiner": recipe.refine.method}
-    for j, (index, path, rel, im) in enumerate(loaded):
+    for j, (index, rel, im, _) in enumerate(loaded):
         h, w = im.shape[:2]
         image = {"id": index + 1, "file_name": rel, "height": h, "width": w}
         rec = {"index": index, "file_name": rel, "class": int(cls[j]), "confidence": float(conf[j])}
@@ -349,7 +330,8 @@ def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, Pat
 
 def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
         batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
-        overwrite: bool = False, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        overwrite: bool = False, seed: int = 0, shard: tuple[int, int] | None = None, workers: int = 0,
+        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Label every image under ``images`` with ``recipe`` and write the dataset to ``out``.
 
     Writes ``out/pseudo_labels.json`` (COCO instances, category id = class index + 1), ``pseudo_labels_results.json``
@@ -359,42 +341,43 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
     chunks of ``batch_size`` consecutive files; each chunk's results are appended to the manifest in one write, so
     a killed run resumed with ``resume=True`` skips finished images and ends with the same files (chunks that were
     cut short are redone whole, with the same batch). Failures, skipped images (``min_confidence``, no label) and
-    images without a mask are recorded once and never retried. ``progress(advance, total)`` is called once at the
-    start and after every chunk. Returns the run summary (``run.json``).
+    images without a mask are recorded once and never retried.
+
+    ``shard=(i, n)`` takes only the images whose :func:`shard_of` is ``i`` (the parts of ``n`` such runs combine
+    with :func:`segfromxai.dataset.merge`). ``workers`` > 0 loads and preprocesses chunks in that many worker
+    processes (a torch DataLoader, two chunks ahead each) while the model works. ``progress(advance, total)`` is
+    called once at the start and after every chunk. Returns the run summary (``run.json``).
     """
     out = Path(out)
     seed_everything(seed)
     paths = find_images(images)[:limit]
     rels = [p.name if p == Path(images) else p.relative_to(images).as_posix() for p in paths]
     targets.check(rels, model.classes)
-    manifest = _prepare_out(out, _manifest_header(recipe, Path(images), model, targets), resume=resume,
-                            overwrite=overwrite)
-    done = _done_indices(manifest)
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    mine = [i for i in range(len(paths)) if shard is None or shard_of(rels[i], shard[1]) == shard[0]]
+    header = {"recipe": recipe.digest(), "images": str(Path(images).resolve()), "model": model.source,
+              "targets": targets.to_dict(), "shard": list(shard) if shard else None, "classes": list(model.classes),
+              "resolved": recipe.to_dict()}
+    manifest = prepare_out(out, header, resume=resume, overwrite=overwrite)
+    done = done_indices(manifest)
+    chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+    chunks = [c for c in chunks if any(i not in done for i in c)]
     clock, processed = _Clock(), 0
     if progress is not None:
-        progress(len(done & set(range(len(paths)))), len(paths))
+        progress(len(mine) - sum(len(c) for c in chunks), len(mine))
+    loader = torch.utils.data.DataLoader(_ChunkLoader(chunks, paths, rels, targets, list(model.classes),
+                                                      model.preprocess),
+                                         batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=2 if workers else None, persistent_workers=False)
     with manifest:
-        for chunk in _chunks(len(paths), batch_size):
-            todo = [i for i in chunk if i not in done]
-            if not todo:
-                continue
-            records, loaded, wanted = [], [], []
+        items = iter(loader)
+        for chunk in chunks:
             with clock("load"):
-                for i in chunk:
-                    try:
-                        im = load_image(paths[i])
-                    except Exception as e:  # one bad file never stops the run (see images.iter_images)
-                        reason = e.reason if isinstance(e, ImageLoadError) else f"unexpected error ({e!r})"
-                        records.append({"index": i, "file_name": rels[i], "status": "failed", "reason": reason})
-                        continue
-                    t = targets.of(rels[i], model.classes)
-                    if isinstance(t, str):
-                        records.append({"index": i, "file_name": rels[i], "status": "skipped", "reason": t})
-                        continue
-                    loaded.append((i, paths[i], rels[i], im))
-                    wanted.append(t)
+                records, loaded, x = next(items)
+            todo = {i for i in chunk if i not in done}
             if loaded:
-                got, saved = _label_chunk(model, recipe, loaded, wanted, clock)
+                got, saved = _label_chunk(model, recipe, loaded, x, clock)
                 records += got
                 with clock("write"):
                     for i, art in saved.items():
@@ -406,41 +389,13 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
             done.update(todo)
             processed += len(todo)
             if progress is not None:
-                progress(len(todo), len(paths))
+                progress(len(todo), len(mine))
     with clock("write"):
-        summary = finish(out, recipe, manifest, model=model, formats=formats)
+        summary = finish(out, [manifest], formats=formats)
     summary["seconds"] = {k: round(v, 4) for k, v in clock.seconds.items()}
     summary["processed_now"] = processed
+    summary["workers"] = workers
     summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-def finish(out: Path, recipe: Recipe, manifest: Manifest, *, model: LoadedModel,
-           formats: tuple[str, ...] = ("coco",)) -> dict[str, Any]:
-    """Write the dataset files from the manifest (streamed, atomic) and return the run summary."""
-    categories = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(model.classes)]
-    labelled = _sorted_records(manifest, ("ok", "empty"))
-    info = {"description": f"segfromxai pseudo-labels ({recipe.name})", "version": versions()["segfromxai"],
-            "recipe": recipe.to_dict(), "model": model.source, "versions": versions()}
-    counts = write_coco(out / "pseudo_labels.json", labelled, categories=categories, info=info)
-    write_results(out / "pseudo_labels_results.json", labelled)
-    with atomic_write(out / "failures.jsonl") as f:
-        for r in _sorted_records(manifest, ("failed",))():
-            f.write(json.dumps({"file_name": r["file_name"], "reason": r["reason"]}) + "\n")
-    if "png" in formats:
-        export_png(out / "png", labelled())
-    if "yolo" in formats:
-        export_yolo(out / "yolo", labelled(), categories=categories)
-    status: dict[str, int] = {}
-    skipped = []
-    for r in _sorted_records(manifest, ("ok", "empty", "failed", "skipped"))():
-        status[r["status"]] = status.get(r["status"], 0) + 1
-        if r["status"] == "skipped":
-            skipped.append({"file_name": r["file_name"], "reason": r["reason"]})
-    return {"recipe": recipe.to_dict(), "model": model.source, "versions": versions(),
-            "counts": {"found": sum(status.values()), "labelled": status.get("ok", 0),
-                       "no_mask": status.get("empty", 0), "failed": status.get("failed", 0),
-                       "skipped": status.get("skipped", 0), "annotations": counts["annotations"]},
-            "skipped": skipped, "formats": sorted({"coco", *formats})}

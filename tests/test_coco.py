@@ -10,6 +10,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segfromxai import coco, masks
+from segfromxai.manifest import Manifest
 
 CATEGORIES = [{"id": 1, "name": "cat", "supercategory": "animal"},
               {"id": 2, "name": "dog", "supercategory": "animal"},
@@ -317,7 +318,7 @@ def test_export_yolo_unknown_category(tmp_path):
 
 def test_manifest_round_trip_and_torn_line(tmp_path):
     path = tmp_path / "run.jsonl"
-    m = coco.Manifest(path)
+    m = Manifest(path)
     assert m.read() == (None, [])
     with m.open({"recipe": "gradcam"}) as opened:
         assert opened is m
@@ -329,15 +330,15 @@ def test_manifest_round_trip_and_torn_line(tmp_path):
 
     with open(path, "ab") as f:  # a crash in the middle of an append
         f.write(b'{"file_name":"c.j')
-    header, recs = coco.Manifest(path).read()
+    header, recs = Manifest(path).read()
     assert header == {"manifest": 1, "recipe": "gradcam"}
     assert [r["file_name"] for r in recs] == ["a.jpg", "b.jpg"]
 
-    with coco.Manifest(path).open({"recipe": "other"}) as m2:
+    with Manifest(path).open({"recipe": "other"}) as m2:
         assert m2.header == {"manifest": 1, "recipe": "gradcam"}  # the stored header wins; caller compares
         assert path.read_bytes().endswith(b'"n":0}\n')  # torn line truncated
         m2.append([{"file_name": "c.jpg", "n": 2}])
-    header, recs = coco.Manifest(path).read()
+    header, recs = Manifest(path).read()
     assert [r["file_name"] for r in recs] == ["a.jpg", "b.jpg", "c.jpg"]
     assert len(path.read_text().splitlines()) == 4
 
@@ -345,8 +346,8 @@ def test_manifest_round_trip_and_torn_line(tmp_path):
 def test_manifest_unparseable_terminated_last_line_is_torn(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"manifest":1}\n{"a":1}\n\x00\x00\x00\n')
-    assert coco.Manifest(path).read() == ({"manifest": 1}, [{"a": 1}])
-    with coco.Manifest(path).open({}) as m:
+    assert Manifest(path).read() == ({"manifest": 1}, [{"a": 1}])
+    with Manifest(path).open({}) as m:
         m.append([{"a": 2}])
     assert path.read_bytes() == b'{"manifest":1}\n{"a":1}\n{"a":2}\n'
 
@@ -354,14 +355,14 @@ def test_manifest_unparseable_terminated_last_line_is_torn(tmp_path):
 def test_manifest_complete_line_without_newline_is_torn(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"manifest":1}\n{"a":1}')
-    assert coco.Manifest(path).read() == ({"manifest": 1}, [])
+    assert Manifest(path).read() == ({"manifest": 1}, [])
 
 
 def test_manifest_torn_header_is_rewritten(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"manif')
-    assert coco.Manifest(path).read() == (None, [])
-    with coco.Manifest(path).open({"x": 1}) as m:
+    assert Manifest(path).read() == (None, [])
+    with Manifest(path).open({"x": 1}) as m:
         assert m.header == {"manifest": 1, "x": 1}
     assert path.read_bytes() == b'{"manifest":1,"x":1}\n'
 
@@ -370,16 +371,16 @@ def test_manifest_corrupt_middle_line_raises(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"manifest":1}\n{"a":1}\n{"a":\n{"a":3}\n')
     with pytest.raises(ValueError, match="line 3"):
-        coco.Manifest(path).read()
+        Manifest(path).read()
     with pytest.raises(ValueError, match="line 3"):
-        coco.Manifest(path).open({})
+        Manifest(path).open({})
     path.write_bytes(b'{"not":"a header"}\n')
     with pytest.raises(ValueError, match="header"):
-        coco.Manifest(path).read()
+        Manifest(path).read()
 
 
 def test_manifest_append_requires_open_and_dicts(tmp_path):
-    m = coco.Manifest(tmp_path / "m.jsonl")
+    m = Manifest(tmp_path / "m.jsonl")
     with pytest.raises(ValueError, match="not open"):
         m.append([{"a": 1}])
     with m.open({}):
@@ -387,7 +388,7 @@ def test_manifest_append_requires_open_and_dicts(tmp_path):
             m.append([{"a": 1}, "nope"])
         with pytest.raises(ValueError):
             m.append([{"a": float("nan")}])
-    assert coco.Manifest(m.path).read() == ({"manifest": 1}, [])
+    assert Manifest(m.path).read() == ({"manifest": 1}, [])
 
 
 # --- atomic_write ---------------------------------------------------------------------------------------------------

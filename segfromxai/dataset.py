@@ -1,0 +1,172 @@
+"""A run's output folder: preparing it (resume, overwrite, refuse), streaming its manifest back, writing the dataset
+files from it, and merging the parts of a sharded run.
+
+A run's ``manifest.jsonl`` (:class:`~segfromxai.manifest.Manifest`) starts with a header that names the job
+(recipe digest, image folder, model, label source, shard, classes, the resolved recipe) and holds one record per
+image: ``{"index", "file_name", "status": ok|empty|failed|skipped, ...}``. ``index`` is the image's position in the
+sorted list of the whole folder, so every shard of one job numbers its images the same way and COCO image ids
+(``index + 1``) are unique across shards. The dataset files are always rebuilt from manifests, streamed: records
+are read from disk in index order (a k-way merge over parts), never all held in memory.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .coco import atomic_write, export_png, export_yolo, write_coco, write_results
+from .manifest import Manifest
+
+RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl",
+             "metrics.json", "per_image.csv", "report.html", "index.json")
+RUN_DIRS = ("maps", "overlays", "png", "yolo", "sheets")
+RESUME_KEYS = ("recipe", "images", "model", "targets", "shard")
+"""Header keys that must match for ``--resume``; the same keys but ``shard`` must match for ``merge``."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape the output."""
+    import platform
+
+    import numpy as np
+    import pycocotools
+    import timm
+    import torch
+
+    from . import __version__
+    return {"segfromxai": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": np.__version__,
+            "pycocotools": getattr(pycocotools, "__version__", "unknown")}
+
+
+def prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: bool) -> Manifest:
+    """Open ``out``'s manifest for appending: new, resumed (the header must match on ``RESUME_KEYS``) or, with
+    ``overwrite``, emptied first. A folder holding a run is refused without either flag."""
+    manifest = Manifest(out / "manifest.jsonl")
+    if manifest.path.exists():
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(out / name, ignore_errors=True)
+        elif not resume:
+            raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or --overwrite to "
+                                  "start again")
+        else:
+            old = manifest.read_header() or {}
+            diff = sorted(k for k in RESUME_KEYS if old.get(k) != header.get(k))
+            if diff:
+                raise ValueError(f"cannot resume {out}: its run differs in {', '.join(diff)} "
+                                 "(use --overwrite to start again)")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.open(header)
+    return manifest
+
+
+def done_indices(manifest: Manifest) -> set[int]:
+    """Indices of the images the manifest holds a record for."""
+    return {r["index"] for r in manifest.records()}
+
+
+def _in_order(manifest: Manifest) -> Callable[[], Iterator[dict]]:
+    """Records by increasing index, first copy of an index wins. Streamed when the file is in order (as ``run``
+    writes it); otherwise the records are sorted in memory."""
+    last = -1
+    for r in manifest.records():
+        if r["index"] <= last:
+            by_index: dict[int, dict] = {}
+            for q in manifest.records():
+                by_index.setdefault(q["index"], q)
+            return lambda: iter([by_index[i] for i in sorted(by_index)])
+        last = r["index"]
+    return manifest.records
+
+
+def records(manifests: Iterable[Manifest], statuses: tuple[str, ...]) -> Callable[[], Iterator[dict]]:
+    """A factory of streams over the records of all manifests with these statuses, merged by index."""
+    streams = [_in_order(m) for m in manifests]
+
+    def stream() -> Iterator[dict]:
+        last = -1
+        for r in heapq.merge(*(s() for s in streams), key=lambda r: r["index"]):
+            if r["index"] != last and r["status"] in statuses:
+                yield r
+            last = r["index"]
+    return stream
+
+
+def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = ("coco",)) -> dict[str, Any]:
+    """Write the dataset files of ``out`` from the manifests (streamed, atomic) and return the summary."""
+    header = manifests[0].read_header() or {}
+    recipe, classes = header["resolved"], header["classes"]
+    categories = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
+    labelled = records(manifests, ("ok", "empty"))
+    info = {"description": f"segfromxai pseudo-labels ({recipe['name']})", "version": versions()["segfromxai"],
+            "recipe": recipe, "model": header["model"], "versions": versions()}
+    counts = write_coco(out / "pseudo_labels.json", labelled, categories=categories, info=info)
+    write_results(out / "pseudo_labels_results.json", labelled)
+    with atomic_write(out / "failures.jsonl") as f:
+        for r in records(manifests, ("failed",))():
+            f.write(json.dumps({"file_name": r["file_name"], "reason": r["reason"]}) + "\n")
+    if "png" in formats:
+        export_png(out / "png", labelled())
+    if "yolo" in formats:
+        export_yolo(out / "yolo", labelled(), categories=categories)
+    status: dict[str, int] = {}
+    skipped = []
+    for r in records(manifests, ("ok", "empty", "failed", "skipped"))():
+        status[r["status"]] = status.get(r["status"], 0) + 1
+        if r["status"] == "skipped":
+            skipped.append({"file_name": r["file_name"], "reason": r["reason"]})
+    return {"recipe": recipe, "model": header["model"], "versions": versions(), "shard": header.get("shard"),
+            "counts": {"found": sum(status.values()), "labelled": status.get("ok", 0),
+                       "no_mask": status.get("empty", 0), "failed": status.get("failed", 0),
+                       "skipped": status.get("skipped", 0), "annotations": counts["annotations"]},
+            "skipped": skipped, "formats": sorted({"coco", *formats})}
+
+
+def merge(parts: list[str | Path], out: str | Path, *, formats: tuple[str, ...] = ("coco",), index_only: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Combine the output folders of a sharded run into one dataset in ``out`` (streamed), or with ``index_only``
+    write ``out/index.json`` listing the parts and leave them sharded.
+
+    The parts must come from one job (same recipe, images, model, label source and classes), each a different
+    shard of the same ``num_shards``; a missing shard is allowed and reported (``missing_shards``).
+    """
+    out = Path(out)
+    manifests = [Manifest(Path(p) / "manifest.jsonl") for p in parts]
+    headers = []
+    for p, m in zip(parts, manifests):
+        h = m.read_header()
+        if h is None:
+            raise ValueError(f"{p}: not a segfromxai run output (no manifest.jsonl)")
+        headers.append(h)
+    first = headers[0]
+    for p, h in zip(parts[1:], headers[1:]):
+        diff = sorted(k for k in (*RESUME_KEYS[:-1], "classes") if h.get(k) != first.get(k))
+        if diff:
+            raise ValueError(f"{p} is not a part of the same run as {parts[0]}: it differs in {', '.join(diff)}")
+    shards = [tuple(h.get("shard") or (0, 1)) for h in headers]
+    n = {s[1] for s in shards}
+    if len(n) != 1 or len(set(shards)) != len(shards):
+        raise ValueError(f"parts must be different shards of one --num-shards: got {sorted(shards)}")
+    missing = sorted(set(range(n.pop())) - {s[0] for s in shards})
+    if (out / "manifest.jsonl").exists() or ((out / "pseudo_labels.json").exists() and not overwrite):
+        raise FileExistsError(f"{out} holds a run or a merge already (use --overwrite for a merge)")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [{"path": str(Path(p).resolve()), "shard": list(s),
+                "counts": json.loads((Path(p) / "run.json").read_text())["counts"]
+                if (Path(p) / "run.json").exists() else None} for p, s in zip(parts, shards)]
+    if index_only:
+        doc = {"parts": entries, "missing_shards": missing, "recipe": first["resolved"], "model": first["model"]}
+        with atomic_write(out / "index.json") as f:
+            json.dump(doc, f, indent=2)
+        return doc
+    summary = finish(out, manifests, formats=formats)
+    summary.update({"shard": None, "parts": entries, "missing_shards": missing})
+    with atomic_write(out / "run.json") as f:
+        json.dump(summary, f, indent=2)
+    return summary
