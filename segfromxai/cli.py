@@ -163,10 +163,15 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
 @click.option("--num-shards", type=click.IntRange(min=1), default=None, help="split the images into N shards")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="processes that load and preprocess images while the model works")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: label chunks in a Ray Data actor pool (pip install 'segfromxai[ray]')")
+@click.option("--address", default=None, help="with --engine ray: the cluster ('auto', or host:port); "
+              "default: a local Ray started here")
 def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
         labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
         formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool,
-        gt: Path | None, shard: int | None, num_shards: int | None, workers: int) -> None:
+        gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
+        address: str | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
     from .pipeline import Targets, read_labels_csv, run as run_recipe
     from .recipe import RecipeError, load_recipe, with_output
@@ -182,8 +187,14 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
     targets = (Targets("labels", read_labels_csv(labels)) if labels else
                Targets("folders") if folder_labels else Targets())
-    model = _load(model_name or rec.model["name"] or None,
-                  checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None), device)
+    model_args = {"name": model_name or rec.model["name"] or None, "device": device,
+                  "checkpoint": checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None)}
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as e:
+            raise click.UsageError("--engine ray needs Ray: pip install 'segfromxai[ray]'") from e
+    model = _load(model_args["name"], model_args["checkpoint"], device)
     bar = None
 
     def progress(advance: int, total: int) -> None:
@@ -195,10 +206,15 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
             bar.update(advance)
 
     try:
-        summary = run_recipe(rec, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
-                             formats=formats, resume=bool(resume), overwrite=resume is False, seed=seed,
-                             shard=(shard, num_shards) if num_shards else None, workers=workers,
-                             progress=progress)
+        common = dict(model=model, targets=targets, batch_size=batch_size, limit=limit, formats=formats,
+                      resume=bool(resume), overwrite=resume is False, seed=seed,
+                      shard=(shard, num_shards) if num_shards else None, progress=progress)
+        if engine == "ray":
+            from .engine_ray import run_ray
+
+            summary = run_ray(rec, images, out, model_args=model_args, address=address, **common)
+        else:
+            summary = run_recipe(rec, images, out, workers=workers, **common)
     except (FileExistsError, ValueError) as e:
         raise click.UsageError(str(e)) from e
     finally:

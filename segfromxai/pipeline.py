@@ -211,7 +211,7 @@ def annotation_score(confidence: float, fused_pixels: np.ndarray, mask: np.ndarr
     return float(confidence * fused_pixels[mask].mean())
 
 
-class _Clock:
+class Clock:
     """Seconds spent per stage, summed over the run."""
 
     def __init__(self) -> None:
@@ -289,7 +289,7 @@ def _explain_batch(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: 
 
 
 def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, str, np.ndarray, int | None]],
-                 x: torch.Tensor, clock: _Clock) -> tuple[list[dict], dict[int, dict]]:
+                 x: torch.Tensor, clock: Clock) -> tuple[list[dict], dict[int, dict]]:
     """Explain, fuse, threshold, refine and encode one preprocessed batch; returns records and maps to save."""
     x = x.to(model.device)
     targets = [t for _, _, _, t in loaded]
@@ -328,6 +328,21 @@ def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, str
     return records, saved
 
 
+def process_chunk(model: LoadedModel, recipe: Recipe, out: Path, item: tuple, todo: set[int], clock: Clock
+                  ) -> list[dict]:
+    """Label one loaded chunk (an item of ``_ChunkLoader``), save its artefacts, and return the manifest records of
+    the images in ``todo``, by index (the whole chunk is labelled so that each image sees the same batch)."""
+    records, loaded, x = item
+    if loaded:
+        got, saved = _label_chunk(model, recipe, loaded, x, clock)
+        records = records + got
+        with clock("write"):
+            for i, art in saved.items():
+                if i in todo:
+                    save_artifacts(out, art, maps=recipe.output["maps"], overlays=recipe.output["overlays"])
+    return sorted((r for r in records if r["index"] in todo), key=lambda r: r["index"])
+
+
 def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
         batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
         overwrite: bool = False, seed: int = 0, shard: tuple[int, int] | None = None, workers: int = 0,
@@ -349,6 +364,48 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
     called once at the start and after every chunk. Returns the run summary (``run.json``).
     """
     out = Path(out)
+    job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
+                   resume=resume, overwrite=overwrite, seed=seed, shard=shard)
+    clock, processed = Clock(), 0
+    if progress is not None:
+        progress(job.total - job.pending, job.total)
+    loader = torch.utils.data.DataLoader(job.loader, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+    with job.manifest:
+        items = iter(loader)
+        for chunk in job.chunks:
+            with clock("load"):
+                item = next(items)
+            todo = {i for i in chunk if i not in job.done}
+            records = process_chunk(model, recipe, out, item, todo, clock)
+            with clock("write"):
+                job.manifest.append(records)
+            processed += len(todo)
+            if progress is not None:
+                progress(len(todo), job.total)
+    return close_run(out, job, clock, processed, formats=formats, engine={"engine": "local", "workers": workers})
+
+
+@dataclass
+class Job:
+    """A planned run: its manifest (open for appending), the chunks still to do, and their loader."""
+
+    manifest: Any
+    chunks: list[list[int]]
+    done: set[int]
+    loader: _ChunkLoader
+    total: int
+
+    @property
+    def pending(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedModel, targets: Targets,
+             batch_size: int, limit: int | None, resume: bool, overwrite: bool, seed: int,
+             shard: tuple[int, int] | None) -> Job:
+    """Find the images (this shard's), prepare ``out`` (see :func:`segfromxai.dataset.prepare_out`) and cut the
+    images not done yet into chunks of ``batch_size`` consecutive files."""
     seed_everything(seed)
     paths = find_images(images)[:limit]
     rels = [p.name if p == Path(images) else p.relative_to(images).as_posix() for p in paths]
@@ -363,38 +420,18 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
     done = done_indices(manifest)
     chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
     chunks = [c for c in chunks if any(i not in done for i in c)]
-    clock, processed = _Clock(), 0
-    if progress is not None:
-        progress(len(mine) - sum(len(c) for c in chunks), len(mine))
-    loader = torch.utils.data.DataLoader(_ChunkLoader(chunks, paths, rels, targets, list(model.classes),
-                                                      model.preprocess),
-                                         batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         prefetch_factor=2 if workers else None, persistent_workers=False)
-    with manifest:
-        items = iter(loader)
-        for chunk in chunks:
-            with clock("load"):
-                records, loaded, x = next(items)
-            todo = {i for i in chunk if i not in done}
-            if loaded:
-                got, saved = _label_chunk(model, recipe, loaded, x, clock)
-                records += got
-                with clock("write"):
-                    for i, art in saved.items():
-                        if i in todo:
-                            save_artifacts(out, art, maps=recipe.output["maps"], overlays=recipe.output["overlays"])
-            records = sorted((r for r in records if r["index"] in todo), key=lambda r: r["index"])
-            with clock("write"):
-                manifest.append(records)
-            done.update(todo)
-            processed += len(todo)
-            if progress is not None:
-                progress(len(todo), len(mine))
+    loader = _ChunkLoader(chunks, paths, rels, targets, list(model.classes), model.preprocess)
+    return Job(manifest, chunks, done, loader, len(mine))
+
+
+def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
+              engine: dict[str, Any]) -> dict[str, Any]:
+    """Write the dataset files from the manifest and ``run.json``; return the summary."""
     with clock("write"):
-        summary = finish(out, [manifest], formats=formats)
+        summary = finish(out, [job.manifest], formats=formats)
     summary["seconds"] = {k: round(v, 4) for k, v in clock.seconds.items()}
     summary["processed_now"] = processed
-    summary["workers"] = workers
+    summary.update(engine)
     summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)
