@@ -15,10 +15,13 @@ Columns, per recipe (the explained class is the model's top-1):
   ``deletion_steps`` steps, :mod:`segfromxai.faithfulness`).
 - ``s_per_image``: seconds per image the recipe would take alone: its own explainers timed alone on the first
   batch, plus its fusion, threshold, refinement and cleaning as timed in the shared run. Deletion is not counted.
+- ``forwards_per_image``: forward passes per image of the recipe's explainers alone on the first batch, counted
+  by a hook (:func:`segfromxai.explainers._hooks.count_forwards`), not estimated; the shared pass counts 1.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from .evaluate import load_source, match_names
-from .explainers._hooks import capture
+from .explainers._hooks import capture, count_forwards
 from .explainers.core import explain_with_logits
 from .faithfulness import deletion_auc
 from .fusion import as_numpy, fuse
@@ -37,7 +40,8 @@ from .model import LoadedModel
 from .pipeline import feature_layer, fusion_size, label_image, seed_everything, token_features
 from .recipe import Recipe
 
-COLUMNS = ("recipe", "explainers", "k", "iou", "f1", "pa", "deletion_auc", "s_per_image", "iou_pooled", "images")
+COLUMNS = ("recipe", "explainers", "k", "iou", "f1", "pa", "deletion_auc", "s_per_image", "forwards_per_image",
+           "iou_pooled", "images")
 
 
 def explain_calls(recipes: list[Recipe]) -> list[dict[str, dict[str, Any]]]:
@@ -77,11 +81,14 @@ def _maps_of(recipe: Recipe, calls: list[dict[str, dict[str, Any]]], maps: list[
             for name, params in recipe.explainers.items()}
 
 
-def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> float:
+def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[float, float]:
+    """Seconds and forward passes (images through the model, counted) per image of the recipe's explainers."""
     layer = _layer(model, recipe)
-    t0 = time.perf_counter()
-    _explain(model, x, [dict(recipe.explainers)], [layer] if layer else [])
-    return time.perf_counter() - t0
+    with count_forwards(model.module) as n:
+        t0 = time.perf_counter()
+        _explain(model, x, [dict(recipe.explainers)], [layer] if layer else [])
+        seconds = time.perf_counter() - t0
+    return seconds / len(x), n.images / len(x)
 
 
 def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model: LoadedModel, batch_size: int = 16,
@@ -105,7 +112,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     counts: dict[str, list] = {r.name: [] for r in recipes}
     deletion: dict[str, list] = {r.name: [] for r in recipes}
     post = {r.name: 0.0 for r in recipes}
-    alone: dict[str, float] = {}
+    alone: dict[str, tuple[float, float]] = {}
     failures, n_done = [], 0
     for start in range(0, len(paths), batch_size):
         loaded = []
@@ -118,7 +125,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
             continue
         x = model.preprocess.batch([im for _, im in loaded]).to(model.device)
         if not alone:  # each recipe's explainers alone, on the first batch
-            alone = {r.name: _time_alone(model, r, x) / len(loaded) for r in recipes}
+            alone = {r.name: _time_alone(model, r, x) for r in recipes}
         maps, logits, outputs = _explain(model, x, calls, layers)
         cls = logits.argmax(1)
         gts = []
@@ -156,7 +163,8 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
                      "iou": s["iou"]["per_image_mean"], "f1": s["dice"]["per_image_mean"],
                      "pa": s["pixel_accuracy"]["per_image_mean"],
                      "deletion_auc": float(np.mean(deletion[r.name])) if deletion[r.name] else float("nan"),
-                     "s_per_image": alone.get(r.name, 0.0) + post[r.name] / max(n_done, 1),
+                     "s_per_image": alone.get(r.name, (0.0, 0.0))[0] + post[r.name] / max(n_done, 1),
+                     "forwards_per_image": alone.get(r.name, (0.0, math.nan))[1],
                      "iou_pooled": s["iou"]["pooled"], "images": len(counts[r.name])})
     rows.sort(key=lambda row: (row["k"], row["recipe"]))
     settings = {"recipes": {r.name: r.to_dict() for r in recipes}, "images": str(images), "gt": str(gt),
@@ -167,12 +175,12 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The comparison as a plain-text table (NaN as n/a)."""
-    head = f"{'recipe':<32} {'k':>2} {'IoU':>6} {'F1':>6} {'PA':>6} {'del.AUC':>8} {'s/img':>7}"
+    head = f"{'recipe':<32} {'k':>2} {'IoU':>6} {'F1':>6} {'PA':>6} {'del.AUC':>8} {'s/img':>7} {'fwd/img':>8}"
     lines = [head, "-" * len(head)]
     fmt = lambda v, w, d=3: f"{'n/a' if v != v else f'{v:.{d}f}':>{w}}"  # noqa: E731  (v != v: NaN)
     for r in rows:
         lines.append(f"{r['recipe'][:32]:<32} {r['k']:>2} {fmt(r['iou'], 6)} {fmt(r['f1'], 6)} {fmt(r['pa'], 6)} "
-                     f"{fmt(r['deletion_auc'], 8)} {fmt(r['s_per_image'], 7, 2)}")
+                     f"{fmt(r['deletion_auc'], 8)} {fmt(r['s_per_image'], 7, 2)} {fmt(r['forwards_per_image'], 8, 1)}")
     return "\n".join(lines)
 
 

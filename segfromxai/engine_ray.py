@@ -9,8 +9,9 @@ a buffer of at most the pool's size), then the dataset files; a killed Ray run r
 engine. Actors write maps and overlays themselves, so ``--out`` must be on a filesystem the workers share.
 
 Resources: an actor takes ``num_gpus=1`` on a CUDA device; on the CPU a fraction of a CPU (``cpus_per_actor``,
-default 1, and the pool has one actor fewer than the cluster's CPUs, at least one), so that Ray Data's own read
-and write tasks always find a CPU (a pool that takes every CPU can hang them).
+default 0.9; the pool has one actor fewer than the cluster's CPUs, at least one, and each actor's torch uses
+CPUs // actors threads), so that Ray Data's own read and write tasks always find a CPU (a pool that takes every
+CPU can hang them).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
             targets: Targets = Targets(), batch_size: int = 32, limit: int | None = None,
             formats: tuple[str, ...] = ("coco",), resume: bool = False, overwrite: bool = False, seed: int = 0,
             shard: tuple[int, int] | None = None, address: str | None = None, actors: int | None = None,
-            cpus_per_actor: float = 1.0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            cpus_per_actor: float = 0.9, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """:func:`segfromxai.pipeline.run` on a Ray cluster (``address``: "auto", a cluster address, or None for a
     local one started here, or the one already initialised). ``model`` is the driver's copy (for the classes and
     the manifest header); ``model_args`` are :func:`segfromxai.model.load_model`'s arguments for the actors."""
@@ -79,7 +80,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
                                 num_gpus=1 if gpu else 0, num_cpus=0 if gpu else cpus_per_actor,
                                 fn_constructor_kwargs={"recipe": recipe, "model_args": model_args,
                                                        "loader": job.loader, "out": str(out), "done": job.done,
-                                                       "threads": max(1, int(cpus_per_actor))})
+                                                       "threads": max(1, cpus // pool)})
             with clock("ray"):
                 for row in ds.iter_rows():
                     pending[int(row["chunk"])] = json.loads(row["records"])

@@ -40,6 +40,7 @@ def test_compare_scores_each_recipe_as_run_and_evaluate_do(tmp_path, synth_image
     for r in res["rows"]:
         assert set(r) == set(COLUMNS) and r["images"] == 12 and r["s_per_image"] > 0
         assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["pa"] <= 1
+        assert r["forwards_per_image"] == 1.0  # gradient and LRP methods: the one shared pass, counted
     for recipe in recipes:  # the same masks as a labelling run of that recipe alone
         out = tmp_path / recipe.name
         run(recipe, synth_images / "images", out, model=model, batch_size=5)

@@ -85,3 +85,34 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
         for attn, flag in fused:
             attn.fused_attn = flag
         model.train(was_training)
+
+
+@dataclass
+class ForwardCount:
+    """Images pushed through a model's forward, counted by :func:`count_forwards`."""
+
+    images: int = 0
+    calls: int = 0
+
+
+@contextmanager
+def count_forwards(model: nn.Module) -> Iterator[ForwardCount]:
+    """Count the forward passes of ``model`` and the images they carry (the first input's batch size) while the
+    context is open; the hook is always removed.
+
+    On a ViT the count is taken at its first block, so passes that enter after the embedding (token dropping)
+    count too; on other models at the model itself.
+    """
+    n = ForwardCount()
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        n.calls += 1
+        n.images += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 1
+
+    blocks = getattr(model, "blocks", None)
+    where = blocks[0] if isinstance(blocks, nn.Sequential) and len(blocks) else model
+    handle = where.register_forward_pre_hook(hook)
+    try:
+        yield n
+    finally:
+        handle.remove()
