@@ -29,15 +29,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .evaluate import load_source, match_names
+from .evaluate import load_source, match_names, union
 from .explainers._hooks import capture, count_forwards
 from .explainers.core import explain_with_logits
 from .faithfulness import deletion_auc
-from .fusion import as_numpy, fuse
 from .images import ImageLoadError, find_images, load_image
 from .metrics import confusion, summarise
 from .model import LoadedModel
-from .pipeline import feature_layer, fusion_size, label_image, seed_everything, token_features
+from .pipeline import feature_layer, fuse_recipe, label_image, seed_everything, token_features
 from .recipe import Recipe
 
 COLUMNS = ("recipe", "explainers", "k", "iou", "f1", "pa", "deletion_auc", "s_per_image", "forwards_per_image",
@@ -130,17 +129,11 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
         cls = logits.argmax(1)
         gts = []
         for rel, im in loaded:
-            gm, ignore, _ = ref.masks(pairs[rel])
-            union = np.zeros(im.shape[:2], bool)
-            for m in gm.values():
-                union |= m
-            gts.append((union, ignore))
+            gm, ignore, size = ref.masks(pairs[rel])
+            gts.append((union(gm, size), ignore))
         for r in recipes:
             t0 = time.perf_counter()
-            own = _maps_of(r, calls, maps)
-            f = r.fusion
-            fused = as_numpy(fuse(own, method=f["method"], size=fusion_size(model, own, f["grid"]), clip=f["clip"],
-                                  eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"]))
+            fused = fuse_recipe(model, r, _maps_of(r, calls, maps))
             layer = _layer(model, r)
             feats = (token_features(model.module, outputs[layer], r.refine.params["feature"], tuple(x.shape[-2:]))
                      if layer else None)

@@ -127,7 +127,8 @@ def _namer(source: MaskSource, other: MaskSource):
     return lambda k: names.get(k, str(k))
 
 
-def _union(masks: dict[int, np.ndarray], size: tuple[int, int]) -> np.ndarray:
+def union(masks: dict[int, np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """The union of an image's masks (all categories), bool (H, W)."""
     out = np.zeros(size, bool)
     for m in masks.values():
         out |= m
@@ -182,7 +183,7 @@ def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource) -> dic
         rm, ignore, rsize = ref.masks(r)
         if psize != rsize:
             raise ValueError(f"{p}: the prediction is {psize[1]}x{psize[0]}, the reference {r} {rsize[1]}x{rsize[0]}")
-        counts = confusion(_union(pm, psize), _union(rm, rsize), ignore)
+        counts = confusion(union(pm, psize), union(rm, rsize), ignore)
         agnostic.append(counts)
         pn = {pred_name(k): m for k, m in pm.items()}
         rn = {ref_name(k): m for k, m in rm.items()}
@@ -298,7 +299,7 @@ def _sheet(row: dict, pred: MaskSource, ref: MaskSource, images: Path | None,
             heat = z["fused"]
     iou = row["iou"]
     caption = f"{row['file_name']} · IoU {'n/a' if math.isnan(iou) else f'{iou:.3f}'} · {row['predicted'] or '-'}"
-    return Sheet(row["file_name"], image, _union(pm, size), _union(rm, size), heat, caption)
+    return Sheet(row["file_name"], image, union(pm, size), union(rm, size), heat, caption)
 
 
 def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]], *, settings: dict[str, Any],

@@ -179,6 +179,13 @@ def fusion_size(model: LoadedModel, maps: dict[str, torch.Tensor], grid: str) ->
     return min((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
 
 
+def fuse_recipe(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]) -> np.ndarray:
+    """The recipe's fusion of a batch of maps, float32 (B, h, w) in [0, 1] on the recipe's grid."""
+    f = recipe.fusion
+    return as_numpy(fuse(maps, method=f["method"], size=fusion_size(model, maps, f["grid"]), clip=f["clip"],
+                         eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"]))
+
+
 def clean_masks(masks: list[np.ndarray], spec: dict[str, Any]) -> list[np.ndarray]:
     """Fill holes, drop small components, keep all or the largest, optionally split into components; no empties.
 
@@ -300,9 +307,7 @@ def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, str
         conf = logits.float().softmax(1).gather(1, cls[:, None])[:, 0].cpu().numpy()
         cls = cls.cpu().numpy()
     with clock("fuse"):
-        f = recipe.fusion
-        fused = as_numpy(fuse(maps, method=f["method"], size=fusion_size(model, maps, f["grid"]), clip=f["clip"],
-                              eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"]))
+        fused = fuse_recipe(model, recipe, maps)
     records, saved = [], {}
     provenance = {"recipe": recipe.name, "explainers": list(recipe.explainers), "fusion": recipe.fusion["method"],
                   "threshold": recipe.threshold.method, "refiner": recipe.refine.method}
