@@ -305,13 +305,17 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--gae-images", type=click.IntRange(min=0), default=16, show_default=True,
+              help="GAE on the first N images (each costs 2 x steps explanations; 0: no GAE)")
+@click.option("--gae-steps", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
 @click.option("--seed", type=int, default=0, show_default=True)
 def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | None, model_name: str | None,
-                checkpoint: Path | None, device: str, batch_size: int, deletion_steps: int, limit: int | None,
-                seed: int) -> None:
+                checkpoint: Path | None, device: str, batch_size: int, deletion_steps: int, gae_images: int,
+                gae_steps: int, limit: int | None, seed: int) -> None:
     """Run several RECIPES (files, names, or folders of recipes such as `vitmix`) on the same images, sharing
-    model passes, and print IoU, F1, PA, deletion AUC and time per image against the ground truth."""
+    model passes, and print IoU, F1, PA, deletion AUC, GAE, time and forward passes per image against the ground
+    truth."""
     from .compare import compare, format_rows, write_comparison
     from .recipe import RecipeError, load_recipes
 
@@ -326,12 +330,13 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
     model = _load(model_name or name or None, checkpoint or (Path(ckpt) if ckpt else None), device)
     try:
         result = compare(recs, images, gt, model=model, batch_size=batch_size, deletion_steps=deletion_steps,
-                         limit=limit, seed=seed)
+                         gae_images=gae_images, gae_steps=gae_steps, limit=limit, seed=seed)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     click.echo(format_rows(result["rows"]))
     click.echo(f"{result['n_images']} images, {len(result['failures'])} unreadable; IoU/F1/PA per-image means, "
-               f"deletion AUC lower is better, s/img = the recipe alone on this machine")
+               f"deletion AUC lower is better, GAE (higher is better) on the first {gae_images} images, "
+               f"s/img = the recipe alone on this machine")
     if out is not None:
         write_comparison(out, result)
         click.echo(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")

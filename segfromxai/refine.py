@@ -199,7 +199,7 @@ def _start_vector(n: int) -> np.ndarray:
     return np.cos(2.399963229728653 * np.arange(n) + 1.0)
 
 
-def _fiedler(edges: np.ndarray, *, eps: float, solver: str) -> np.ndarray:
+def fiedler(edges: np.ndarray, *, eps: float, solver: str) -> np.ndarray:
     """Second generalized eigenvector of (D - W) y = lambda D y for ``W = eps + (1 - eps) edges``, D-normalised,
     sign fixed so that its largest-magnitude entry (first on ties) is positive."""
     n = edges.shape[0]
@@ -271,7 +271,7 @@ def ncut_bipartition(features: np.ndarray, *, tau: float = 0.2, eps: float = 1e-
         raise ValueError(f"eps must be > 0, got {eps}")
     s = _similarity(features, positions=positions, position_weight=position_weight, position_sigma=position_sigma,
                     prior=prior, prior_weight=prior_weight)
-    y = _fiedler(s > tau, eps=eps, solver=solver)
+    y = fiedler(s > tau, eps=eps, solver=solver)
     return y, float(y.mean())
 
 
@@ -386,7 +386,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
             if not found and base:
                 found.append(base_mask)
             break
-        y = _fiedler(sub, eps=eps, solver=solver)
+        y = fiedler(sub, eps=eps, solver=solver)
         split = float(y.mean())
         hi = y > split
         mass_hi, mass_lo = prior[idx[hi]].sum(), prior[idx[~hi]].sum()

@@ -9,13 +9,11 @@ import timm
 import torch
 from torch import nn
 
-from segfromxai.explainers import EXPLAINERS
 from segfromxai.explainers._hooks import count_forwards
-from segfromxai.explainers.coalition import (COALITION_EXPLAINERS, coalition_consistency, coalition_perturbation,
+from segfromxai.explainers.coalition import (coalition_consistency, coalition_perturbation,
                                              confidence_loss, feature_coalitions, gaussian_blur)
 from segfromxai.explainers.core import explain_with_logits
 
-REGISTRY = {**EXPLAINERS, **COALITION_EXPLAINERS}
 FAST = {"steps": 4, "cluster_steps": 10, "max_clusters": 8}
 
 
@@ -167,7 +165,7 @@ def test_perturbation_lowers_its_loss_and_keeps_the_class_on_the_region_that_mat
 
 
 def _run(model, x, **params):
-    return explain_with_logits(model, x, {"coalition": {**FAST, **params}}, registry=REGISTRY)[0]["coalition"]
+    return explain_with_logits(model, x, {"coalition": {**FAST, **params}})[0]["coalition"]
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn"])

@@ -2,14 +2,19 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from segfromxai.cli import main
 from segfromxai.compare import COLUMNS, compare, explain_calls
 from segfromxai.evaluate import evaluate
+from segfromxai.explainers import explain_with_logits
+from segfromxai.gae import gae
+from segfromxai.images import find_images, load_image
 from segfromxai.model import load_model
-from segfromxai.pipeline import run
+from segfromxai.pipeline import fuse_recipe, run
 from segfromxai.recipe import load_recipe, load_recipes, parse_recipe
 
 
@@ -33,7 +38,7 @@ def test_compare_scores_each_recipe_as_run_and_evaluate_do(tmp_path, synth_image
     model = load_model(checkpoint=tiny_card)
     recipes = [load_recipe("default"), load_recipe("vitmix/lrp"), load_recipe("vitmix/lrp+rollout")]
     res = compare(recipes, synth_images / "images", synth_images / "annotations.json", model=model, batch_size=5,
-                  deletion_steps=4)
+                  deletion_steps=4, gae_images=0)
     assert res["n_images"] == 12 and res["settings"]["explain_calls"] == 1
     rows = {r["recipe"]: r for r in res["rows"]}
     assert [r["k"] for r in res["rows"]] == sorted(r["k"] for r in res["rows"])
@@ -49,13 +54,38 @@ def test_compare_scores_each_recipe_as_run_and_evaluate_do(tmp_path, synth_image
         assert rows[recipe.name]["pa"] == pytest.approx(ev["pixel_accuracy"]["per_image_mean"])
 
 
+def test_gae_column_is_gae_of_the_fused_map_and_perturbation_forwards_are_counted(synth_images, tiny_card):
+    model = load_model(checkpoint=tiny_card)
+    recipes = [load_recipe("default"),
+               parse_recipe({"explainers": {"rcut": {"weights": "topk", "k": 2}}}, name="rcut-top2")]
+    res = compare(recipes, synth_images / "images", synth_images / "annotations.json", model=model, batch_size=5,
+                  deletion_steps=2, gae_images=7, gae_steps=3, limit=10)
+    rows = {r["recipe"]: r for r in res["rows"]}
+    # R-Out top-k: the shared pass, k masked copies per image and one baseline image per batch of 5
+    assert rows["rcut-top2"]["forwards_per_image"] == pytest.approx(1 + 2 + 1 / 5)
+    assert rows["default"]["forwards_per_image"] == 1.0
+    paths = find_images(synth_images / "images")[:10]
+    x = model.preprocess.batch([load_image(p) for p in paths])
+    for recipe in recipes:  # GAE on images 0-4 (first batch) and 5-6 (second batch), each batch its own negatives
+        def fused(images, t, recipe=recipe):
+            return torch.from_numpy(fuse_recipe(model, recipe, explain_with_logits(model, images,
+                                                                                  dict(recipe.explainers), t)[0]))
+        scores = []
+        for part in (x[:5], x[5:7]):
+            cls = model.module(part).argmax(1)
+            scores += list(gae(model.module, fused, part, cls, steps=3, batch_size=len(part))["gae"])
+        scores = np.array(scores)
+        assert rows[recipe.name]["gae_images"] == np.isfinite(scores).sum() > 0
+        assert rows[recipe.name]["gae"] == pytest.approx(np.nanmean(scores), abs=1e-6)
+
+
 def test_compare_command_prints_and_writes_the_table(tmp_path, synth_images, tiny_card):
     r = CliRunner().invoke(main, ["compare", "vitmix/saliency", "vitmix/rollout", "--images",
                                   str(synth_images / "images"), "--gt", str(synth_images / "annotations.json"),
-                                  "--checkpoint", str(tiny_card), "--limit", "4", "--deletion-steps", "2",
+                                  "--checkpoint", str(tiny_card), "--limit", "4", "--deletion-steps", "2", "--gae-steps", "2",
                                   "--out", str(tmp_path)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert "vitmix-saliency" in r.output and "del.AUC" in r.output
+    assert "vitmix-saliency" in r.output and "del.AUC" in r.output and "GAE" in r.output
     doc = json.loads((tmp_path / "compare.json").read_text())
     assert len(doc["rows"]) == 2 and doc["n_images"] == 4
     assert (tmp_path / "compare.csv").read_text().splitlines()[0] == ",".join(COLUMNS)

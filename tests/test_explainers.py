@@ -10,13 +10,16 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 import segfromxai
-from segfromxai.explainers import EXPLAINERS, LRPConfig, Pass, explain, lrp_pass
+from segfromxai.explainers import EXPLAINERS, PERTURBATION_EXPLAINERS, LRPConfig, Pass, explain, lrp_pass
 from segfromxai.explainers._hooks import capture
 
 from reference_explainers import reference_input_relevance, reference_maps
 
 GRADIENT_BASED = ["gradcam", "hirescam", "saliency", "gradxinput", "grad_rollout", "lrp", "abslrp", "lrp_epsilon",
                   "lrp_alpha1beta0"]
+# one forward and at most one backward pass: checked here against the float64 reference; the perturbation methods
+# (own forward passes) have their reference tests in test_rcut.py, test_moxi.py and test_coalition.py
+SHARED_PASS = sorted(set(EXPLAINERS) - set(PERTURBATION_EXPLAINERS))
 VARIANTS = {
     "cls": {},
     "avgpool": {"global_pool": "avg", "class_token": False},
@@ -46,14 +49,15 @@ def hook_state(model):
 
 def test_public_api_and_registry():
     assert segfromxai.explain is explain
-    assert set(GRADIENT_BASED) | {"rollout"} == set(EXPLAINERS)
+    assert set(GRADIENT_BASED) | {"rollout"} == set(SHARED_PASS)
+    assert set(PERTURBATION_EXPLAINERS) == {"rcut", "moxi_insertion", "moxi_deletion", "coalition"}
     for name, ex in EXPLAINERS.items():
         assert ex.fn.__doc__ and "(" in ex.fn.__doc__, f"{name} must cite its paper in its docstring"
         assert ex.summary
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("method", sorted(EXPLAINERS))
+@pytest.mark.parametrize("method", SHARED_PASS)
 def test_matches_float64_reference(method, variant):
     model = tiny(**VARIANTS[variant]).double()
     x = batch(model).double()
@@ -116,10 +120,10 @@ def test_batch_of_eight_equals_single_calls():
     model = tiny(depth=3).double()
     x = batch(model, b=8).double()
     target = torch.arange(8) % 5
-    together = explain(model, x, list(EXPLAINERS), target=target)
+    together = explain(model, x, SHARED_PASS, target=target)
     for i in range(8):
-        alone = explain(model, x[i:i + 1], list(EXPLAINERS), target=target[i:i + 1])
-        for name in EXPLAINERS:
+        alone = explain(model, x[i:i + 1], SHARED_PASS, target=target[i:i + 1])
+        for name in SHARED_PASS:
             scale = together[name][i].abs().max() + 1e-12
             torch.testing.assert_close(together[name][i:i + 1] / scale, alone[name] / scale, rtol=1e-4, atol=1e-5)
 
@@ -141,10 +145,10 @@ def test_no_hook_or_flag_left_behind_even_after_errors():
     model.train()
     before = hook_state(model)
     x = batch(model)
-    explain(model, x, list(EXPLAINERS))
+    explain(model, x, SHARED_PASS)
     assert hook_state(model) == before
     with pytest.raises(ValueError, match="target classes"):
-        explain(model, x, list(EXPLAINERS), target=[0, 99])  # raises inside the hook context, after the forward
+        explain(model, x, SHARED_PASS, target=[0, 99])  # raises inside the hook context, after the forward
     assert hook_state(model) == before
     with pytest.raises(ValueError, match="start_layer"):
         explain(model, x, {"rollout": {"start_layer": 7}})  # raises after the context
@@ -159,7 +163,7 @@ def test_no_hook_or_flag_left_behind_even_after_errors():
 def test_unknown_names_and_parameters_list_the_valid_ones():
     model = tiny()
     x = batch(model)
-    with pytest.raises(ValueError, match="valid: abslrp, grad_rollout, gradcam"):
+    with pytest.raises(ValueError, match="valid: abslrp, coalition, grad_rollout, gradcam"):
         explain(model, x, ["gradcm"])
     with pytest.raises(ValueError, match="valid: discard_ratio, head_fusion, start_layer"):
         explain(model, x, {"rollout": {"fusion": "max"}})
@@ -178,7 +182,7 @@ def test_cnn_gets_gradient_maps_and_a_clear_error_for_vit_methods():
 
 def test_distilled_model_all_methods():
     model = tiny("deit_tiny_distilled_patch16_224")
-    maps = explain(model, batch(model), list(EXPLAINERS))
+    maps = explain(model, batch(model), SHARED_PASS)
     for name, m in maps.items():
         assert torch.isfinite(m).all() and (m >= 0).all(), name
     assert maps["gradcam"].shape == (2, 4, 4) and maps["abslrp"].shape == (2, 32, 32)

@@ -9,13 +9,11 @@ import timm
 import torch
 from torch import nn
 
-from segfromxai.explainers import EXPLAINERS
 from segfromxai.explainers._hooks import count_forwards
 from segfromxai.explainers.core import explain_with_logits
-from segfromxai.explainers.moxi import (MOXI_EXPLAINERS, exact_shapley, self_context_interaction,
+from segfromxai.explainers.moxi import (exact_shapley, self_context_interaction,
                                         shapley_interaction)
 
-REGISTRY = {**EXPLAINERS, **MOXI_EXPLAINERS}
 METHODS = ("moxi_insertion", "moxi_deletion")
 
 
@@ -122,7 +120,7 @@ def test_greedy_matches_brute_force(vit4, mode, method, stop, tau):
     x = _x(3, 16)
     target = _mixed_targets(vit4, x)
     params = {"mode": mode, "stop": stop, "tau": tau, "batch_size": 5}
-    got, _ = explain_with_logits(vit4, x, {method: params}, target, registry=REGISTRY)
+    got, _ = explain_with_logits(vit4, x, {method: params}, target)
     for b in range(3):
         order = _brute_greedy(lambda kept: _logits_kept(vit4, x[b:b + 1], kept, mode), 4, int(target[b]),
                               method == "moxi_insertion", stop, tau)
@@ -132,8 +130,7 @@ def test_greedy_matches_brute_force(vit4, mode, method, stop, tau):
 def test_greedy_matches_brute_force_cnn_pixels():
     model, x, target = PatchLinear().eval(), _x(3, 16, seed=2), torch.tensor([2, 0, 1])
     for method in METHODS:
-        got, _ = explain_with_logits(model, x, {method: {"mode": "pixels", "patch": 8, "stop": False}}, target,
-                                     registry=REGISTRY)
+        got, _ = explain_with_logits(model, x, {method: {"mode": "pixels", "patch": 8, "stop": False}}, target)
         for b in range(3):
             order = _brute_greedy(lambda kept: _logits_kept(model, x[b:b + 1], kept, "pixels"), 4, int(target[b]),
                                   method == "moxi_insertion", stop=False)
@@ -146,7 +143,7 @@ def test_token_dropping_reads_prefix_tokens_from_the_model():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
                               num_classes=3, reg_tokens=3).eval()
     x = _x(2, 16, seed=6)
-    got, logits = explain_with_logits(model, x, {"moxi_deletion": {"stop": False}}, registry=REGISTRY)
+    got, logits = explain_with_logits(model, x, {"moxi_deletion": {"stop": False}})
     for b in range(2):
         order = _brute_greedy(lambda kept: _logits_kept(model, x[b:b + 1], kept, "tokens"), 4,
                               int(logits[b].argmax()), insert=False, stop=False)
@@ -158,8 +155,7 @@ def test_first_two_insertion_steps_follow_self_context_interactions(vit4):
     x, t = _x(1, 16, seed=5), 1
     value = lambda s: _logits_kept(vit4, x, sorted(s), "tokens").softmax(0)[t].item()  # noqa: E731
     inter = self_context_interaction(value, 4)
-    got, _ = explain_with_logits(vit4, x, {"moxi_insertion": {"stop": False, "max_steps": 2}}, t,
-                                 registry=REGISTRY)
+    got, _ = explain_with_logits(vit4, x, {"moxi_insertion": {"stop": False, "max_steps": 2}}, t)
     order = torch.argsort(-got["moxi_insertion"].flatten())[:2].tolist()
     j = int(np.argmax(np.diag(inter)))
     assert order[0] == j
@@ -215,8 +211,7 @@ def test_forward_count_matches_docstring(vit9, mode, method, stop):
     x, n, bs = _x(3, 24, seed=4), 9, 7
     target = _mixed_targets(vit9, x)
     with count_forwards(vit9) as count:
-        got, _ = explain_with_logits(vit9, x, {method: {"mode": mode, "stop": stop, "batch_size": bs}}, target,
-                                     registry=REGISTRY)
+        got, _ = explain_with_logits(vit9, x, {method: {"mode": mode, "stop": stop, "batch_size": bs}}, target)
     steps = (got[method].flatten(1) > 0).sum(1).tolist()
     if not stop:
         assert steps == [n] * 3
@@ -231,17 +226,17 @@ def test_forward_count_matches_docstring(vit9, mode, method, stop):
 def test_registered_batch_equals_singles_and_leaves_no_hooks(vit9, mode, method):
     x, params = _x(3, 24, seed=4), {"mode": mode, "stop": False, "batch_size": 10}
     vit9.train()
-    got, _ = explain_with_logits(vit9, x, {method: params}, registry=REGISTRY)
+    got, _ = explain_with_logits(vit9, x, {method: params})
     assert vit9.training
     vit9.eval()
     m = got[method]
     assert m.shape == (3, 3, 3) and m.dtype == torch.float32 and torch.isfinite(m).all() and (m >= 0).all()
     assert torch.equal(torch.sort(m.flatten(1), 1).values, torch.arange(1, 10).float().expand(3, 9) / 9)
     for b in range(3):
-        one, _ = explain_with_logits(vit9, x[b:b + 1], {method: params}, registry=REGISTRY)
+        one, _ = explain_with_logits(vit9, x[b:b + 1], {method: params})
         assert torch.equal(one[method][0], m[b])
     with pytest.raises(ValueError, match="batch_size"):
-        explain_with_logits(vit9, x, {method: {"batch_size": 0}}, registry=REGISTRY)
+        explain_with_logits(vit9, x, {method: {"batch_size": 0}})
     for mod in vit9.modules():
         assert not (mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks), type(mod).__name__
 
@@ -249,13 +244,13 @@ def test_registered_batch_equals_singles_and_leaves_no_hooks(vit9, mode, method)
 def test_cnn_needs_pixels_and_a_patch_size():
     model, x = PatchLinear().eval(), _x(2, 16)
     with pytest.raises(TypeError, match="mode='pixels'"):
-        explain_with_logits(model, x, "moxi_insertion", registry=REGISTRY)
+        explain_with_logits(model, x, "moxi_insertion")
     with pytest.raises(ValueError, match="patch="):
-        explain_with_logits(model, x, {"moxi_deletion": {"mode": "pixels"}}, registry=REGISTRY)
+        explain_with_logits(model, x, {"moxi_deletion": {"mode": "pixels"}})
     with pytest.raises(ValueError, match="not one of"):
-        explain_with_logits(model, x, {"moxi_deletion": {"mode": "pixel"}}, registry=REGISTRY)
+        explain_with_logits(model, x, {"moxi_deletion": {"mode": "pixel"}})
     with count_forwards(model) as count:
         got, _ = explain_with_logits(model, _x(2, 20), {"moxi_insertion": {"mode": "pixels", "patch": 8,
-                                                                           "stop": False}}, registry=REGISTRY)
+                                                                           "stop": False}})
     assert got["moxi_insertion"].shape == (2, 3, 3)  # ceil(20 / 8) = 3 patches per side
     assert count.images == 2 + 2 * 9 * 10 // 2

@@ -6,13 +6,11 @@ import pytest
 import scipy.linalg
 import torch
 
-from segfromxai.explainers import EXPLAINERS
 from segfromxai.explainers._hooks import capture, count_forwards
 from segfromxai.explainers.core import explain_with_logits
-from segfromxai.explainers.rcut import RCUT_EXPLAINERS, cut_map, rout_weights
+from segfromxai.explainers.rcut import cut_map, rout_weights
 from segfromxai.resize import resize_bilinear
 
-REGISTRY = {**EXPLAINERS, **RCUT_EXPLAINERS}
 LAYER = "blocks.1"  # the default for the 2-block tiny ViT (scorecam, topk)
 GRAD_LAYER = "blocks.1.norm1"  # the default for weights="gradient"
 
@@ -138,7 +136,7 @@ def test_gradient_variant_known_answer(tiny_vit, x):
         g = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)[0]
     tok, w = a[:, 1:].detach().double(), g[:, 1:].double().mean(1)
     assert (w.abs().amax(1) > 0).all()  # the default layer's patch tokens reach the logits
-    maps, _ = explain_with_logits(tiny_vit, x, {"rcut": {"weights": "gradient", **graph}}, registry=REGISTRY)
+    maps, _ = explain_with_logits(tiny_vit, x, {"rcut": {"weights": "gradient", **graph}})
     for b in range(x.shape[0]):
         f = (tok[b] * w[b]).numpy()
         ref = _ref_map(f, np.maximum(f.sum(1), 0), (4, 4), "shift", **graph)
@@ -149,8 +147,7 @@ def test_gradient_variant_known_answer(tiny_vit, x):
                                             ("gradient", lambda b, c: 0)])
 def test_forward_count_matches_docstring(tiny_vit, x, weights, extra):
     with count_forwards(tiny_vit) as n:
-        explain_with_logits(tiny_vit, x, {"rcut": {"weights": weights, "k": 10, "batch_size": 50}},
-                            registry=REGISTRY)
+        explain_with_logits(tiny_vit, x, {"rcut": {"weights": weights, "k": 10, "batch_size": 50}})
     assert n.images - x.shape[0] == extra(x.shape[0], tiny_vit.embed_dim)
 
 
@@ -161,11 +158,11 @@ def _hooks(model):
 @pytest.mark.parametrize("weights", ["scorecam", "topk", "gradient"])
 def test_variants_through_explain(tiny_vit, x, weights):
     params = {"rcut": {"weights": weights, "k": 16, "tau": 0.2}}
-    maps, _ = explain_with_logits(tiny_vit, x, params, registry=REGISTRY)
+    maps, _ = explain_with_logits(tiny_vit, x, params)
     m = maps["rcut"]
     assert m.shape == (3, 4, 4) and m.dtype == torch.float32
     assert torch.isfinite(m).all() and (m >= 0).all() and (m > 0).any()
-    single = torch.cat([explain_with_logits(tiny_vit, x[i:i + 1], params, registry=REGISTRY)[0]["rcut"]
+    single = torch.cat([explain_with_logits(tiny_vit, x[i:i + 1], params)[0]["rcut"]
                         for i in range(3)])
     torch.testing.assert_close(m, single, rtol=1e-3, atol=1e-5)
     assert _hooks(tiny_vit) == 0 and not tiny_vit.training
@@ -176,11 +173,11 @@ def test_no_hooks_left_and_mode_restored_after_errors(tiny_vit, x):
     try:
         for params in ({"layer": "blocks.9"}, {"weights": "topk", "k": 0}, {"layer": "patch_embed.proj"}):
             with pytest.raises(ValueError):
-                explain_with_logits(tiny_vit, x, {"rcut": params}, registry=REGISTRY)
+                explain_with_logits(tiny_vit, x, {"rcut": params})
             assert _hooks(tiny_vit) == 0 and tiny_vit.training
-        explain_with_logits(tiny_vit, x[:1], {"rcut": {"weights": "topk", "k": 4}}, registry=REGISTRY)
+        explain_with_logits(tiny_vit, x[:1], {"rcut": {"weights": "topk", "k": 4}})
         assert _hooks(tiny_vit) == 0 and tiny_vit.training
     finally:
         tiny_vit.eval()
     with pytest.raises(ValueError, match="scorecam"):
-        explain_with_logits(tiny_vit, x, {"rcut": {"weights": "nope"}}, registry=REGISTRY)
+        explain_with_logits(tiny_vit, x, {"rcut": {"weights": "nope"}})

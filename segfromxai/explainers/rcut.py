@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..refine import _fiedler, affinity, grid_positions
+from ..refine import affinity, fiedler, grid_positions
 from .core import Explainer, Needs, Pass
 
 WEIGHTS = ("scorecam", "topk", "gradient")
@@ -119,7 +119,7 @@ def cut_map(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int], *
     position_sigma^2))``, ``d_ij`` the distance of the patches on the grid divided by the grid diagonal
     (:func:`segfromxai.refine.grid_positions`); ``W_ij = 1 if S_ij > tau else eps``. The generalized eigenvector
     ``y`` of the second smallest eigenvalue of ``(D - W) y = lambda D y`` (``y^T D y = 1``) comes from
-    :func:`segfromxai.refine._fiedler` with ``solver``.
+    :func:`segfromxai.refine.fiedler` with ``solver``.
 
     Sign rule: split the tokens at ``mean(y)`` (TokenCut's rule); the side with the larger ``saliency`` mass (sum
     over its tokens) is foreground, on a tie the side with fewer tokens, on a tie of both the side ``y > mean(y)``.
@@ -158,7 +158,7 @@ def cut_map(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int], *
     edges = w == 1.0
     if edges.all() or not (edges & ~np.eye(n, dtype=bool)).any():
         return s.reshape(grid).copy()
-    y = _fiedler(edges, eps=eps, solver=solver)
+    y = fiedler(edges, eps=eps, solver=solver)
     hi = y > y.mean()
     mass_hi, mass_lo = s[hi].sum(), s[~hi].sum()
     n_hi = int(hi.sum())
