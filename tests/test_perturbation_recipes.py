@@ -70,3 +70,12 @@ def test_runs_from_a_recipe_on_a_tiny_random_vit_with_maps(tmp_path, synth_image
         m = z[f"map_{name}"]
         assert "fused" in z.files and np.isfinite(m).all() and (m >= 0).all() and m.max() > 0
         assert 0 <= z["fused"].min() and z["fused"].max() <= 1
+
+
+def test_ncut_reads_the_shared_pass_tokens_not_a_perturbed_forward(tmp_path, synth_images, tiny_card):
+    """MoXI's token-dropping forwards come after the shared pass; ncut must get the full token grid of the latter."""
+    model = load_model(checkpoint=tiny_card)
+    recipe = parse_recipe({"explainers": {"gradcam": {}, "moxi_insertion": {"max_steps": 2}},
+                           "refine": {"method": "ncut"}}, name="moxi-ncut")
+    summary = run(recipe, synth_images / "images", tmp_path, model=model, batch_size=4, limit=4)
+    assert summary["counts"]["found"] == 4 and summary["counts"]["failed"] == 0

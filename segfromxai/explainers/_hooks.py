@@ -56,7 +56,8 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
     Parameters
     ----------
     model : the classifier; put in eval mode for the duration and restored afterwards.
-    layers : dotted module names whose outputs are recorded in ``Captured.outputs``.
+    layers : dotted module names whose outputs are recorded in ``Captured.outputs``; the first forward inside the
+        context only (perturbation explainers run more forwards, on altered inputs, after the shared one).
     attention : record each block's attention probabilities (B, heads, N, N); the fused kernel is switched off
         per attention module inside the context (it hides the probabilities) and restored on exit.
     blocks : record each transformer block's (input tokens, output tokens).
@@ -69,7 +70,7 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
         model.eval()
         for name in layers:
             handles.append(resolve_module(model, name).register_forward_hook(
-                lambda m, i, o, name=name: got.outputs.__setitem__(name, o)))
+                lambda m, i, o, name=name: None if name in got.outputs else got.outputs.__setitem__(name, o)))
         if attention:
             for attn in attention_modules(model):
                 fused.append((attn, attn.fused_attn))
