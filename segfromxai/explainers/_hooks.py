@@ -49,6 +49,17 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the duration; its training flag restored on exit (also on error)."""
+    was_training = model.training
+    try:
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool = False,
             blocks: bool = False) -> Iterator[Captured]:
     """Record module outputs, softmax attention maps and block (input, output) pairs during forward passes.

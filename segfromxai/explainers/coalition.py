@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import is_vit
+from ._hooks import eval_mode
 from .core import Explainer, Needs, Pass
 from .gradient import default_layer
 
@@ -171,17 +172,15 @@ def confidence_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def _frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and ``requires_grad=False`` on every parameter, both restored on exit (also on error)."""
-    was_training = model.training
     flags = [(t, t.requires_grad) for t in model.parameters()]
-    try:
-        model.eval()
-        for t, _ in flags:
-            t.requires_grad_(False)
-        yield
-    finally:
-        for t, flag in flags:
-            t.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for t, _ in flags:
+                t.requires_grad_(False)
+            yield
+        finally:
+            for t, flag in flags:
+                t.requires_grad_(flag)
 
 
 def coalition_perturbation(model: nn.Module, x: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, *,

@@ -14,8 +14,7 @@ normalisation), the same for every image, so one image per call.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..refine import affinity, fiedler, grid_positions
+from ._hooks import eval_mode
 from .core import Explainer, Needs, Pass
 
 WEIGHTS = ("scorecam", "topk", "gradient")
@@ -45,16 +45,6 @@ def default_layer(model: nn.Module, weights: str = "scorecam") -> str:
 
 def _layer(model: nn.Module, params: dict[str, Any]) -> str:
     return params["layer"] or default_layer(model, params["weights"])
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    try:
-        model.eval()
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _score(logits: torch.Tensor, target: torch.Tensor, score: str) -> torch.Tensor:
@@ -97,7 +87,7 @@ def rout_weights(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor, target
     chan = channels.reshape(-1)
     maps = tokens.transpose(1, 2)  # (B, C, P)
     out = torch.empty(b * k, device=x.device, dtype=torch.float32)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         base = _score(model(torch.zeros_like(x[:1])).expand(b, -1), target, score).float()
         for s in range(0, b * k, batch_size):
             i, ch = img[s:s + batch_size], chan[s:s + batch_size]
