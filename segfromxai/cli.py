@@ -306,7 +306,7 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--gae-images", type=click.IntRange(min=0), default=16, show_default=True,
-              help="GAE on the first N images (each costs 2 x steps explanations; 0: no GAE)")
+              help="GAE on the first N images (each costs 2 x steps - 1 more explanations; 0: no GAE)")
 @click.option("--gae-steps", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
 @click.option("--seed", type=int, default=0, show_default=True)

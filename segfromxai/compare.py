@@ -15,8 +15,8 @@ Columns, per recipe (the explained class is the model's top-1):
   ``deletion_steps`` steps, :mod:`segfromxai.faithfulness`).
 - ``gae``: mean Global Attribution Evaluation of the recipe's fused map (:func:`segfromxai.gae.gae`, higher is
   better, ``gae_steps`` = T = 10 as in the paper) on the first ``gae_images`` images only (each image costs
-  2 T explanations, so it is the most expensive column; images without a negative of another class in the same
-  batch are NaN and skipped); NaN when ``gae_images`` is 0.
+  2 T - 1 explanations beyond the shared pass, so it is the most expensive column; images without a negative of
+  another class in the same batch are NaN and skipped); NaN when ``gae_images`` is 0.
 - ``s_per_image``: seconds per image the recipe would take alone: its own explainers timed alone on the first
   batch, plus its fusion, threshold, refinement and cleaning as timed in the shared run. Deletion is not counted.
 - ``forwards_per_image``: forward passes per image of the recipe's explainers alone on the first batch, counted
@@ -39,7 +39,7 @@ from .explainers.core import explain_with_logits
 from .faithfulness import deletion_auc
 from .gae import gae
 from .images import ImageLoadError, find_images, load_image
-from .metrics import confusion, summarise
+from .metrics import confusion, finite_mean, summarise
 from .model import LoadedModel
 from .pipeline import feature_layer, fuse_recipe, label_image, seed_everything, token_features
 from .recipe import Recipe
@@ -96,13 +96,15 @@ def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[fl
 
 
 def _recipe_gae(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: torch.Tensor, steps: int,
-                seed: int) -> np.ndarray:
-    """GAE (per image) of the recipe's fused map, upsampled by :func:`segfromxai.gae.gae` to the input size."""
+                seed: int, fused0: np.ndarray) -> np.ndarray:
+    """GAE (per image) of the recipe's fused map, upsampled by :func:`segfromxai.gae.gae` to the input size;
+    ``fused0`` are the fused maps of ``x`` from the shared pass (not explained again)."""
     def fused(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         maps = explain_with_logits(model, images, dict(recipe.explainers), t)[0]
         return torch.from_numpy(fuse_recipe(model, recipe, maps)).to(images.device)
 
-    return gae(model.module, fused, x, target, steps=steps, batch_size=len(x), seed=seed)["gae"]
+    return gae(model.module, fused, x, target, steps=steps, batch_size=len(x), seed=seed,
+               maps=torch.from_numpy(fused0))["gae"]
 
 
 def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model: LoadedModel, batch_size: int = 16,
@@ -164,7 +166,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
                                                   steps=deletion_steps, batch_size=64))
             k = min(len(loaded), gae_images - len(gaes[r.name]))
             if k > 0:
-                gaes[r.name] += list(_recipe_gae(model, r, x[:k], cls[:k], gae_steps, seed))
+                gaes[r.name] += list(_recipe_gae(model, r, x[:k], cls[:k], gae_steps, seed, fused[:k]))
         n_done += len(loaded)
         if progress is not None:
             progress(len(loaded), len(paths))
@@ -175,7 +177,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
                      "iou": s["iou"]["per_image_mean"], "f1": s["dice"]["per_image_mean"],
                      "pa": s["pixel_accuracy"]["per_image_mean"],
                      "deletion_auc": float(np.mean(deletion[r.name])) if deletion[r.name] else float("nan"),
-                     "gae": _nanmean(gaes[r.name]),
+                     "gae": finite_mean(gaes[r.name]),
                      "s_per_image": alone.get(r.name, (0.0, 0.0))[0] + post[r.name] / max(n_done, 1),
                      "forwards_per_image": alone.get(r.name, (0.0, math.nan))[1],
                      "iou_pooled": s["iou"]["pooled"], "images": len(counts[r.name]),
@@ -187,19 +189,16 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     return {"rows": rows, "failures": failures, "n_images": n_done, "settings": settings}
 
 
-def _nanmean(values: list[float]) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
-
-
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The comparison as a plain-text table (NaN as n/a)."""
-    head = f"{'recipe':<32} {'k':>2} {'IoU':>6} {'F1':>6} {'PA':>6} {'del.AUC':>8} {'GAE':>6} {'s/img':>7} {'fwd/img':>8}"
+    head = (f"{'recipe':<32} {'k':>2} {'IoU':>6} {'F1':>6} {'PA':>6} {'del.AUC':>8} {'GAE':>6} {'s/img':>7} "
+            f"{'fwd/img':>8}")
     lines = [head, "-" * len(head)]
     fmt = lambda v, w, d=3: f"{'n/a' if v != v else f'{v:.{d}f}':>{w}}"  # noqa: E731  (v != v: NaN)
     for r in rows:
         lines.append(f"{r['recipe'][:32]:<32} {r['k']:>2} {fmt(r['iou'], 6)} {fmt(r['f1'], 6)} {fmt(r['pa'], 6)} "
-                     f"{fmt(r['deletion_auc'], 8)} {fmt(r['gae'], 6)} {fmt(r['s_per_image'], 7, 2)} {fmt(r['forwards_per_image'], 8, 1)}")
+                     f"{fmt(r['deletion_auc'], 8)} {fmt(r['gae'], 6)} {fmt(r['s_per_image'], 7, 2)} "
+                     f"{fmt(r['forwards_per_image'], 8, 1)}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ from torch import nn
 
 from .explainers._hooks import count_forwards
 from .faithfulness import Model, _as_maps, _check_positive, _upsample
+from .metrics import finite_mean
 
 ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCORES = ("gae", "local_consistency", "robustness", "faithfulness", "contrastiveness", "positive_share")
@@ -81,12 +82,15 @@ def _output_and_impact(model: Model, images: torch.Tensor, target: torch.Tensor,
 
 def _explain(explain_fn: ExplainFn, images: torch.Tensor, target: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(N, H, W) float64 maps: upsampled to the input size, positive part, maximum 1 (all-zero maps stay 0)."""
-    size = tuple(images.shape[-2:])
-    maps = []
-    for idx in torch.arange(len(images), device=images.device).split(batch_size):
-        m = _as_maps(torch.as_tensor(explain_fn(images[idx], target[idx])).detach(), len(idx))
-        maps.append(_upsample(m.to(images.device, torch.float64), size))
-    a = torch.cat(maps).clamp_min(0)
+    return _prepare(torch.cat([torch.as_tensor(explain_fn(images[idx], target[idx])).detach()
+                               for idx in torch.arange(len(images), device=images.device).split(batch_size)]),
+                    images)
+
+
+def _prepare(maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Maps of ``images`` as GAE uses them: (N, H, W) float64 at the input size, positive part, maximum 1."""
+    m = _as_maps(torch.as_tensor(maps).detach(), len(images))
+    a = _upsample(m.to(images.device, torch.float64), tuple(images.shape[-2:])).clamp_min(0)
     peak = a.amax(dim=(1, 2), keepdim=True)
     return torch.where(peak > 0, a / torch.where(peak > 0, peak, torch.ones_like(peak)), a)
 
@@ -159,7 +163,8 @@ def contrastiveness(mosaic_maps: torch.Tensor | np.ndarray, quadrant_scores: tor
 
 
 def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tensor, *, steps: int = 10,
-        negatives: torch.Tensor | None = None, batch_size: int = 64, seed: int = 0) -> dict:
+        negatives: torch.Tensor | None = None, batch_size: int = 64, seed: int = 0,
+        maps: torch.Tensor | None = None) -> dict:
     """Global Attribution Evaluation of an explainer on a batch (Vukadin et al. 2024); see the module docstring.
 
     Parameters
@@ -182,6 +187,9 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
         Images per model call and per ``explain_fn`` call.
     seed : int
         Seeds the positive quadrants and the choice of negatives (NumPy ``default_rng``).
+    maps : torch.Tensor, optional
+        (B, h, w) explanations of the intact images ``x`` already computed by ``explain_fn`` (e.g. in a shared
+        pass); saves B of the 2 T B explanations. Default: ``explain_fn(x, target)``.
 
     Returns
     -------
@@ -208,6 +216,8 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
                                   or negatives.shape[2:] != x.shape[1:]):
         raise ValueError(f"negatives must be (B, 3, C, H, W) = ({b_count}, 3, {', '.join(map(str, x.shape[1:]))}), "
                          f"got {tuple(negatives.shape)}")
+    if maps is not None:
+        maps = _as_maps(torch.as_tensor(maps).detach().cpu(), b_count)
     x, target = x.detach(), target.to(x.device, torch.long)
     net = model if isinstance(model, nn.Module) else getattr(model, "module", None)
     with count_forwards(net) if isinstance(net, nn.Module) else nullcontext() as counter:
@@ -262,9 +272,10 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
                 impact = imp.view(2, c, h * w)
                 impact_sum = impact_sum + impact
                 states.append(xs)
-            maps = _explain(explain_fn, torch.cat([xc, mosaics[idx], *states]), tc.repeat(2 * steps), batch_size)
-            a0, steps_maps = maps[:c], maps[2 * c:].view(steps - 1, 2, c, h, w)
-            c_maps.append(maps[c:2 * c])
+            a0 = _explain(explain_fn, xc, tc, batch_size) if maps is None else _prepare(maps[idx.cpu()], xc)
+            rest = _explain(explain_fn, torch.cat([mosaics[idx], *states]), tc.repeat(2 * steps - 1), batch_size)
+            steps_maps = rest[c:].view(steps - 1, 2, c, h, w)
+            c_maps.append(rest[:c])
             sims = [_similarity(a0, a0).expand(2, c)] + [torch.stack([_similarity(a0, s) for s in m])
                                                          for m in steps_maps]
             out_curves[idx.cpu()] = torch.stack(outs, -1).permute(1, 0, 2).cpu()
@@ -283,7 +294,7 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
         contrast[neg_idx[:, 0] < 0], share[neg_idx[:, 0] < 0] = np.nan, np.nan
     result = {"gae": local * contrast, "local_consistency": local, "robustness": robustness,
               "faithfulness": faithfulness, "contrastiveness": contrast, "positive_share": share}
-    result["mean"] = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in result.items()}
+    result["mean"] = {k: finite_mean(v) for k, v in result.items()}
     result.update(output_curves=out_norm.numpy(), similarity_curves=sim_curves.numpy(), positive_quadrant=pos_q,
                   negative_index=neg_idx, quadrant_scores=scores.cpu().numpy())
     if counter is not None:

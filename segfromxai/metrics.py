@@ -30,6 +30,12 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else float("nan")
 
 
+def finite_mean(values: Iterable[float]) -> float:
+    """Mean of the finite values (NaN and inf, i.e. undefined, skipped); NaN when there is none."""
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
+
+
 @dataclass(frozen=True)
 class Metric:
     """A metric of the confusion counts (TP, FP, FN, TN), and whether a higher value is better."""
@@ -86,7 +92,7 @@ def summarise(counts: Iterable[Counts], names: Iterable[str] | None = None) -> d
     out = {}
     for name in names or METRICS:
         metric = METRICS[name]
-        values = [v for v in (metric.from_counts(*c) for c in counts) if not math.isnan(v)]
-        out[name] = {"per_image_mean": float(np.mean(values)) if values else float("nan"),
-                     "pooled": metric.from_counts(*total), "n": len(values)}
+        values = [metric.from_counts(*c) for c in counts]
+        out[name] = {"per_image_mean": finite_mean(values), "pooled": metric.from_counts(*total),
+                     "n": sum(not math.isnan(v) for v in values)}
     return out

@@ -175,3 +175,16 @@ def test_registered_explainer_and_forward_count(tiny_vit):
     # Masking: B at state 0 + 2 (T - 1) B; explain_fn: one forward per map (intact, mosaic, 2 (T - 1) states).
     assert r["forward_images"] == 4 * (1 + 2 * 3) + 4 * (2 + 2 * 3)
     assert not any(p.grad is not None for p in tiny_vit.parameters())
+
+
+def test_precomputed_maps_of_the_intact_images_give_the_same_scores_with_fewer_forwards(tiny_vit):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([0, 1, 2, 3])
+    fn = lambda a, t: explain_with_logits(tiny_vit, a, {"gradcam": {}}, t)[0]["gradcam"]  # noqa: E731
+    full = gae(tiny_vit, fn, x, target, steps=4, batch_size=8)
+    given = gae(tiny_vit, fn, x, target, steps=4, batch_size=8, maps=fn(x, target))
+    for k in (*SCORES, "output_curves", "similarity_curves", "quadrant_scores"):
+        np.testing.assert_allclose(given[k], full[k], rtol=1e-6, atol=1e-9, err_msg=k)
+    assert full["forward_images"] - given["forward_images"] == 4  # the intact images are not explained again
+    with pytest.raises(ValueError, match="maps hold 3 images"):
+        gae(tiny_vit, fn, x, target, steps=4, maps=fn(x, target)[:3])

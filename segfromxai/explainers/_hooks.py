@@ -76,27 +76,25 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
     got = Captured()
     handles = []
     fused: list[tuple[nn.Module, bool]] = []
-    was_training = model.training
-    try:
-        model.eval()
-        for name in layers:
-            handles.append(resolve_module(model, name).register_forward_hook(
-                lambda m, i, o, name=name: None if name in got.outputs else got.outputs.__setitem__(name, o)))
-        if attention:
-            for attn in attention_modules(model):
-                fused.append((attn, attn.fused_attn))
-                attn.fused_attn = False
-                handles.append(attn.attn_drop.register_forward_hook(lambda m, i, o: got.attention.append(o)))
-        if blocks:
-            for blk in model.blocks:
-                handles.append(blk.register_forward_hook(lambda m, i, o: got.block_io.append((i[0], o))))
-        yield got
-    finally:
-        for h in handles:
-            h.remove()
-        for attn, flag in fused:
-            attn.fused_attn = flag
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for name in layers:
+                handles.append(resolve_module(model, name).register_forward_hook(
+                    lambda m, i, o, name=name: None if name in got.outputs else got.outputs.__setitem__(name, o)))
+            if attention:
+                for attn in attention_modules(model):
+                    fused.append((attn, attn.fused_attn))
+                    attn.fused_attn = False
+                    handles.append(attn.attn_drop.register_forward_hook(lambda m, i, o: got.attention.append(o)))
+            if blocks:
+                for blk in model.blocks:
+                    handles.append(blk.register_forward_hook(lambda m, i, o: got.block_io.append((i[0], o))))
+            yield got
+        finally:
+            for h in handles:
+                h.remove()
+            for attn, flag in fused:
+                attn.fused_attn = flag
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..model import is_vit, token_grid
+from ._hooks import eval_mode
 from .core import Explainer, Needs, Pass
 
 MODES = ("tokens", "pixels")
@@ -169,9 +170,7 @@ def _check(params: dict[str, Any]) -> None:
 def _greedy(ps: Pass, params: dict[str, Any], insert: bool) -> torch.Tensor:
     _check(params)
     model, x, target = ps.model, ps.x, ps.target
-    was_training = model.training
-    try:
-        model.eval()
+    with eval_mode(model):
         score, grid = _token_scorer(model, x) if params["mode"] == "tokens" else \
             _pixel_scorer(model, x, params["patch"])
         b, n, bs = x.shape[0], grid[0] * grid[1], int(params["batch_size"])
@@ -201,8 +200,6 @@ def _greedy(ps: Pass, params: dict[str, Any], insert: bool) -> torch.Tensor:
                 done = hit & (prob.flatten()[rows] >= float(params["tau"])) if insert else ~hit
                 active[act[done]] = False
         return rank.reshape(b, *grid)
-    finally:
-        model.train(was_training)
 
 
 _DOC = """
