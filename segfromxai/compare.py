@@ -18,7 +18,8 @@ Columns, per recipe (the explained class is the model's top-1):
   2 T - 1 explanations beyond the shared pass, so it is the most expensive column; images without a negative of
   another class in the same batch are NaN and skipped); NaN when ``gae_images`` is 0.
 - ``s_per_image``: seconds per image the recipe would take alone: its own explainers timed alone on the first
-  batch, plus its fusion, threshold, refinement and cleaning as timed in the shared run. Deletion is not counted.
+  batch (after one untimed warm-up pass), plus its fusion, threshold, refinement and cleaning as timed in the shared
+  run. Deletion is not counted.
 - ``forwards_per_image``: forward passes per image of the recipe's explainers alone on the first batch, counted
   by a hook (:func:`segfromxai.explainers._hooks.count_forwards`), not estimated; the shared pass counts 1.
 """
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .evaluate import load_source, match_names, union
-from .explainers._hooks import capture, count_forwards
+from .explainers._hooks import capture, count_forwards, eval_mode
 from .explainers.core import explain_with_logits
 from .faithfulness import deletion_auc
 from .gae import gae
@@ -83,6 +84,14 @@ def _explain(model: LoadedModel, x: torch.Tensor, calls: list[dict[str, dict[str
 def _maps_of(recipe: Recipe, calls: list[dict[str, dict[str, Any]]], maps: list[dict[str, torch.Tensor]]):
     return {name: next(m[name] for c, m in zip(calls, maps) if c.get(name) == params)
             for name, params in recipe.explainers.items()}
+
+
+def _warm_up(model: LoadedModel, x: torch.Tensor) -> None:
+    """One untimed forward and backward pass on the batch, so that the first recipe timed does not pay for the
+    allocator and kernel start-up the others then reuse (parameter gradients untouched)."""
+    with eval_mode(model.module):
+        xr = x.detach().clone().requires_grad_(True)
+        torch.autograd.grad(model.module(xr).max(1).values.sum(), xr)
 
 
 def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[float, float]:
@@ -142,6 +151,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
             continue
         x = model.preprocess.batch([im for _, im in loaded]).to(model.device)
         if not alone:  # each recipe's explainers alone, on the first batch
+            _warm_up(model, x)
             alone = {r.name: _time_alone(model, r, x) for r in recipes}
         maps, logits, outputs = _explain(model, x, calls, layers)
         cls = logits.argmax(1)
