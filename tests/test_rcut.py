@@ -8,7 +8,7 @@ import torch
 
 from segfromxai.explainers._hooks import capture, count_forwards
 from segfromxai.explainers.core import explain_with_logits
-from segfromxai.explainers.rcut import cut_map, rout_weights
+from segfromxai.explainers.rcut import cut_map, rout_weights, topk_channels
 from segfromxai.resize import resize_bilinear
 
 LAYER = "blocks.1"  # the default for the 2-block tiny ViT (scorecam, topk)
@@ -124,6 +124,18 @@ def test_rout_weights_equal_loop(tiny_vit, x, score):
     np.put_along_axis(keep, top.numpy(), True, axis=1)
     np.testing.assert_allclose(wk[keep], ref[keep], atol=1e-5 if score == "softmax" else 1e-4, rtol=1e-4)
     assert (wk[~keep] == 0).all()
+
+
+def test_topk_channels_vary_most_over_the_patches_not_the_largest_mean():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 16, 6, generator=g) * torch.tensor([0.1, 3.0, 0.5, 2.0, 1.0, 0.2])
+    tokens[:, :, 0] += 100.0  # a "massive activation": huge mean, nearly constant over the patches
+    tokens[1, :, 5] *= 50.0  # image 1: channel 5 varies most
+    top = topk_channels(tokens, 2)
+    ref = [sorted(range(6), key=lambda c: -float(tokens[b, :, c].std()))[:2] for b in range(2)]
+    assert [sorted(t.tolist()) for t in top] == [sorted(r) for r in ref]
+    assert sorted(top[0].tolist()) == [1, 3] and 5 in top[1].tolist() and 0 not in top.flatten().tolist()
+    assert topk_channels(tokens, 99).shape == (2, 6)
 
 
 def test_gradient_variant_known_answer(tiny_vit, x):

@@ -100,6 +100,18 @@ def rout_weights(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor, target
     return w.scatter_(1, channels, out.reshape(b, k))
 
 
+def topk_channels(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` channels per image whose token maps vary most over the patches (standard deviation over P), as
+    (B, min(k, C)) int64 indices of the (B, P, C) ``tokens``.
+
+    Why not the largest mean activation: a ViT's large-mean channels (the "massive activations") are close to
+    constant over the patches, so their min-max normalised masks carry no location; selecting them by the mean
+    gave IoU 0.02 against 0.57 by the standard deviation (64 of 384 channels, embedded ViT-S/14, 8 synth images,
+    full R-Out 0.66).
+    """
+    return tokens.float().std(1).topk(min(int(k), tokens.shape[-1]), dim=1).indices
+
+
 def cut_map(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int], *, tau: float = 0.2,
             eps: float = 1e-5, position_weight: float = 1.0, position_sigma: float = 0.1, solver: str = "lanczos",
             output: str = "shift") -> np.ndarray:
@@ -161,8 +173,8 @@ def class_weights(ps: Pass, tokens: torch.Tensor, params: dict[str, Any]) -> tor
     """R-Out channel weights (B, C) for ``params["weights"]``.
 
     ``"scorecam"``: :func:`rout_weights` on every channel (``B * C + 1`` forward images). ``"topk"``: the ``k``
-    channels of largest mean activation over the patch tokens (per image) get :func:`rout_weights`, the others 0
-    (``B * min(k, C) + 1`` images). ``"gradient"``: Grad-CAM weights, the gradient of the target logit at the
+    channels of :func:`topk_channels` (largest spread over the patch tokens, per image) get :func:`rout_weights`,
+    the others 0 (``B * min(k, C) + 1`` images). ``"gradient"``: Grad-CAM weights, the gradient of the target logit at the
     layer averaged over the patch tokens (read from the shared backward pass, no extra forward).
     """
     name = _layer(ps.model, params)
@@ -173,7 +185,7 @@ def class_weights(ps: Pass, tokens: torch.Tensor, params: dict[str, Any]) -> tor
             raise ValueError(f"rcut: {key} must be an integer >= 1, got {params[key]!r}")
     channels = None
     if params["weights"] == "topk":
-        channels = tokens.float().mean(1).topk(min(int(params["k"]), tokens.shape[-1]), dim=1).indices
+        channels = topk_channels(tokens, int(params["k"]))
     return rout_weights(ps.model, ps.x, tokens, ps.target, ps.grid, score=params["score"], channels=channels,
                         batch_size=int(params["batch_size"]))
 
