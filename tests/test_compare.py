@@ -82,7 +82,8 @@ def test_gae_column_is_gae_of_the_fused_map_and_perturbation_forwards_are_counte
 def test_compare_command_prints_and_writes_the_table(tmp_path, synth_images, tiny_card):
     r = CliRunner().invoke(main, ["compare", "vitmix/saliency", "vitmix/rollout", "--images",
                                   str(synth_images / "images"), "--gt", str(synth_images / "annotations.json"),
-                                  "--checkpoint", str(tiny_card), "--limit", "4", "--deletion-steps", "2", "--gae-steps", "2",
+                                  "--checkpoint", str(tiny_card), "--limit", "4", "--deletion-steps", "2",
+                                  "--gae-steps", "2",
                                   "--out", str(tmp_path)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "vitmix-saliency" in r.output and "del.AUC" in r.output and "GAE" in r.output

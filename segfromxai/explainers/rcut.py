@@ -174,8 +174,8 @@ def class_weights(ps: Pass, tokens: torch.Tensor, params: dict[str, Any]) -> tor
 
     ``"scorecam"``: :func:`rout_weights` on every channel (``B * C + 1`` forward images). ``"topk"``: the ``k``
     channels of :func:`topk_channels` (largest spread over the patch tokens, per image) get :func:`rout_weights`,
-    the others 0 (``B * min(k, C) + 1`` images). ``"gradient"``: Grad-CAM weights, the gradient of the target logit at the
-    layer averaged over the patch tokens (read from the shared backward pass, no extra forward).
+    the others 0 (``B * min(k, C) + 1`` images). ``"gradient"``: Grad-CAM weights, the gradient of the target
+    logit at the layer averaged over the patch tokens (read from the shared backward pass, no extra forward).
     """
     name = _layer(ps.model, params)
     if params["weights"] == "gradient":
