@@ -24,7 +24,7 @@ import torch
 
 from segfromxai.images import find_images
 from segfromxai.model import data_dir, load_model
-from segfromxai.pipeline import run
+from segfromxai.engine import run
 from segfromxai.recipe import load_recipe
 
 

@@ -114,7 +114,8 @@ def finetune(data: Path, model_name: str, out: Path, init: Path | None, freeze_b
 def classify(images: Path, labels: Path | None, out: Path | None, batch_size: int, model_name: str | None,
              checkpoint: Path | None, device: str) -> None:
     """Top-1 class of every image; with --labels, a table of accuracy per class."""
-    from .pipeline import accuracy_table, classify as run_classify, read_labels_csv
+    from .pipeline import classify as run_classify
+    from .targets import accuracy_table, read_labels_csv
 
     model = _load(model_name, checkpoint, device)
     failures = []
@@ -173,7 +174,8 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
         address: str | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
-    from .pipeline import Targets, read_labels_csv, run as run_recipe
+    from .engine import run as run_recipe
+    from .targets import Targets, read_labels_csv
     from .recipe import RecipeError, load_recipe, with_output
 
     try:

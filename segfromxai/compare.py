@@ -1,12 +1,12 @@
 """Compare recipes on the same images and ground truth: the ViTmiX table (IoU, F1, PA, deletion AUC, time).
 
-All recipes run on one model. Per batch, the union of their explainers is computed in as few calls to
-:func:`~segfromxai.explainers.explain_with_logits` as the parameters allow (one, unless two recipes give one
-explainer different parameters), so shared methods share the forward and backward passes; ncut's token features
-come from the same forward. Each recipe then fuses its own maps, thresholds, refines and cleans them exactly as
-``segfromxai run`` does (:func:`segfromxai.pipeline.label_image`).
+All recipes run on one model, and every batch is labelled by :func:`segfromxai.pipeline.label_batch`, the function
+``segfromxai run`` labels with: the union of the recipes' explainers is computed in as few explain passes as the
+parameters allow (one, unless two recipes give one explainer different parameters), so shared methods share the
+forward and backward passes, and the refiners' token features come from the same forward. The explained class is
+the model's top-1 or the one given by ``targets`` (a labels CSV or class folders), as in a run.
 
-Columns, per recipe (the explained class is the model's top-1):
+Columns, per recipe:
 
 - ``iou``, ``f1``, ``pa``: per-image means of IoU, Dice and pixel accuracy of the union of the recipe's masks
   against the union of the ground-truth masks (class-agnostic, as in the ViTmiX paper); ``iou_pooled`` over all
@@ -35,55 +35,20 @@ import numpy as np
 import torch
 
 from .evaluate import load_source, match_names, union
-from .explainers._hooks import capture, count_forwards, eval_mode
-from .explainers.core import explain_with_logits
+from .explainers._hooks import count_forwards, eval_mode
+from .explainers.core import explain_pass
 from .faithfulness import deletion_auc
 from .gae import gae
-from .images import ImageLoadError, find_images, load_image
+from .engine import ChunkLoader, batch_target
+from .images import find_images
 from .metrics import confusion, finite_mean, summarise
 from .model import LoadedModel
-from .pipeline import feature_layer, fuse_recipe, label_image, seed_everything, token_features
+from .pipeline import explain_calls, fuse_recipe, label_batch, seed_everything, shared_pass
 from .recipe import Recipe
+from .targets import Targets
 
 COLUMNS = ("recipe", "explainers", "k", "iou", "f1", "pa", "deletion_auc", "gae", "s_per_image",
            "forwards_per_image", "iou_pooled", "images", "gae_images")
-
-
-def explain_calls(recipes: list[Recipe]) -> list[dict[str, dict[str, Any]]]:
-    """The explainers of all recipes grouped into as few ``explain`` calls as possible (a name appears once per
-    call; the same name with other parameters goes to a later call)."""
-    calls: list[dict[str, dict[str, Any]]] = []
-    for r in recipes:
-        for name, params in r.explainers.items():
-            for call in calls:
-                if call.get(name, params) == params:
-                    call[name] = params
-                    break
-            else:
-                calls.append({name: params})
-    return calls
-
-
-def _layer(model: LoadedModel, recipe: Recipe) -> str | None:
-    if recipe.refine.method != "ncut":
-        return None
-    return feature_layer(model.module, recipe.refine.params["feature"], recipe.refine.params["block"])
-
-
-def _explain(model: LoadedModel, x: torch.Tensor, calls: list[dict[str, dict[str, Any]]], layers: list[str]):
-    """Maps per call, the logits and the captured outputs of ``layers``, from one forward per call."""
-    out = []
-    with capture(model.module, layers=tuple(layers)) as got:
-        maps, logits = explain_with_logits(model, x, calls[0])
-    out.append(maps)
-    for call in calls[1:]:
-        out.append(explain_with_logits(model, x, call)[0])
-    return out, logits, {name: got.outputs[name] for name in layers}
-
-
-def _maps_of(recipe: Recipe, calls: list[dict[str, dict[str, Any]]], maps: list[dict[str, torch.Tensor]]):
-    return {name: next(m[name] for c, m in zip(calls, maps) if c.get(name) == params)
-            for name, params in recipe.explainers.items()}
 
 
 def _warm_up(model: LoadedModel, x: torch.Tensor) -> None:
@@ -96,10 +61,9 @@ def _warm_up(model: LoadedModel, x: torch.Tensor) -> None:
 
 def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[float, float]:
     """Seconds and forward passes (images through the model, counted) per image of the recipe's explainers."""
-    layer = _layer(model, recipe)
     with count_forwards(model.module) as n:
         t0 = time.perf_counter()
-        _explain(model, x, [dict(recipe.explainers)], [layer] if layer else [])
+        shared_pass(model, [recipe], x, None)
         seconds = time.perf_counter() - t0
     return seconds / len(x), n.images / len(x)
 
@@ -109,20 +73,75 @@ def _recipe_gae(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: tor
     """GAE (per image) of the recipe's fused map, upsampled by :func:`segfromxai.gae.gae` to the input size;
     ``fused0`` are the fused maps of ``x`` from the shared pass (not explained again)."""
     def fused(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        maps = explain_with_logits(model, images, dict(recipe.explainers), t)[0]
+        maps = explain_pass(model, images, dict(recipe.explainers), t).maps
         return torch.from_numpy(fuse_recipe(model, recipe, maps)).to(images.device)
 
     return gae(model.module, fused, x, target, steps=steps, batch_size=len(x), seed=seed,
                maps=torch.from_numpy(fused0))["gae"]
 
 
+class _Tally:
+    """Per-recipe confusion counts, deletion AUCs, GAE values and post-processing seconds over the batches."""
+
+    def __init__(self, recipes: list[Recipe]) -> None:
+        self.counts: dict[str, list] = {r.name: [] for r in recipes}
+        self.deletion: dict[str, list] = {r.name: [] for r in recipes}
+        self.gaes: dict[str, list] = {r.name: [] for r in recipes}
+        self.post = {r.name: 0.0 for r in recipes}
+        self.alone: dict[str, tuple[float, float]] = {}
+        self.failures: list[dict] = []
+        self.n_done = 0
+
+    def row(self, r: Recipe) -> dict[str, Any]:
+        s = summarise(self.counts[r.name], ("iou", "dice", "pixel_accuracy"))
+        deletion, gaes = self.deletion[r.name], self.gaes[r.name]
+        return {"recipe": r.name, "explainers": "+".join(r.explainers), "k": len(r.explainers),
+                "iou": s["iou"]["per_image_mean"], "f1": s["dice"]["per_image_mean"],
+                "pa": s["pixel_accuracy"]["per_image_mean"],
+                "deletion_auc": float(np.mean(deletion)) if deletion else float("nan"),
+                "gae": finite_mean(gaes),
+                "s_per_image": self.alone.get(r.name, (0.0, 0.0))[0] + self.post[r.name] / max(self.n_done, 1),
+                "forwards_per_image": self.alone.get(r.name, (0.0, math.nan))[1],
+                "iou_pooled": s["iou"]["pooled"], "images": len(self.counts[r.name]),
+                "gae_images": int(np.isfinite(gaes).sum())}
+
+
+def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list, x: torch.Tensor, gts: list,
+                 tally: _Tally, settings: dict[str, Any]) -> None:
+    """Label one batch with every recipe (one shared pass) and add its scores to ``tally``."""
+    x = x.to(model.device)
+    target = batch_target([t for _, _, _, t in loaded], model.device)
+    if not tally.alone:  # each recipe's explainers alone, on the first batch
+        _warm_up(model, x)
+        tally.alone = {r.name: _time_alone(model, r, x) for r in recipes}
+    got = label_batch(model, recipes, x, [im.shape[:2] for _, _, im, _ in loaded], target)
+    for r, lab in zip(recipes, got):
+        for j, (_, _, im, _) in enumerate(loaded):
+            pred = np.zeros(im.shape[:2], bool)
+            for m in lab.masks[j] or []:  # an image under min_confidence has no mask, as in a run
+                pred |= m
+            tally.counts[r.name].append(confusion(pred, *gts[j]))
+        tally.post[r.name] += lab.seconds
+        cls = torch.from_numpy(lab.target).to(x.device)
+        tally.deletion[r.name] += list(deletion_auc(model.module, x, torch.from_numpy(lab.fused), cls,
+                                                    steps=settings["deletion_steps"], batch_size=64))
+        k = min(len(loaded), settings["gae_images"] - len(tally.gaes[r.name]))
+        if k > 0:
+            tally.gaes[r.name] += list(_recipe_gae(model, r, x[:k], cls[:k], settings["gae_steps"],
+                                                   settings["seed"], lab.fused[:k]))
+
+
 def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model: LoadedModel, batch_size: int = 16,
             deletion_steps: int = 10, gae_images: int = 16, gae_steps: int = 10, limit: int | None = None,
-            seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            seed: int = 0, targets: Targets = Targets(), progress: Callable[[int, int], None] | None = None
+            ) -> dict[str, Any]:
     """Run every recipe on the images under ``images`` and score it against ``gt`` (COCO file or PNG folder).
 
-    Returns ``{"rows": [one dict per recipe with COLUMNS], "failures": [...], "n_images": int, "settings": {...}}``;
-    rows are ordered by the number of explainers, then by name. Unreadable images are skipped and listed.
+    Images are labelled by :func:`segfromxai.pipeline.label_batch`, as ``segfromxai run`` labels them: the same
+    ``targets`` (top-1, a labels CSV or class folders; images without a label are skipped and listed) and each
+    recipe's ``min_confidence`` (an image under it has no mask). Returns ``{"rows": [one dict per recipe with
+    COLUMNS], "failures": [...], "n_images": int, "settings": {...}}``; rows are ordered by the number of
+    explainers, then by name. Unreadable images are skipped and listed.
     """
     if not recipes:
         raise ValueError("no recipes to compare")
@@ -130,73 +149,32 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     images = Path(images)
     paths = find_images(images)[:limit]
     rels = [p.name if p == images else p.relative_to(images).as_posix() for p in paths]
+    targets.check(rels, model.classes)
     ref = load_source(gt)
     pairs = dict(match_names(rels, ref)[0])
-    calls = explain_calls(recipes)
-    layers = sorted({layer for r in recipes if (layer := _layer(model, r)) is not None})
-    counts: dict[str, list] = {r.name: [] for r in recipes}
-    deletion: dict[str, list] = {r.name: [] for r in recipes}
-    gaes: dict[str, list] = {r.name: [] for r in recipes}
-    post = {r.name: 0.0 for r in recipes}
-    alone: dict[str, tuple[float, float]] = {}
-    failures, n_done = [], 0
-    for start in range(0, len(paths), batch_size):
-        loaded = []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                loaded.append((rels[i], load_image(paths[i])))
-            except ImageLoadError as e:
-                failures.append({"file_name": rels[i], "reason": e.reason})
-        if not loaded:
-            continue
-        x = model.preprocess.batch([im for _, im in loaded]).to(model.device)
-        if not alone:  # each recipe's explainers alone, on the first batch
-            _warm_up(model, x)
-            alone = {r.name: _time_alone(model, r, x) for r in recipes}
-        maps, logits, outputs = _explain(model, x, calls, layers)
-        cls = logits.argmax(1)
-        gts = []
-        for rel, im in loaded:
-            gm, ignore, size = ref.masks(pairs[rel])
-            gts.append((union(gm, size), ignore))
-        for r in recipes:
-            t0 = time.perf_counter()
-            fused = fuse_recipe(model, r, _maps_of(r, calls, maps))
-            layer = _layer(model, r)
-            feats = (token_features(model.module, outputs[layer], r.refine.params["feature"], tuple(x.shape[-2:]))
-                     if layer else None)
-            for j, (rel, im) in enumerate(loaded):
-                masks = label_image(fused[j], im.shape[:2], r, None if feats is None else feats[j])
-                pred = np.zeros(im.shape[:2], bool)
-                for m in masks:
-                    pred |= m
-                counts[r.name].append(confusion(pred, *gts[j]))
-            post[r.name] += time.perf_counter() - t0
-            deletion[r.name] += list(deletion_auc(model.module, x, torch.from_numpy(fused), cls,
-                                                  steps=deletion_steps, batch_size=64))
-            k = min(len(loaded), gae_images - len(gaes[r.name]))
-            if k > 0:
-                gaes[r.name] += list(_recipe_gae(model, r, x[:k], cls[:k], gae_steps, seed, fused[:k]))
-        n_done += len(loaded)
-        if progress is not None:
-            progress(len(loaded), len(paths))
-    rows = []
-    for r in recipes:
-        s = summarise(counts[r.name], ("iou", "dice", "pixel_accuracy"))
-        rows.append({"recipe": r.name, "explainers": "+".join(r.explainers), "k": len(r.explainers),
-                     "iou": s["iou"]["per_image_mean"], "f1": s["dice"]["per_image_mean"],
-                     "pa": s["pixel_accuracy"]["per_image_mean"],
-                     "deletion_auc": float(np.mean(deletion[r.name])) if deletion[r.name] else float("nan"),
-                     "gae": finite_mean(gaes[r.name]),
-                     "s_per_image": alone.get(r.name, (0.0, 0.0))[0] + post[r.name] / max(n_done, 1),
-                     "forwards_per_image": alone.get(r.name, (0.0, math.nan))[1],
-                     "iou_pooled": s["iou"]["pooled"], "images": len(counts[r.name]),
-                     "gae_images": int(np.isfinite(gaes[r.name]).sum())})
-    rows.sort(key=lambda row: (row["k"], row["recipe"]))
+    chunks = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
+    loader = ChunkLoader(chunks, paths, rels, targets, list(model.classes), model.preprocess)
     settings = {"recipes": {r.name: r.to_dict() for r in recipes}, "images": str(images), "gt": str(gt),
                 "model": model.source, "batch_size": batch_size, "deletion_steps": deletion_steps,
-                "gae_images": gae_images, "gae_steps": gae_steps, "seed": seed, "explain_calls": len(calls)}
-    return {"rows": rows, "failures": failures, "n_images": n_done, "settings": settings}
+                "gae_images": gae_images, "gae_steps": gae_steps, "seed": seed, "targets": targets.to_dict(),
+                "explain_calls": len(explain_calls(recipes))}
+    tally = _Tally(recipes)
+    for k in range(len(loader)):
+        records, loaded, x = loader[k]
+        tally.failures += [{"file_name": r["file_name"], "reason": r["reason"]} for r in records]
+        if loaded:
+            gts = [_gt_union(ref, pairs[rel]) for _, rel, _, _ in loaded]
+            _score_batch(model, recipes, loaded, x, gts, tally, settings)
+            tally.n_done += len(loaded)
+        if progress is not None:
+            progress(len(chunks[k]), len(paths))
+    rows = sorted((tally.row(r) for r in recipes), key=lambda row: (row["k"], row["recipe"]))
+    return {"rows": rows, "failures": tally.failures, "n_images": tally.n_done, "settings": settings}
+
+
+def _gt_union(ref: Any, key: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    gm, ignore, size = ref.masks(key)
+    return union(gm, size), ignore
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -1,9 +1,9 @@
 """The Ray Data engine of ``segfromxai run --engine ray``: the same chunks, labelled by a pool of model actors.
 
-The driver plans the run exactly as the local engine does (:func:`segfromxai.pipeline.plan_run`: same shard, same
+The driver plans the run exactly as the local engine does (:func:`segfromxai.engine.plan_run`: same shard, same
 chunks of ``batch_size`` consecutive files, same manifest), hands the chunk numbers to a Ray Dataset, and maps
 them through an actor pool (:class:`_Labeller`, one model per actor) that loads, preprocesses and labels a chunk
-with :func:`segfromxai.pipeline.process_chunk`, so every image sees the same batch as in a local run and the
+with :func:`segfromxai.engine.process_chunk`, so every image sees the same batch as in a local run and the
 annotations are the same. The driver alone writes the manifest, in chunk order (results that arrive early wait in
 a buffer of at most the pool's size), then the dataset files; a killed Ray run resumes with ``--resume`` by either
 engine. Actors write maps and overlays themselves, so ``--out`` must be on a filesystem the workers share.
@@ -22,8 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .pipeline import Clock, Targets, plan_run, process_chunk
+from .engine import close_run, plan_run, process_chunk
+from .pipeline import Clock
 from .recipe import Recipe
+from .targets import Targets
 
 
 class _Labeller:
@@ -44,8 +46,9 @@ class _Labeller:
         for k in batch["chunk"]:
             chunk = self.loader.chunks[int(k)]
             todo = {i for i in chunk if i not in self.done}
-            records = process_chunk(self.model, self.recipe, self.out, self.loader[int(k)], todo, Clock())
-            rows.append(json.dumps(records))
+            clock = Clock()
+            records = process_chunk(self.model, self.recipe, self.out, self.loader[int(k)], todo, clock)
+            rows.append(json.dumps({"records": records, "seconds": clock.seconds}))
         return {"chunk": batch["chunk"], "records": np.array(rows, dtype=object)}
 
 
@@ -54,12 +57,10 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
             formats: tuple[str, ...] = ("coco",), resume: bool = False, overwrite: bool = False, seed: int = 0,
             shard: tuple[int, int] | None = None, address: str | None = None, actors: int | None = None,
             cpus_per_actor: float = 0.9, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """:func:`segfromxai.pipeline.run` on a Ray cluster (``address``: "auto", a cluster address, or None for a
+    """:func:`segfromxai.engine.run` on a Ray cluster (``address``: "auto", a cluster address, or None for a
     local one started here, or the one already initialised). ``model`` is the driver's copy (for the classes and
     the manifest header); ``model_args`` are :func:`segfromxai.model.load_model`'s arguments for the actors."""
     import ray
-
-    from .pipeline import close_run
 
     out = Path(out)
     job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
@@ -70,7 +71,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
     gpu = str(model_args.get("device", "cpu")).startswith("cuda")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     pool = actors or max(1, cpus - 1)
-    clock, processed, pending, nxt = Clock(), 0, {}, 0
+    clock, actors, processed, pending, nxt = Clock(), Clock(), 0, {}, 0
     if progress is not None:
         progress(job.total - job.pending, job.total)
     with job.manifest:
@@ -83,7 +84,9 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
                                                        "threads": max(1, cpus // pool)})
             with clock("ray"):
                 for row in ds.iter_rows():
-                    pending[int(row["chunk"])] = json.loads(row["records"])
+                    got = json.loads(row["records"])
+                    actors.add(got["seconds"])
+                    pending[int(row["chunk"])] = got["records"]
                     while nxt in pending:  # the manifest is written in chunk order
                         records = pending.pop(nxt)
                         job.manifest.append(records)
@@ -92,4 +95,5 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
                             progress(len(records), job.total)
                         nxt += 1
     return close_run(out, job, clock, processed, formats=formats,
-                     engine={"engine": "ray", "actors": pool, "cpus_per_actor": 0 if gpu else cpus_per_actor})
+                     engine={"engine": "ray", "actors": pool, "cpus_per_actor": 0 if gpu else cpus_per_actor,
+                             "actor_seconds": {k: round(v, 4) for k, v in actors.seconds.items()}})

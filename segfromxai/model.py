@@ -115,6 +115,15 @@ def token_grid(module: nn.Module, input_size: tuple[int, int] | None = None) -> 
     return tuple(pe.grid_size)
 
 
+def tokens_to_grid(module: nn.Module, tokens: torch.Tensor, input_size: tuple[int, int] | None = None
+                   ) -> torch.Tensor:
+    """A ViT's token sequence (B, N, ...) as its patch grid (B, gh, gw, ...): prefix tokens (class, registers,
+    distillation) dropped, patches in row-major order; the grid is read from the model."""
+    gh, gw = token_grid(module, input_size)
+    patches = tokens[:, int(module.num_prefix_tokens):]
+    return patches.reshape(tokens.shape[0], gh, gw, *tokens.shape[2:])
+
+
 # ------------------------------------------------------------------------------------------------ construction
 def _check_name(name: str) -> None:
     import timm

@@ -1,37 +1,32 @@
-"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> masks
--> COCO.
+"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> masks.
 
-:func:`classify` is the classification pass alone; :func:`run` is a whole labelling run (see its docstring for the
-files it writes and how it resumes).
+:func:`label_batch` labels one preprocessed batch with one or more recipes (one shared explain pass); it is what
+the local engine (:mod:`segfromxai.engine`), the Ray engine (:mod:`segfromxai.engine_ray`) and
+:mod:`segfromxai.compare` call. :func:`classify` is the classification pass alone. Whole labelling runs (plan,
+chunks, resume, finish) live in :mod:`segfromxai.engine`; ``pipeline.run`` is kept as its public name.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .artifacts import save_artifacts
-from .coco import atomic_write
-from .dataset import done_indices, finish, prepare_out
-from .explainers._hooks import capture
-from .explainers.core import explain_with_logits
-from .explainers.gradient import default_layer
-from .fusion import as_numpy, fuse, resample
-from .images import Failure, ImageLoadError, LoadedImage, find_images, iter_images, load_image
-from .masks import encode, fill_holes, keep_largest, remove_small, split_components
-from .model import LoadedModel, is_vit, token_grid
+from .explainers.core import Explained, explain_pass
+from .features import feature_layer, token_features
+from .fusion import as_numpy, fuse
+from .images import Failure, LoadedImage, iter_images
+from .masks import fill_holes, keep_largest, remove_small, split_components
+from .model import LoadedModel, token_grid
 from .recipe import Recipe
 from .refine import REFINERS
+from .resize import resize_bilinear
 from .threshold import THRESHOLDS
 
 
@@ -77,66 +72,6 @@ def classify(model: LoadedModel, images: str | Path, *, batch_size: int = 32,
     return out
 
 
-def read_labels_csv(path: str | Path) -> dict[str, str]:
-    """``file_name,label`` rows as a dict (file names relative to the image folder, POSIX separators)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"file_name", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path} must have the header 'file_name,label'")
-        return {r["file_name"]: r["label"] for r in reader}
-
-
-def accuracy_table(preds: list[Prediction], classes: list[str], labels: dict[str, str]) -> list[dict]:
-    """Per-class and overall top-1 accuracy of ``preds`` against ``labels`` (images without a label are left out).
-
-    Returns rows ``{"class", "n", "correct", "accuracy"}``, one per class present in the labels, then ``"all"``.
-    """
-    truth = [(labels[p.rel_path], classes[p.label]) for p in preds if p.rel_path in labels]
-    rows = []
-    for c in sorted({t for t, _ in truth}, key=lambda c: classes.index(c) if c in classes else len(classes)):
-        hits = [t == q for t, q in truth if t == c]
-        rows.append({"class": c, "n": len(hits), "correct": sum(hits), "accuracy": float(np.mean(hits))})
-    hits = [t == q for t, q in truth]
-    rows.append({"class": "all", "n": len(hits), "correct": sum(hits),
-                 "accuracy": float(np.mean(hits)) if hits else float("nan")})
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------ labelling run
-TARGET_SOURCES = ("top1", "labels", "folders")
-@dataclass(frozen=True)
-class Targets:
-    """Which class each image is explained for: the model's top-1, a ``file_name,label`` CSV, or class folders."""
-
-    source: str = "top1"
-    labels: dict[str, str] | None = None
-
-    def name(self, rel_path: str) -> str | None:
-        """The class name given for an image (``None``: none given, or top-1)."""
-        if self.source == "folders":
-            return rel_path.split("/")[0] if "/" in rel_path else None
-        return None if self.source == "top1" else (self.labels or {}).get(rel_path)
-
-    def of(self, rel_path: str, classes: list[str]) -> int | str | None:
-        """The class index to explain, ``None`` for top-1, or a reason (str) to skip the image."""
-        if self.source == "top1":
-            return None
-        name = self.name(rel_path)
-        if name is None:
-            return "not inside a class folder" if self.source == "folders" else "no label in the labels file"
-        return classes.index(name) if name in classes else f"label {name!r} is not a class of the model"
-
-    def check(self, rel_paths: list[str], classes: list[str]) -> None:
-        """Raise ValueError naming the labels that are not classes of the model, before any image is explained."""
-        bad = sorted({n for n in map(self.name, rel_paths) if n is not None and n not in classes})
-        if bad:
-            raise ValueError(f"labels that are not classes of the model: {', '.join(bad)}; "
-                             f"classes: {', '.join(classes)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "n_labels": len(self.labels or {})}
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (the run has no randomness of its own; explainers added later might)."""
     random.seed(seed)
@@ -144,32 +79,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def feature_layer(module: torch.nn.Module, feature: str, block: int) -> str:
-    """The module whose output gives ncut's token features: a block's ``attn.qkv`` (q, k, v) or the block itself
-    (tokens) for a ViT; the Grad-CAM layer (last feature stage) for a CNN."""
-    if not is_vit(module):
-        return default_layer(module)
-    n = len(module.blocks)
-    if not -n <= block < n:
-        raise ValueError(f"block {block} out of range for a model with {n} blocks")
-    b = block % n
-    return f"blocks.{b}" if feature == "tokens" else f"blocks.{b}.attn.qkv"
+class Clock:
+    """Seconds spent per stage, summed over the run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def add(self, seconds: dict[str, float]) -> None:
+        """Add another clock's seconds (e.g. a Ray actor's) to this one."""
+        for stage, s in seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + s
 
 
-def token_features(module: torch.nn.Module, out: torch.Tensor, feature: str, input_size: tuple[int, int]
-                   ) -> np.ndarray:
-    """Per-token features (B, fh, fw, C) from the output of :func:`feature_layer`'s module."""
-    out = out.detach().float()
-    if not is_vit(module):
-        return out.permute(0, 2, 3, 1).cpu().numpy()
-    if feature != "tokens":
-        b, n, three_d = out.shape
-        out = out.reshape(b, n, 3, three_d // 3)[:, :, "qkv".index(feature)]
-    gh, gw = token_grid(module, input_size)
-    patches = out[:, module.num_prefix_tokens:]
-    return patches.reshape(out.shape[0], gh, gw, -1).cpu().numpy()
-
-
+# ------------------------------------------------------------------------------------------------ the stages
 def fusion_size(model: LoadedModel, maps: dict[str, torch.Tensor], grid: str) -> tuple[int, int]:
     """The common grid of :func:`fusion.fuse`: the token grid (a CNN: the coarsest map's) or the input size."""
     if grid == "input":
@@ -218,226 +148,116 @@ def annotation_score(confidence: float, fused_pixels: np.ndarray, mask: np.ndarr
     return float(confidence * fused_pixels[mask].mean())
 
 
-class Clock:
-    """Seconds spent per stage, summed over the run."""
+# ------------------------------------------------------------------------------------------------ one batch
+@dataclass
+class Labelled:
+    """One recipe's labelling of a batch of B images.
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-
-def shard_of(rel_path: str, num_shards: int) -> int:
-    """The shard of an image: a stable hash (SHA-1) of its relative path, modulo ``num_shards``."""
-    return int.from_bytes(hashlib.sha1(rel_path.encode("utf-8")).digest()[:8], "big") % num_shards
-
-
-@dataclass(frozen=True)
-class _ChunkLoader(torch.utils.data.Dataset):
-    """Loads and preprocesses one chunk of images per item (run in DataLoader workers when ``--workers`` > 0).
-
-    An item is ``(records, loaded, x)``: records of images that failed to load or were skipped, the loaded images
-    ``(index, rel, image, target)``, and their preprocessed batch (or None).
+    ``maps``: the recipe's maps ``{name: (B, h, w)}``; ``fused``: float32 (B, h, w) in [0, 1]; ``target``: (B,) the
+    class explained; ``confidence``: (B,) its softmax probability; ``masks[j]``: bool (H_j, W_j) instance masks of
+    image j, or ``None`` when the image's confidence is below the recipe's ``min_confidence``; ``scores[j]``: one
+    score per mask (:func:`annotation_score`); ``seconds``: time spent after the shared pass (fuse to clean).
     """
 
-    chunks: list[list[int]]
-    paths: list[Path]
-    rels: list[str]
-    targets: Targets
-    classes: list[str]
-    preprocess: Any
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, k: int):
-        records, loaded = [], []
-        for i in self.chunks[k]:
-            try:
-                im = load_image(self.paths[i])
-            except Exception as e:  # one bad file never stops the run (see images.iter_images)
-                reason = e.reason if isinstance(e, ImageLoadError) else f"unexpected error ({e!r})"
-                records.append({"index": i, "file_name": self.rels[i], "status": "failed", "reason": reason})
-                continue
-            t = self.targets.of(self.rels[i], self.classes)
-            if isinstance(t, str):
-                records.append({"index": i, "file_name": self.rels[i], "status": "skipped", "reason": t})
-                continue
-            loaded.append((i, self.rels[i], im, t))
-        x = self.preprocess.batch([im for _, _, im, _ in loaded]) if loaded else None
-        return records, loaded, x
+    maps: dict[str, torch.Tensor]
+    fused: np.ndarray
+    target: np.ndarray
+    confidence: np.ndarray
+    masks: list[list[np.ndarray] | None]
+    scores: list[list[float]]
+    seconds: float = 0.0
 
 
-def _as_is(item: Any) -> Any:
-    """DataLoader's collate for whole chunks: keep NumPy images as they are."""
-    return item
+def explain_calls(recipes: Sequence[Recipe]) -> list[dict[str, dict[str, Any]]]:
+    """The explainers of all recipes grouped into as few explain calls as possible (a name appears once per
+    call; the same name with other parameters goes to a later call)."""
+    calls: list[dict[str, dict[str, Any]]] = []
+    for r in recipes:
+        for name, params in r.explainers.items():
+            for call in calls:
+                if call.get(name, params) == params:
+                    call[name] = params
+                    break
+            else:
+                calls.append({name: params})
+    return calls
 
 
-def _explain_batch(model: LoadedModel, recipe: Recipe, x: torch.Tensor, target: torch.Tensor | None
-                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray | None]:
-    """Maps, logits and (for ncut) token features of one batch, all from one forward pass."""
-    layer = None
-    if recipe.refine.method == "ncut":
-        params = recipe.refine.params
-        layer = feature_layer(model.module, params["feature"], params["block"])
-    with capture(model.module, layers=(layer,) if layer else ()) as got:
-        maps, logits = explain_with_logits(model, x, recipe.explainers, target)
-    feats = None
-    if layer:
-        feats = token_features(model.module, got.outputs[layer], recipe.refine.params["feature"],
-                               tuple(x.shape[-2:]))
-    return maps, logits, feats
+def needed_layers(model: LoadedModel, recipe: Recipe) -> tuple[str, ...]:
+    """The layers whose outputs the recipe's refiner reads from the shared pass (its declared needs)."""
+    if not REFINERS[recipe.refine.method].needs_features:
+        return ()
+    return (feature_layer(model.module, recipe.features["feature"], recipe.features["block"]),)
 
 
-def _label_chunk(model: LoadedModel, recipe: Recipe, loaded: list[tuple[int, str, np.ndarray, int | None]],
-                 x: torch.Tensor, clock: Clock) -> tuple[list[dict], dict[int, dict]]:
-    """Explain, fuse, threshold, refine and encode one preprocessed batch; returns records and maps to save."""
-    x = x.to(model.device)
-    targets = [t for _, _, _, t in loaded]
-    target = None if all(t is None for t in targets) else torch.tensor(targets, device=model.device)
-    with clock("explain"):
-        maps, logits, feats = _explain_batch(model, recipe, x, target)
-        cls = logits.argmax(1) if target is None else target
-        conf = logits.float().softmax(1).gather(1, cls[:, None])[:, 0].cpu().numpy()
-        cls = cls.cpu().numpy()
+def shared_pass(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, target: torch.Tensor | None
+                ) -> list[Explained]:
+    """The explain passes of ``recipes`` on one batch: one per :func:`explain_calls` group, the first recording
+    every layer a refiner needs; later groups explain the class the first one chose."""
+    calls = explain_calls(recipes)
+    record = tuple(dict.fromkeys(layer for r in recipes for layer in needed_layers(model, r)))
+    first = explain_pass(model, x, calls[0], target, record=record)
+    rest = [explain_pass(model, x, call, first.target) for call in calls[1:]]
+    return [first, *rest]
+
+
+def _maps_of(recipe: Recipe, calls: list[dict[str, dict[str, Any]]], passes: list[Explained]
+             ) -> dict[str, torch.Tensor]:
+    return {name: next(p.maps[name] for c, p in zip(calls, passes) if c.get(name) == params)
+            for name, params in recipe.explainers.items()}
+
+
+def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor], got: Explained,
+               x_size: tuple[int, int], sizes: Sequence[tuple[int, int]], clock: Clock | None = None) -> Labelled:
+    """Fuse, threshold, refine and clean one recipe's maps of a batch (``got``: the first shared pass)."""
+    clock = clock or Clock()
+    t0 = time.perf_counter()
+    target = got.target.cpu().numpy()
+    conf = got.logits.float().softmax(1).gather(1, got.target[:, None])[:, 0].cpu().numpy()
     with clock("fuse"):
         fused = fuse_recipe(model, recipe, maps)
-    records, saved = [], {}
-    provenance = {"recipe": recipe.name, "explainers": list(recipe.explainers), "fusion": recipe.fusion["method"],
-                  "threshold": recipe.threshold.method, "refiner": recipe.refine.method}
-    for j, (index, rel, im, _) in enumerate(loaded):
-        h, w = im.shape[:2]
-        image = {"id": index + 1, "file_name": rel, "height": h, "width": w}
-        rec = {"index": index, "file_name": rel, "class": int(cls[j]), "confidence": float(conf[j])}
+    feats = None
+    layers = needed_layers(model, recipe)
+    if layers:
+        feats = token_features(model.module, got.outputs[layers[0]], recipe.features["feature"], x_size)
+    masks: list[list[np.ndarray] | None] = []
+    scores: list[list[float]] = []
+    for j, size in enumerate(sizes):
         if conf[j] < recipe.output["min_confidence"]:
-            records.append({**rec, "status": "skipped",
-                            "reason": f"confidence {conf[j]:.3f} < {recipe.output['min_confidence']}"})
+            masks.append(None)
+            scores.append([])
             continue
         with clock("refine"):
-            masks = label_image(fused[j], (h, w), recipe, None if feats is None else feats[j])
+            ms = label_image(fused[j], size, recipe, None if feats is None else feats[j])
         with clock("encode"):
-            fused_px = as_numpy(resample(torch.from_numpy(fused[j][None]), (h, w)))[0]
-            anns = [{"category_id": int(cls[j]) + 1, "segmentation": encode(m),
-                     "score": annotation_score(float(conf[j]), fused_px, m),
-                     "attributes": {**provenance, "confidence": float(conf[j])}} for m in masks]
-        records.append({**rec, "status": "ok" if anns else "empty", "image": image, "annotations": anns})
-        if recipe.output["maps"] or recipe.output["overlays"]:
-            saved[index] = {"maps": {k: v[j].cpu().numpy() for k, v in maps.items()}, "fused": fused[j],
-                            "image": im, "masks": masks, "rel": rel}
-    return records, saved
+            fused_px = resize_bilinear(fused[j], size) if ms else None
+            scores.append([annotation_score(float(conf[j]), fused_px, m) for m in ms])
+        masks.append(ms)
+    return Labelled(maps, fused, target, conf, masks, scores, time.perf_counter() - t0)
 
 
-def process_chunk(model: LoadedModel, recipe: Recipe, out: Path, item: tuple, todo: set[int], clock: Clock
-                  ) -> list[dict]:
-    """Label one loaded chunk (an item of ``_ChunkLoader``), save its artefacts, and return the manifest records of
-    the images in ``todo``, by index (the whole chunk is labelled so that each image sees the same batch)."""
-    records, loaded, x = item
-    if loaded:
-        got, saved = _label_chunk(model, recipe, loaded, x, clock)
-        records = records + got
-        with clock("write"):
-            for i, art in saved.items():
-                if i in todo:
-                    save_artifacts(out, art, maps=recipe.output["maps"], overlays=recipe.output["overlays"])
-    return sorted((r for r in records if r["index"] in todo), key=lambda r: r["index"])
+def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                target: torch.Tensor | None = None, clock: Clock | None = None) -> list[Labelled]:
+    """Label one preprocessed batch ``x`` (B, 3, h, w) of images of ``sizes`` with each recipe.
 
-
-def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
-        batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
-        overwrite: bool = False, seed: int = 0, shard: tuple[int, int] | None = None, workers: int = 0,
-        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Label every image under ``images`` with ``recipe`` and write the dataset to ``out``.
-
-    Writes ``out/pseudo_labels.json`` (COCO instances, category id = class index + 1), ``pseudo_labels_results.json``
-    (for COCOeval), ``failures.jsonl`` (unreadable images with reasons), ``run.json`` (resolved recipe, versions,
-    counts, skipped images, seconds per stage), the append-only ``manifest.jsonl``, and on request ``maps/*.npz``,
-    ``overlays/*.png``, ``png/`` (index masks) and ``yolo/`` (polygons). Images are taken in sorted order, in
-    chunks of ``batch_size`` consecutive files; each chunk's results are appended to the manifest in one write, so
-    a killed run resumed with ``resume=True`` skips finished images and ends with the same files (chunks that were
-    cut short are redone whole, with the same batch). Failures, skipped images (``min_confidence``, no label) and
-    images without a mask are recorded once and never retried.
-
-    ``shard=(i, n)`` takes only the images whose :func:`shard_of` is ``i`` (the parts of ``n`` such runs combine
-    with :func:`segfromxai.dataset.merge`). ``workers`` > 0 loads and preprocesses chunks in that many worker
-    processes (a torch DataLoader, two chunks ahead each) while the model works. ``progress(advance, total)`` is
-    called once at the start and after every chunk. Returns the run summary (``run.json``).
+    All recipes share the explain pass (:func:`shared_pass`); ``target`` (B,) gives the class to explain per image
+    (``None``: the model's top-1). Returns one :class:`Labelled` per recipe, in order.
     """
-    out = Path(out)
-    job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
-                   resume=resume, overwrite=overwrite, seed=seed, shard=shard)
-    clock, processed = Clock(), 0
-    if progress is not None:
-        progress(job.total - job.pending, job.total)
-    loader = torch.utils.data.DataLoader(job.loader, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         prefetch_factor=2 if workers else None, persistent_workers=False)
-    with job.manifest:
-        items = iter(loader)
-        for chunk in job.chunks:
-            with clock("load"):
-                item = next(items)
-            todo = {i for i in chunk if i not in job.done}
-            records = process_chunk(model, recipe, out, item, todo, clock)
-            with clock("write"):
-                job.manifest.append(records)
-            processed += len(todo)
-            if progress is not None:
-                progress(len(todo), job.total)
-    return close_run(out, job, clock, processed, formats=formats, engine={"engine": "local", "workers": workers})
+    clock = clock or Clock()
+    x = x.to(model.device)
+    with clock("explain"):
+        passes = shared_pass(model, recipes, x, target)
+    calls = explain_calls(recipes)
+    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], tuple(x.shape[-2:]), sizes, clock)
+            for r in recipes]
 
 
-@dataclass
-class Job:
-    """A planned run: its manifest (open for appending), the chunks still to do, and their loader."""
+def __getattr__(name: str) -> Any:
+    """The run mechanics moved to :mod:`segfromxai.engine` and the label sources to :mod:`segfromxai.targets`;
+    their old names here still work."""
+    from . import engine, targets
 
-    manifest: Any
-    chunks: list[list[int]]
-    done: set[int]
-    loader: _ChunkLoader
-    total: int
-
-    @property
-    def pending(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
-
-def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedModel, targets: Targets,
-             batch_size: int, limit: int | None, resume: bool, overwrite: bool, seed: int,
-             shard: tuple[int, int] | None) -> Job:
-    """Find the images (this shard's), prepare ``out`` (see :func:`segfromxai.dataset.prepare_out`) and cut the
-    images not done yet into chunks of ``batch_size`` consecutive files."""
-    seed_everything(seed)
-    paths = find_images(images)[:limit]
-    rels = [p.name if p == Path(images) else p.relative_to(images).as_posix() for p in paths]
-    targets.check(rels, model.classes)
-    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
-    mine = [i for i in range(len(paths)) if shard is None or shard_of(rels[i], shard[1]) == shard[0]]
-    header = {"recipe": recipe.digest(), "images": str(Path(images).resolve()), "model": model.source,
-              "targets": targets.to_dict(), "shard": list(shard) if shard else None, "classes": list(model.classes),
-              "resolved": recipe.to_dict()}
-    manifest = prepare_out(out, header, resume=resume, overwrite=overwrite)
-    done = done_indices(manifest)
-    chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
-    chunks = [c for c in chunks if any(i not in done for i in c)]
-    loader = _ChunkLoader(chunks, paths, rels, targets, list(model.classes), model.preprocess)
-    return Job(manifest, chunks, done, loader, len(mine))
-
-
-def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
-              engine: dict[str, Any]) -> dict[str, Any]:
-    """Write the dataset files from the manifest and ``run.json``; return the summary."""
-    with clock("write"):
-        summary = finish(out, [job.manifest], formats=formats)
-    summary["seconds"] = {k: round(v, 4) for k, v in clock.seconds.items()}
-    summary["processed_now"] = processed
-    summary.update(engine)
-    summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
-    with atomic_write(out / "run.json") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    for module in (engine, targets):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

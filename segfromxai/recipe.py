@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 from .explainers import EXPLAINERS
 from .fusion import FUSIONS, GRIDS
+from .features import FEATURES
 from .refine import CHOICES as REFINE_CHOICES, REFINERS
 from .threshold import THRESHOLDS
 
@@ -39,7 +40,8 @@ class RecipeError(ValueError):
     """A recipe that cannot run: unknown key, name or parameter, or a value of the wrong type."""
 
 
-SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "refine", "masks", "output")
+SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "masks",
+            "output")
 
 MODEL_DEFAULTS: dict[str, Any] = {"name": "", "checkpoint": ""}
 """``name``: timm model name ("" = the embedded default); ``checkpoint``: local weights ("" = none)."""
@@ -47,6 +49,11 @@ MODEL_DEFAULTS: dict[str, Any] = {"name": "", "checkpoint": ""}
 FUSION_DEFAULTS: dict[str, Any] = {"method": "geometric", "grid": "tokens", "clip": None, "eps": 1e-6,
                                    "weights": {}, "renormalise": True}
 FUSION_CHOICES = {"method": tuple(FUSIONS), "grid": GRIDS}
+
+FEATURE_DEFAULTS: dict[str, Any] = {"feature": "k", "block": -1}
+"""Where a refiner that needs token features (``ncut``) reads them: ``feature`` (k, q, v of the block's attention,
+or the block's output ``tokens``) and ``block`` (index, negative from the end)."""
+FEATURE_CHOICES = {"feature": FEATURES}
 
 MASK_DEFAULTS: dict[str, Any] = {"min_area": 0.001, "fill_holes": True, "max_hole": None, "keep": "all",
                                  "split_components": False}
@@ -83,6 +90,7 @@ class Recipe:
     explainers: dict[str, dict[str, Any]]
     fusion: dict[str, Any]
     threshold: Stage
+    features: dict[str, Any]
     refine: Stage
     masks: dict[str, Any]
     output: dict[str, Any]
@@ -92,7 +100,7 @@ class Recipe:
         return json.loads(json.dumps({
             "name": self.name, "description": self.description, "model": self.model,
             "explainers": self.explainers, "fusion": self.fusion, "threshold": self.threshold.to_dict(),
-            "refine": self.refine.to_dict(), "masks": self.masks, "output": self.output}))
+            "features": self.features, "refine": self.refine.to_dict(), "masks": self.masks, "output": self.output}))
 
     def digest(self) -> str:
         """SHA-256 of everything that changes the annotations (not the name, description or saved artefacts)."""
@@ -151,7 +159,7 @@ def _stage(where: str, given: Mapping[str, Any], registry: Mapping[str, Callable
     method = given.pop("method", default)
     if method not in registry:
         raise _fail(where, f"unknown method {method!r}; valid: {', '.join(sorted(registry))}")
-    params = _section(f"{where}] [{method}", given, keyword_defaults(registry[method]),
+    params = _section(f"{where}] [{method}", given, keyword_defaults(getattr(registry[method], "fn", registry[method])),
                       (choices or {}).get(method))
     return Stage(method, params)
 
@@ -196,6 +204,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
         explainers=explainers,
         fusion=fusion,
         threshold=_stage("threshold", data.get("threshold", {}), THRESHOLDS, "otsu"),
+        features=_section("features", data.get("features", {}), FEATURE_DEFAULTS, FEATURE_CHOICES),
         refine=_stage("refine", data.get("refine", {}), REFINERS, "none", REFINE_CHOICES),
         masks=masks,
         output=output,

@@ -21,7 +21,8 @@ float64 as two small matrix products (:func:`segfromxai.resize.resize_bilinear`)
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import scipy.linalg
@@ -34,7 +35,6 @@ from .resize import check_size, resize_area, resize_bilinear
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "none": {},
     "ncut": {
-        "feature": ("k", "q", "v", "tokens"),
         "solver": ("lanczos", "dense"),
         "components": ("overlap", "largest", "all"),
         "combine": ("none", "intersection", "union"),
@@ -276,7 +276,7 @@ def ncut_bipartition(features: np.ndarray, *, tau: float = 0.2, eps: float = 1e-
 
 
 def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features: np.ndarray | None = None,
-         feature: str = "k", block: int = -1, tau: float = 0.2, eps: float = 1e-5, position_weight: float = 0.0,
+         tau: float = 0.2, eps: float = 1e-5, position_weight: float = 0.0,
          position_sigma: float = 0.1, prior_weight: float = 0.0, solver: str = "lanczos",
          foreground: str = "mass", components: str = "overlap", combine: str = "none", instances: int = 1,
          min_area: float = 0.0, max_overlap: float = 0.5) -> list[np.ndarray]:
@@ -320,10 +320,6 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     size : (H, W) of the output masks
     features : ndarray, float, shape (fh, fw, C)
         Per-token features (ViT keys/queries/values/tokens of one block, or a CNN feature map). Required.
-    feature : {"k", "q", "v", "tokens"}
-        Used by the pipeline to pick ``features``; ignored here.
-    block : int
-        Used by the pipeline to pick ``features`` (which block); ignored here.
     tau, eps, position_weight, position_sigma, prior_weight
         Graph parameters, see :func:`affinity`; the prior is the fused map on the feature grid.
     solver : {"lanczos", "dense"}
@@ -344,7 +340,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     list of ndarray, bool, shape (H, W)
         The instances in the order found; possibly empty.
     """
-    _check_choices("ncut", feature=feature, solver=solver, components=components, combine=combine,
+    _check_choices("ncut", solver=solver, components=components, combine=combine,
                    foreground=foreground)
     if features is None:
         raise ValueError("ncut needs per-token features (fh, fw, C); got None")
@@ -431,4 +427,20 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     return found
 
 
-REFINERS: dict[str, Callable[..., list[np.ndarray]]] = {"none": none, "ncut": ncut}
+@dataclass(frozen=True)
+class Refiner:
+    """A registered refiner: its function and what it needs from the shared pass (``needs_features``: per-token
+    features of the recipe's ``[features]`` layer, given as ``features``)."""
+
+    fn: Callable[..., list[np.ndarray]]
+    needs_features: bool
+    summary: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        return self.fn(*args, **kwargs)
+
+
+REFINERS: dict[str, Refiner] = {
+    "none": Refiner(none, needs_features=False, summary="the thresholded map at image size"),
+    "ncut": Refiner(ncut, needs_features=True, summary="normalized cut on token features (TokenCut/MaskCut)"),
+}

@@ -8,13 +8,15 @@ import torch
 from click.testing import CliRunner
 
 from segfromxai.cli import main
-from segfromxai.compare import COLUMNS, compare, explain_calls
+from segfromxai.compare import COLUMNS, compare
+from segfromxai.pipeline import explain_calls
 from segfromxai.evaluate import evaluate
 from segfromxai.explainers import explain_with_logits
 from segfromxai.gae import gae
 from segfromxai.images import find_images, load_image
 from segfromxai.model import load_model
-from segfromxai.pipeline import fuse_recipe, run
+from segfromxai.engine import run
+from segfromxai.pipeline import fuse_recipe
 from segfromxai.recipe import load_recipe, load_recipes, parse_recipe
 
 

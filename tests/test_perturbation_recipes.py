@@ -9,7 +9,7 @@ import pytest
 
 from segfromxai.explainers import PERTURBATION_EXPLAINERS
 from segfromxai.model import data_dir, load_model
-from segfromxai.pipeline import run
+from segfromxai.engine import run
 from segfromxai.recipe import load_recipes, parse_recipe
 
 # small settings so that a CI run stays short; the shipped recipes (recipes/perturbation) use the papers' values

@@ -6,7 +6,7 @@ ray = pytest.importorskip("ray")
 
 from segfromxai.engine_ray import run_ray  # noqa: E402
 from segfromxai.model import load_model  # noqa: E402
-from segfromxai.pipeline import run  # noqa: E402
+from segfromxai.engine import run  # noqa: E402
 from segfromxai.recipe import load_recipe  # noqa: E402
 from segfromxai.synth import write_synth  # noqa: E402
 

@@ -66,7 +66,7 @@ def test_defaults_are_filled_in():
     (base(threshold={"method": "percentile", "p": 3}), r"unknown key 'p'; valid: q"),
     (base(threshold={"method": "otsu", "q": 3}), r"unknown key 'q'; valid: $"),
     (base(refine={"method": "cut"}), r"unknown method 'cut'; valid: " + ", ".join(sorted(REFINERS))),
-    (base(refine={"method": "ncut", "feature": "x"}), r"feature = 'x' is not one of 'k'"),
+    (base(features={"feature": "x"}), r"feature = 'x' is not one of 'k'"),
     (base(refine={"method": "ncut", "tau": "high"}), r"tau = 'high' should be a float"),
     (base(masks={"fill_holes": 1}), r"fill_holes = 1 should be a bool"),
     (base(masks={"keep": "biggest"}), r"keep = 'biggest' is not one of 'all', 'largest'"),

@@ -271,7 +271,8 @@ def test_ncut_without_features_raises():
 
 
 def test_signatures_are_keyword_only_with_defaults_and_choices_match():
-    for name, fn in REFINERS.items():
+    for name, refiner in REFINERS.items():
+        fn = refiner.fn
         params = list(inspect.signature(fn).parameters.values())
         assert [p.name for p in params[:2]] == ["fused", "mask"]
         assert all(p.kind is p.KEYWORD_ONLY for p in params[2:])

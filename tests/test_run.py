@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 from segfromxai.cli import main
 from segfromxai.masks import decode
 from segfromxai.model import load_model
-from segfromxai.pipeline import Targets, read_labels_csv, run
+from segfromxai.engine import run
+from segfromxai.targets import Targets, read_labels_csv
 from segfromxai.recipe import load_recipe, parse_recipe, recipes_dir
 
 

@@ -10,7 +10,7 @@ from segfromxai.cli import main
 from segfromxai.dataset import merge, records
 from segfromxai.manifest import Manifest
 from segfromxai.model import load_model
-from segfromxai.pipeline import run, shard_of
+from segfromxai.engine import run, shard_of
 from segfromxai.recipe import load_recipe
 
 

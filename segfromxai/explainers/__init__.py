@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .attention import ATTENTION_EXPLAINERS
 from .coalition import COALITION_EXPLAINERS
-from .core import Explainer, Needs, Pass, explain, explain_with_logits, resolve_methods
+from .core import (Explained, Explainer, Needs, Pass, explain, explain_pass, explain_with_logits,
+                   resolve_methods)
 from .gradient import GRADIENT_EXPLAINERS
 from .lrp import LRP_EXPLAINERS, LRPConfig, lrp_pass
 from .moxi import MOXI_EXPLAINERS
@@ -21,5 +22,5 @@ PERTURBATION_EXPLAINERS: dict[str, Explainer] = {**RCUT_EXPLAINERS, **MOXI_EXPLA
 EXPLAINERS: dict[str, Explainer] = {**GRADIENT_EXPLAINERS, **ATTENTION_EXPLAINERS, **LRP_EXPLAINERS,
                                     **PERTURBATION_EXPLAINERS}
 
-__all__ = ["EXPLAINERS", "PERTURBATION_EXPLAINERS", "Explainer", "LRPConfig", "Needs", "Pass", "explain",
-           "explain_with_logits", "lrp_pass", "resolve_methods"]
+__all__ = ["EXPLAINERS", "PERTURBATION_EXPLAINERS", "Explained", "Explainer", "LRPConfig", "Needs", "Pass", "explain",
+           "explain_pass", "explain_with_logits", "lrp_pass", "resolve_methods"]

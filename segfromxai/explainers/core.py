@@ -147,13 +147,28 @@ def _targets(target: Any, logits: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@dataclass
+class Explained:
+    """What one shared pass gives: the maps, the logits, the class explained per image and the recorded outputs.
+
+    ``maps``: ``{name: float32 (B, h, w)}``; ``logits``: (B, C) detached; ``target``: (B,) long, the class each map
+    explains (given, or the top-1); ``outputs``: ``{layer: detached output}`` of the ``record`` layers, from the
+    shared forward pass only.
+    """
+
+    maps: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    target: torch.Tensor
+    outputs: dict[str, torch.Tensor]
+
+
 def explain(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None],
             target: Any = None, *, registry: Mapping[str, Explainer] | None = None) -> dict[str, torch.Tensor]:
     """Explanation maps of a batch for each requested method, sharing the forward and backward passes.
 
     Same as :func:`explain_with_logits` without the logits.
     """
-    return explain_with_logits(model, x, methods, target, registry=registry)[0]
+    return explain_pass(model, x, methods, target, registry=registry).maps
 
 
 def explain_with_logits(model: Any, x: torch.Tensor,
@@ -162,22 +177,13 @@ def explain_with_logits(model: Any, x: torch.Tensor,
                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Explanation maps of a batch for each requested method, and the logits of the same forward pass.
 
-    Parameters
-    ----------
-    model : a timm classifier (``nn.Module``) or a ``LoadedModel``; used in eval mode, left as it was found.
-    x : (B, 3, H, W) preprocessed batch.
-    methods : a name, a list of names, or ``{name: {param: value}}`` (see ``segfromxai list`` / the README).
-    target : class per image (int, sequence or tensor of B); default: the model's top-1 class.
-
-    Returns
-    -------
-    ``({name: map}, logits)``; each map float32 (B, gh, gw) on the token grid or (B, H, W) for pixel-level
-    methods, finite and non-negative (not normalised); logits (B, C), detached.
+    Same as :func:`explain_pass`, returning ``(maps, logits)``.
     """
-    if registry is None:
-        from . import EXPLAINERS as registry
-    model = _unwrap(model)
-    resolved = resolve_methods(methods, registry)
+    got = explain_pass(model, x, methods, target, registry=registry)
+    return got.maps, got.logits
+
+
+def _needs(model: nn.Module, resolved: dict[str, dict[str, Any]], registry: Mapping[str, Explainer]) -> Needs:
     vit_only = [n for n in resolved if registry[n].vit_only]
     if vit_only and not is_vit(model):
         raise TypeError(f"{', '.join(vit_only)} need a Vision Transformer (timm blocks with token attention); "
@@ -185,10 +191,14 @@ def explain_with_logits(model: Any, x: torch.Tensor,
     needs = Needs()
     for name, params in resolved.items():
         needs = needs | registry[name].needs(model, params)
+    return needs
 
-    x = x.detach()
+
+def _shared_pass(model: nn.Module, x: torch.Tensor, target: Any, needs: Needs, record: tuple[str, ...]) -> Pass:
+    """The one forward (and, if needed, backward) pass with hooks; the hooks are gone when it returns."""
+    layers = tuple(dict.fromkeys(needs.layers + tuple(record)))
     with torch.enable_grad() if needs.backward else torch.no_grad():
-        with capture(model, layers=needs.layers, attention=needs.attention, blocks=needs.blocks) as got:
+        with capture(model, layers=layers, attention=needs.attention, blocks=needs.blocks) as got:
             x_in = x.requires_grad_(True) if needs.input_grad else x
             logits = model(x_in)
             t = _targets(target, logits)
@@ -205,6 +215,32 @@ def explain_with_logits(model: Any, x: torch.Tensor,
         got.outputs = {k: v.detach() for k, v in got.outputs.items()}
         got.attention = [a.detach() for a in got.attention]
         got.block_io = [(i.detach(), o.detach()) for i, o in got.block_io]
+    return ps
+
+
+def explain_pass(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None],
+                 target: Any = None, *, record: Sequence[str] = (),
+                 registry: Mapping[str, Explainer] | None = None) -> Explained:
+    """Explanation maps of a batch for each requested method from one shared forward and backward pass.
+
+    Parameters
+    ----------
+    model : a timm classifier (``nn.Module``) or a ``LoadedModel``; used in eval mode, left as it was found.
+    x : (B, 3, H, W) preprocessed batch.
+    methods : a name, a list of names, or ``{name: {param: value}}`` (see ``segfromxai list`` / the README).
+    target : class per image (int, sequence or tensor of B); default: the model's top-1 class.
+    record : further module names whose outputs of the shared forward are returned (e.g. a refiner's tokens).
+
+    Returns
+    -------
+    :class:`Explained`; each map float32 (B, gh, gw) on the token grid or (B, H, W) for pixel-level methods,
+    finite and non-negative (not normalised).
+    """
+    if registry is None:
+        from . import EXPLAINERS as registry
+    model = _unwrap(model)
+    resolved = resolve_methods(methods, registry)
+    ps = _shared_pass(model, x.detach(), target, _needs(model, resolved, registry), tuple(record))
     maps = {}
     with torch.no_grad():
         for name, params in resolved.items():
@@ -212,4 +248,4 @@ def explain_with_logits(model: Any, x: torch.Tensor,
             if not torch.isfinite(m).all():
                 raise FloatingPointError(f"explainer {name!r} produced non-finite values")
             maps[name] = m
-    return maps, ps.logits
+    return Explained(maps, ps.logits, ps.target, {n: ps.captured.outputs[n] for n in record})
