@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .coco import atomic_write
+from .fileio import atomic_write
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray], *, alpha: float = 0.45) -> np.ndarray:

@@ -16,83 +16,19 @@ half-written file and an interrupted run leaves the previous file, if any, untou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import uuid
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import cv2
 import numpy as np
 
 from . import masks
+from .fileio import atomic_write, dumps_compact
 
 _RESERVED = ("id", "image_id", "area", "bbox", "iscrowd")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms where directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success replace ``path`` with it.
-
-    The temporary file is ``<dir>/.<name>.<pid>.<random>.tmp``. On leaving the block normally it is flushed,
-    fsynced and moved onto ``path`` with ``os.replace`` (atomic on POSIX and Windows within one filesystem), then
-    the folder is fsynced. If the block raises, the temporary file is removed, ``path`` is left as it was, and
-    the exception propagates.
-
-    Parameters
-    ----------
-    path : str or PathLike
-        Final file; its folder must exist.
-    mode : {"w", "wb"}
-        Text (UTF-8, ``\\n`` line endings) or binary.
-
-    Yields
-    ------
-    file object
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        if mode == "w":
-            f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-        else:
-            f = os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _image(record: dict) -> dict:
@@ -140,7 +76,7 @@ def _checked(ann: dict, image: dict) -> tuple[dict, dict]:
     if size != [image["height"], image["width"]]:
         raise ValueError(f"image {image['id']}: segmentation size {size} differs from the image's "
                          f"[height, width] = {[image['height'], image['width']]}")
-    rle = masks._compressed(seg)
+    rle = masks.pycoco_rle(seg)
     rle = {"size": size, "counts": rle["counts"].decode("ascii")}
     score = float(ann["score"])
     if not math.isfinite(score):
@@ -204,14 +140,14 @@ def write_coco(path: str | os.PathLike, records: Callable[[], Iterable[dict]], *
     image_ids: list[int] = []
     n_annotations = 0
     with atomic_write(path, "w") as f:
-        f.write('{"info":' + _dumps(info) + ',"licenses":' + _dumps(licenses or []) + ',"images":[')
+        f.write('{"info":' + dumps_compact(info) + ',"licenses":' + dumps_compact(licenses or []) + ',"images":[')
         seen: set[int] = set()
         for record in records():
             image = _image(record)
             if image["id"] in seen:
                 raise ValueError(f"duplicate image id {image['id']}")
             seen.add(image["id"])
-            f.write(("," if image_ids else "") + _dumps(image))
+            f.write(("," if image_ids else "") + dumps_compact(image))
             image_ids.append(image["id"])
         f.write('],"annotations":[')
         i = -1
@@ -233,11 +169,11 @@ def write_coco(path: str | os.PathLike, records: Callable[[], Iterable[dict]], *
                        "segmentation": rle, "area": masks.area(rle), "bbox": masks.bbox(rle), "iscrowd": 0,
                        "score": ann["score"]}
                 out.update((k, v) for k, v in ann.items() if k not in out)
-                f.write(("," if n_annotations > 1 else "") + _dumps(out))
+                f.write(("," if n_annotations > 1 else "") + dumps_compact(out))
         if i + 1 != len(image_ids):
             raise ValueError(f"records() gave {len(image_ids)} images on its first call and {i + 1} on its second "
                              "call; it must return a fresh iterable each time")
-        f.write('],"categories":' + _dumps(categories) + "}\n")
+        f.write('],"categories":' + dumps_compact(categories) + "}\n")
     return {"images": len(image_ids), "annotations": n_annotations}
 
 
@@ -268,7 +204,7 @@ def write_results(path: str | os.PathLike, records: Iterable[dict] | Callable[[]
                 ann, rle = _checked(ann, image)
                 entry = {"image_id": image["id"], "category_id": ann["category_id"], "segmentation": rle,
                          "score": ann["score"]}
-                f.write(("," if n else "") + _dumps(entry))
+                f.write(("," if n else "") + dumps_compact(entry))
                 n += 1
         f.write("]\n")
     return n

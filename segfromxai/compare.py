@@ -195,7 +195,7 @@ def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
     import csv
     import json
 
-    from .coco import atomic_write
+    from .fileio import atomic_write
     from .evaluate import json_safe
 
     out = Path(out)

@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .coco import atomic_write, export_png, export_yolo, write_coco, write_results
+from .coco import export_png, export_yolo, write_coco, write_results
+from .fileio import atomic_write
 from .manifest import Manifest
 
 RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .artifacts import save_artifacts
-from .coco import atomic_write
+from .fileio import atomic_write
 from .dataset import done_indices, finish, prepare_out
 from .images import ImageLoadError, find_images, load_image
 from .masks import encode

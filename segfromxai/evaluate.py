@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .coco import atomic_write
+from .fileio import atomic_write
 from .metrics import METRICS, Counts, confusion, summarise
 
 IGNORE = 255

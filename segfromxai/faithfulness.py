@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torchvision.transforms.functional import gaussian_blur
+
+from .resize import upsample_maps
 
 SUBSTRATES = ("zeros", "blur")
 BLUR_KERNEL = 11
@@ -63,7 +64,8 @@ class MapMetric:
         return self.fn(*args, **kwargs)
 
 
-def _as_maps(maps: torch.Tensor | np.ndarray, batch: int | None = None) -> torch.Tensor:
+def as_maps(maps: torch.Tensor | np.ndarray, batch: int | None = None) -> torch.Tensor:
+    """Maps as a finite float tensor (B, h, w); ValueError when the shape, batch size or values are wrong."""
     maps = torch.as_tensor(maps)
     if maps.ndim != 3:
         raise ValueError(f"maps must be (B, h, w), got shape {tuple(maps.shape)}")
@@ -76,12 +78,6 @@ def _as_maps(maps: torch.Tensor | np.ndarray, batch: int | None = None) -> torch
     return maps
 
 
-def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
 def _check_inputs(x: torch.Tensor, maps, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate x, target and maps; maps come back on x's device at their own resolution."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
@@ -89,10 +85,11 @@ def _check_inputs(x: torch.Tensor, maps, target: torch.Tensor) -> tuple[torch.Te
     target = torch.as_tensor(target)
     if target.shape != (x.shape[0],) or target.is_floating_point():
         raise ValueError(f"target must be an integer tensor ({x.shape[0]},), got {target.dtype} {tuple(target.shape)}")
-    return _as_maps(maps, x.shape[0]).to(x.device), target.to(x.device, torch.long)
+    return as_maps(maps, x.shape[0]).to(x.device), target.to(x.device, torch.long)
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive_int(name: str, value: int) -> None:
+    """ValueError unless ``value`` is an integer >= 1 (named ``name`` in the message)."""
     if int(value) != value or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -125,10 +122,10 @@ def _ranks(maps: torch.Tensor) -> torch.Tensor:
 
 def _curve(model: Model, x: torch.Tensor, maps, target: torch.Tensor, steps: int, substrate: str,
            batch_size: int, deletion: bool) -> np.ndarray:
-    _check_positive("steps", steps)
-    _check_positive("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     maps, target = _check_inputs(x, maps, target)
-    maps = _upsample(maps, tuple(x.shape[-2:]))
+    maps = upsample_maps(maps, tuple(x.shape[-2:]))
     sub = _substrate(x, substrate)
     start, end = (x, sub) if deletion else (sub, x)
     b_count, _, h, w = x.shape
@@ -240,7 +237,7 @@ def pointing_game(maps: torch.Tensor | np.ndarray, gt_masks: torch.Tensor | np.n
         raise ValueError(f"gt_masks must be bool (B, H, W), got {gt.dtype} {gt.shape}")
     if int(tolerance) != tolerance or tolerance < 0:
         raise ValueError(f"tolerance must be an integer >= 0, got {tolerance!r}")
-    maps = _upsample(_as_maps(maps, gt.shape[0]).detach().cpu(), gt.shape[1:]).numpy()
+    maps = upsample_maps(as_maps(maps, gt.shape[0]).detach().cpu(), gt.shape[1:]).numpy()
     peaks = maps == maps.max(axis=(1, 2), keepdims=True)
     if tolerance > 0:
         yy, xx = np.mgrid[-tolerance:tolerance + 1, -tolerance:tolerance + 1]
@@ -265,12 +262,12 @@ def average_drop_increase(model: Model, x: torch.Tensor, maps: torch.Tensor, tar
     increase : np.ndarray
         Float64 (B,), 1.0 when O > Y else 0.0; higher is better. NaN for a constant map.
     """
-    _check_positive("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     maps, target = _check_inputs(x, maps, target)
     low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
     constant = (high <= low).flatten().cpu().numpy()
     maps = (maps - low) / torch.where(high > low, high - low, torch.ones_like(high))
-    maps = _upsample(maps, tuple(x.shape[-2:]))
+    maps = upsample_maps(maps, tuple(x.shape[-2:]))
     images, targets = torch.cat([x, x * maps[:, None].to(x.dtype)]), torch.cat([target, target])
     with torch.no_grad():
         scores = torch.cat([_target_scores(model, images[j], targets[j])

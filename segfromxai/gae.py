@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .explainers._hooks import count_forwards
-from .faithfulness import Model, _as_maps, _check_positive, _upsample
+from .faithfulness import Model, as_maps, check_positive_int
+from .resize import upsample_maps
 from .metrics import finite_mean
 
 ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,8 +90,8 @@ def _explain(explain_fn: ExplainFn, images: torch.Tensor, target: torch.Tensor, 
 
 def _prepare(maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Maps of ``images`` as GAE uses them: (N, H, W) float64 at the input size, positive part, maximum 1."""
-    m = _as_maps(torch.as_tensor(maps).detach(), len(images))
-    a = _upsample(m.to(images.device, torch.float64), tuple(images.shape[-2:])).clamp_min(0)
+    m = as_maps(torch.as_tensor(maps).detach(), len(images))
+    a = upsample_maps(m.to(images.device, torch.float64), tuple(images.shape[-2:])).clamp_min(0)
     peak = a.amax(dim=(1, 2), keepdim=True)
     return torch.where(peak > 0, a / torch.where(peak > 0, peak, torch.ones_like(peak)), a)
 
@@ -152,7 +153,7 @@ def contrastiveness(mosaic_maps: torch.Tensor | np.ndarray, quadrant_scores: tor
         ``sum of A in the positive quadrant / |A|_1`` in [0, 1] (0.25 for a uniform map on an even grid).
         NaN where the map has no positive value. Higher is better.
     """
-    a = _as_maps(mosaic_maps).double().clamp_min(0)
+    a = as_maps(mosaic_maps).double().clamp_min(0)
     s = torch.as_tensor(quadrant_scores, dtype=torch.float64, device=a.device)
     pos = torch.as_tensor(positive_quadrant, device=a.device).long()
     quad = _quadrants(*a.shape[1:], device=a.device)
@@ -207,8 +208,8 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
     target = torch.as_tensor(target)
     if target.shape != (x.shape[0],) or target.is_floating_point():
         raise ValueError(f"target must be an integer tensor ({x.shape[0]},), got {target.dtype} {tuple(target.shape)}")
-    _check_positive("batch_size", batch_size)
-    _check_positive("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
     b_count, _, h, w = x.shape
@@ -217,7 +218,7 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
         raise ValueError(f"negatives must be (B, 3, C, H, W) = ({b_count}, 3, {', '.join(map(str, x.shape[1:]))}), "
                          f"got {tuple(negatives.shape)}")
     if maps is not None:
-        maps = _as_maps(torch.as_tensor(maps).detach().cpu(), b_count)
+        maps = as_maps(torch.as_tensor(maps).detach().cpu(), b_count)
     x, target = x.detach(), target.to(x.device, torch.long)
     net = model if isinstance(model, nn.Module) else getattr(model, "module", None)
     with count_forwards(net) if isinstance(net, nn.Module) else nullcontext() as counter:

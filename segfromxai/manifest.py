@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import IO, Iterator
 
-from .coco import _dumps, atomic_write
+from .fileio import atomic_write, dumps_compact
 
 
 class Manifest:
@@ -102,7 +102,7 @@ class Manifest:
         if stored is None:
             stored = {"manifest": self.VERSION, **header}
             with atomic_write(self.path, "wb") as f:
-                f.write((_dumps(stored) + "\n").encode("utf-8"))
+                f.write((dumps_compact(stored) + "\n").encode("utf-8"))
         elif good != self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(good)
@@ -119,7 +119,7 @@ class Manifest:
         for r in records:
             if not isinstance(r, dict):
                 raise ValueError(f"manifest records must be dicts, got {type(r).__name__}")
-        data = "".join(_dumps(r) + "\n" for r in records).encode("utf-8")
+        data = "".join(dumps_compact(r) + "\n" for r in records).encode("utf-8")
         if not data:
             return
         view = memoryview(data)

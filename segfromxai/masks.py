@@ -168,7 +168,7 @@ def encode(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _compressed(rle: dict) -> dict:
+def pycoco_rle(rle: dict) -> dict:
     """pycocotools' compressed RLE (``counts`` bytes) from a compressed (str/bytes) or uncompressed (list) RLE."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise ValueError(f"expected an RLE dict with 'size' and 'counts', got {type(rle).__name__}")
@@ -198,12 +198,12 @@ def decode(rle: dict) -> np.ndarray:
     -------
     ndarray of bool, shape (H, W)
     """
-    return mask_utils.decode(_compressed(rle)).astype(bool)
+    return mask_utils.decode(pycoco_rle(rle)).astype(bool)
 
 
 def area(rle: dict) -> int:
     """Number of foreground pixels of an RLE (pycocotools ``area``)."""
-    return int(mask_utils.area(_compressed(rle)))
+    return int(mask_utils.area(pycoco_rle(rle)))
 
 
 def bbox(rle: dict) -> list[float]:
@@ -212,7 +212,7 @@ def bbox(rle: dict) -> list[float]:
     For a non-empty mask this is ``[xmin, ymin, xmax - xmin + 1, ymax - ymin + 1]`` with ``x`` the column and
     ``y`` the row index.
     """
-    return [float(v) for v in mask_utils.toBbox(_compressed(rle))]
+    return [float(v) for v in mask_utils.toBbox(pycoco_rle(rle))]
 
 
 def to_polygons(mask: np.ndarray, *, tolerance: float = 0.0) -> list[list[float]]:

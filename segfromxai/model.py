@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fileio import atomic_write
+
 CARD_FORMAT = "segfromxai-model-card/1"
 CARD_NAME = "card.json"
 _INTERPOLATIONS = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL resampling codes
@@ -273,9 +275,8 @@ def write_card(path: str | Path, card: dict[str, Any]) -> Path:
     """Write a model card (JSON) atomically; ``card['weights']`` is a path relative to the card's folder."""
     path = Path(path)
     card = {"format": CARD_FORMAT, **card}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(card, indent=2, sort_keys=False) + "\n")
     return path
 
 

@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import scipy.linalg
 import scipy.ndimage
-from scipy.sparse.linalg import LinearOperator, eigsh
-from scipy.spatial.distance import cdist
 
+from .graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut, ncut_bipartition, similarity
 from .resize import check_size, resize_area, resize_bilinear
 
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -42,8 +40,6 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
-_LANCZOS_MIN_NODES = 8  # ARPACK needs a Krylov space of a few vectors; smaller graphs go to the dense solver
-_LANCZOS_TOL = 1e-12
 
 
 def _check_choices(refiner: str, **values: str) -> None:
@@ -119,160 +115,45 @@ def none(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int],
     return [out] if out.any() else []
 
 
-def grid_positions(shape: tuple[int, int]) -> np.ndarray:
-    """Token coordinates (row, col) of a (fh, fw) grid in raster order, divided by the grid diagonal hypot(fh, fw).
-
-    Returns
-    -------
-    ndarray, float64, shape (fh * fw, 2)
-    """
-    fh, fw = shape
-    rr, cc = np.meshgrid(np.arange(fh, dtype=np.float64), np.arange(fw, dtype=np.float64), indexing="ij")
-    return np.stack([rr.ravel(), cc.ravel()], axis=1) / np.hypot(fh, fw)
-
-
-def _similarity(features: np.ndarray, *, positions: np.ndarray | None, position_weight: float,
-                position_sigma: float, prior: np.ndarray | None, prior_weight: float) -> np.ndarray:
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"features must be (N, C), got shape {x.shape}")
-    n = x.shape[0]
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)  # zero rows: cos 0
-    s = x @ x.T
-    if position_weight != 0.0:
-        if positions is None:
-            raise ValueError("position_weight != 0 needs positions (N, 2)")
-        if not position_sigma > 0:
-            raise ValueError(f"position_sigma must be > 0, got {position_sigma}")
-        p = np.asarray(positions, dtype=np.float64)
-        if p.shape != (n, 2):
-            raise ValueError(f"positions must be ({n}, 2), got {p.shape}")
-        s += position_weight * np.exp(-cdist(p, p, "sqeuclidean") / (2.0 * position_sigma**2))
-    if prior_weight != 0.0:
-        if prior is None:
-            raise ValueError("prior_weight != 0 needs a prior (N,)")
-        e = np.asarray(prior, dtype=np.float64).ravel()
-        if e.shape != (n,):
-            raise ValueError(f"prior must have {n} values, got {e.shape}")
-        s += prior_weight * np.outer(e, e)
-    return s
+def _kept_components(side: np.ndarray, m_grid: np.ndarray, e: np.ndarray, components: str) -> np.ndarray:
+    """The 4-connected components of the foreground ``side`` (bool grid) that ncut keeps (its step 3)."""
+    if components == "all":
+        return side
+    labels, _ = scipy.ndimage.label(side)  # 4-connectivity
+    touching = np.unique(labels[side & m_grid])
+    if components == "largest":
+        masses = np.bincount(labels.ravel(), weights=e.ravel())[touching]
+        touching = touching[[int(np.argmax(masses))]]
+    return np.isin(labels, touching)
 
 
-def affinity(features: np.ndarray, *, tau: float = 0.2, eps: float = 1e-5, positions: np.ndarray | None = None,
-             position_weight: float = 0.0, position_sigma: float = 0.1, prior: np.ndarray | None = None,
-             prior_weight: float = 0.0) -> np.ndarray:
-    """TokenCut's binarised affinity graph (Wang et al. 2022, "Self-supervised transformers for unsupervised
-    object discovery using normalized cut", CVPR), with optional positional and explanation-prior terms.
+def _soft_instance(y: np.ndarray, fg_hi: bool, kept: np.ndarray, idx: np.ndarray, grid: tuple[int, int],
+                   size: tuple[int, int]) -> np.ndarray:
+    """ncut's step 4: the signed distance to the split on the kept tokens, resized to ``size`` and cut at 0."""
+    split = float(y.mean())
+    dist = (y - split) if fg_hi else (split - y)
+    scale = float(np.abs(dist).max()) or 1.0
+    soft = np.full(grid[0] * grid[1], -scale)
+    keep_sub = kept[idx]
+    soft[idx[keep_sub]] = np.maximum(dist[keep_sub], 1e-12 * scale)
+    return resize_bilinear(soft.reshape(grid), size) > 0
 
-    ``S_ij = cos(f_i, f_j) + position_weight * exp(-d_ij^2 / (2 position_sigma^2)) + prior_weight * e_i e_j`` and
-    ``W_ij = 1 if S_ij > tau else eps``. The positional term follows R-Cut (Niu et al. 2023, arXiv 2307.09050),
-    which adds positional relationships to the cosine graph. Self-loops are kept, as in TokenCut.
 
-    Parameters
-    ----------
-    features : ndarray, float, shape (N, C)
-        One feature vector per node; a zero vector has cosine 0 with everything.
-    tau, eps : float
-        Binarisation threshold and the weight of non-edges (``eps > 0`` keeps the graph connected).
-    positions : ndarray, float, shape (N, 2), optional
-        Node coordinates, already divided by the grid diagonal (see :func:`grid_positions`); needed when
-        ``position_weight != 0``.
-    position_weight, position_sigma : float
-    prior : ndarray, float, shape (N,), optional
-        The explanation on the nodes, in [0, 1]; needed when ``prior_weight != 0``.
-    prior_weight : float
+def _accepted(inst: np.ndarray, found: list[np.ndarray], *, min_area: float, max_overlap: float) -> bool:
+    """ncut's step 6: non-empty, at least ``min_area`` of the image, and overlapping no kept instance too much."""
+    area = int(inst.sum())
+    if area == 0 or area < min_area * inst.size:
+        return False
+    return not any(np.logical_and(inst, g).sum() > max_overlap * np.logical_or(inst, g).sum() for g in found)
 
-    Returns
-    -------
-    ndarray, float64, shape (N, N)
-        Symmetric, entries in {eps, 1}.
-    """
+
+def _check_ncut_numbers(*, instances: int, min_area: float, max_overlap: float, eps: float) -> None:
+    if not (isinstance(instances, (int, np.integer)) and instances >= 1):
+        raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
+    if not 0.0 <= min_area <= 1.0 or not 0.0 <= max_overlap <= 1.0:
+        raise ValueError(f"min_area and max_overlap must be in [0, 1], got {min_area} and {max_overlap}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    s = _similarity(features, positions=positions, position_weight=position_weight, position_sigma=position_sigma,
-                    prior=prior, prior_weight=prior_weight)
-    return np.where(s > tau, 1.0, eps)
-
-
-def _start_vector(n: int) -> np.ndarray:
-    # A fixed quasi-random sequence (golden-angle phases): no RNG, so the same on every platform and NumPy version.
-    return np.cos(2.399963229728653 * np.arange(n) + 1.0)
-
-
-def fiedler(edges: np.ndarray, *, eps: float, solver: str) -> np.ndarray:
-    """Second generalized eigenvector of (D - W) y = lambda D y for ``W = eps + (1 - eps) edges``, D-normalised,
-    sign fixed so that its largest-magnitude entry (first on ties) is positive."""
-    n = edges.shape[0]
-    if n < 2:
-        raise ValueError(f"a bipartition needs at least 2 nodes, got {n}")
-    counts = edges.sum(axis=1, dtype=np.float64)
-    d = counts + eps * (n - counts)
-    if solver == "dense" or n < _LANCZOS_MIN_NODES:
-        w = np.where(edges, 1.0, eps)
-        dd = np.diag(d)
-        y = scipy.linalg.eigh(dd - w, dd, subset_by_index=[1, 1])[1][:, 0]
-    else:
-        # Second-largest eigenvector of M = D^-1/2 W D^-1/2 (y = D^-1/2 z). The largest is known exactly:
-        # z0 = D^1/2 1 with eigenvalue 1; M - 2 z0 z0^T moves it to -1, below the rest of the spectrum ([-1, 1]),
-        # so the largest eigenpair of the shifted operator is the one wanted.
-        b = edges.astype(np.float64)
-        r = 1.0 / np.sqrt(d)
-        z0 = np.sqrt(d) / np.sqrt(d.sum())
-
-        def matvec(v: np.ndarray) -> np.ndarray:
-            v = np.ravel(v)
-            u = r * v
-            return r * ((1.0 - eps) * (b @ u) + eps * u.sum()) - 2.0 * z0 * (z0 @ v)
-
-        op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-        v0 = _start_vector(n)
-        v0 -= z0 * (z0 @ v0)
-        z = eigsh(op, k=1, which="LA", v0=v0, tol=_LANCZOS_TOL, ncv=min(n, 20))[1][:, 0]
-        y = r * z
-    y = y / np.sqrt(y @ (d * y))
-    return -y if y[np.argmax(np.abs(y))] < 0 else y
-
-
-def ncut_bipartition(features: np.ndarray, *, tau: float = 0.2, eps: float = 1e-5,
-                     positions: np.ndarray | None = None, position_weight: float = 0.0,
-                     position_sigma: float = 0.1, prior: np.ndarray | None = None, prior_weight: float = 0.0,
-                     solver: str = "lanczos") -> tuple[np.ndarray, float]:
-    """Normalized-cut bipartition of a token graph (Shi & Malik 2000; TokenCut, Wang et al. 2022).
-
-    Builds ``W`` as :func:`affinity` does and solves ``(D - W) y = lambda D y`` for the eigenvector of the second
-    smallest eigenvalue. The bipartition is ``y > split`` versus the rest, ``split = mean(y)`` (TokenCut's rule).
-
-    Solvers
-    -------
-    ``"lanczos"`` (default): ARPACK's implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``, k=1, largest
-    algebraic, tol 1e-12, 20 Lanczos vectors) on ``M - 2 z0 z0^T``, ``M = D^-1/2 W D^-1/2`` and ``z0 = D^1/2 1 /
-    ||D^1/2 1||`` its known top eigenvector, with ``y = D^-1/2 z``. The matrix-vector product uses the binary graph
-    ``B`` (``W = eps + (1 - eps) B``), so ``W`` is never formed. Start vector: ``v0_i = cos(2.39996323 i + 1)``
-    (golden-angle phases, no RNG) made orthogonal to ``z0``. Graphs of fewer than 8 nodes use the dense solver.
-    ``"dense"`` (reference): ``scipy.linalg.eigh(D - W, D, subset_by_index=[1, 1])``.
-
-    Parameters
-    ----------
-    features : ndarray, float, shape (N, C), N >= 2
-    tau, eps, positions, position_weight, position_sigma, prior, prior_weight
-        As in :func:`affinity`.
-    solver : {"lanczos", "dense"}
-
-    Returns
-    -------
-    y : ndarray, float64, shape (N,)
-        The generalized eigenvector, normalised to ``y^T D y = 1`` with its largest-magnitude entry (the first one
-        on ties) positive. Which side is foreground is the caller's rule, not the sign.
-    split : float
-        ``mean(y)``.
-    """
-    _check_choices("ncut", solver=solver)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    s = _similarity(features, positions=positions, position_weight=position_weight, position_sigma=position_sigma,
-                    prior=prior, prior_weight=prior_weight)
-    y = fiedler(s > tau, eps=eps, solver=solver)
-    return y, float(y.mean())
 
 
 def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features: np.ndarray | None = None,
@@ -344,12 +225,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
                    foreground=foreground)
     if features is None:
         raise ValueError("ncut needs per-token features (fh, fw, C); got None")
-    if not (isinstance(instances, (int, np.integer)) and instances >= 1):
-        raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
-    if not 0.0 <= min_area <= 1.0 or not 0.0 <= max_overlap <= 1.0:
-        raise ValueError(f"min_area and max_overlap must be in [0, 1], got {min_area} and {max_overlap}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    _check_ncut_numbers(instances=instances, min_area=min_area, max_overlap=max_overlap, eps=eps)
     H, W = check_size(size)
     f, m = _check_map_and_mask(fused, mask)
     feats = np.asarray(features)
@@ -368,7 +244,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
 
     n = fh * fw
     prior = e.ravel()
-    edges = _similarity(feats.reshape(n, -1), positions=grid_positions((fh, fw)) if position_weight else None,
+    edges = similarity(feats.reshape(n, -1), positions=grid_positions((fh, fw)) if position_weight else None,
                         position_weight=position_weight, position_sigma=position_sigma, prior=prior,
                         prior_weight=prior_weight) > tau
     alive = np.ones(n, dtype=bool)
@@ -378,53 +254,34 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         if idx.size < 2:
             break
         sub = edges[np.ix_(idx, idx)]
-        if sub.all() or not (sub & ~np.eye(idx.size, dtype=bool)).any():  # no cut: every eigenvector ties
+        if not has_cut(sub):
             if not found and base:
                 found.append(base_mask)
             break
         y = fiedler(sub, eps=eps, solver=solver)
         split = float(y.mean())
         hi = y > split
-        mass_hi, mass_lo = prior[idx[hi]].sum(), prior[idx[~hi]].sum()
-        if foreground == "mean":
-            mass_hi, mass_lo = mass_hi / max(int(hi.sum()), 1), mass_lo / max(int((~hi).sum()), 1)
-        n_hi = int(hi.sum())
-        fg_hi = mass_hi > mass_lo or (mass_hi == mass_lo and n_hi <= idx.size - n_hi)
+        fg_hi = foreground_is_high(y, prior[idx], rule=foreground)
         side = np.zeros(n, dtype=bool)
         side[idx[hi if fg_hi else ~hi]] = True
         side = side.reshape(fh, fw)
         if not (side & m_grid).any():
             alive &= ~side.ravel()
             continue
-        if components == "all":
-            kept = side
-        else:
-            labels, _ = scipy.ndimage.label(side)  # 4-connectivity
-            touching = np.unique(labels[side & m_grid])
-            if components == "largest":
-                masses = np.bincount(labels.ravel(), weights=e.ravel())[touching]
-                touching = touching[[int(np.argmax(masses))]]
-            kept = np.isin(labels, touching)
-
-        dist = (y - split) if fg_hi else (split - y)
-        scale = float(np.abs(dist).max()) or 1.0
-        soft = np.full(n, -scale)
-        keep_sub = kept.ravel()[idx]
-        soft[idx[keep_sub]] = np.maximum(dist[keep_sub], 1e-12 * scale)
-        inst = resize_bilinear(soft.reshape(fh, fw), (H, W)) > 0
+        kept = _kept_components(side, m_grid, e, components)
+        inst = _soft_instance(y, fg_hi, kept.ravel(), idx, (fh, fw), (H, W))
         if combine == "intersection":
             inst &= base_mask
         elif combine == "union":
             inst |= base_mask
         alive &= ~kept.ravel()
-
-        area = int(inst.sum())
-        if area == 0 or area < min_area * H * W:
-            continue
-        if any(np.logical_and(inst, g).sum() > max_overlap * np.logical_or(inst, g).sum() for g in found):
-            continue
-        found.append(inst)
+        if _accepted(inst, found, min_area=min_area, max_overlap=max_overlap):
+            found.append(inst)
     return found
+
+
+__all__ = ["CHOICES", "REFINERS", "Refiner", "affinity", "cut_level", "grid_positions", "ncut", "ncut_bipartition",
+           "none"]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .artifacts import overlay
-from .coco import atomic_write
+from .fileio import atomic_write
 from .resize import resize_bilinear
 
 _GAP = 4  # px between tiles

@@ -1,12 +1,16 @@
-"""Exact resizing of small 2-D maps in float64, as two matrix products (rows, then columns).
+"""The one home of map resizing.
 
-Grid maps (a model's token grid) go to image size with :func:`resize_bilinear` and to another grid with
-:func:`resize_area`. Both are separable: ``R_h @ grid @ R_w.T`` with 1-D weight matrices built here.
+NumPy, exact in float64 as two matrix products (rows, then columns): grid maps (a model's token grid) go to image
+size with :func:`resize_bilinear` and to another grid with :func:`resize_area`; both are separable,
+``R_h @ grid @ R_w.T`` with 1-D weight matrices built here. Torch, batched on the maps' device:
+:func:`upsample_maps` (bilinear, the same convention) for maps that meet an input batch.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def check_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -63,3 +67,12 @@ def resize_area(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     float32 weights; when enlarging, each output cell takes the area-weighted mean of the input cells it overlaps.
     """
     return _separable(grid, size, _area_matrix)
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a batch of maps (B, h, w) to (B, H, W) = ``size`` on their device and dtype, half-pixel
+    centres and clamped edges (``align_corners=False``), the convention of :func:`resize_bilinear`; maps already
+    at ``size`` come back as they are."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]

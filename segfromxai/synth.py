@@ -22,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .fileio import atomic_write
+
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 MODES = ("single", "multi")
 
@@ -276,15 +278,13 @@ def write_synth(out: str | Path, n: int, seed: int = 0, *, size: int = 224, mode
         "categories": [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)],
     }
     _write_text(out / "annotations.json", json.dumps(coco, separators=(",", ":")))
-    with open(out / "labels.csv.tmp", "w", newline="") as f:
+    with atomic_write(out / "labels.csv") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["file_name", "label"])
         w.writerows(rows)
-    (out / "labels.csv.tmp").replace(out / "labels.csv")
     return out
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(text)

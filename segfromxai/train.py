@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fileio import atomic_write
 from .images import find_images, load_image
 from .model import (CARD_NAME, Preprocess, adapt_state_dict, create, head_keys, is_vit, load_weights, read_card,
                     read_state_dict, sha256, write_card)
@@ -180,7 +181,7 @@ def finetune(data: str | Path, model_name: str, out: str | Path, *, init: str | 
     -------
     The model card (dict), also written to ``out/card.json``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -288,9 +289,8 @@ def finetune(data: str | Path, model_name: str, out: str | Path, *, init: str | 
     sd = {name: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
           for name, v in module.state_dict().items()}
     weights = out / "model.safetensors"
-    tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"timm_name": model_name, "timm_kwargs": json.dumps(kwargs)})
-    tmp.replace(weights)
+    with atomic_write(weights, "wb") as f:
+        f.write(save(sd, metadata={"timm_name": model_name, "timm_kwargs": json.dumps(kwargs)}))
     load_weights(module, sd, source=str(weights))
     final_acc = accuracy(module, val_set, pre, batch_size=batch_size, device=device, progress=progress)
     log(f"validation accuracy with the stored {storage_dtype} weights: {final_acc:.4f}")

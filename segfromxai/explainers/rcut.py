@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..refine import affinity, fiedler, grid_positions
+from ..graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
+from ..resize import upsample_maps
 from ._hooks import eval_mode
 from .core import Explainer, Needs, Pass
 
@@ -94,7 +94,7 @@ def rout_weights(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor, target
             m = maps[i, ch].float()
             lo, hi = m.amin(1, keepdim=True), m.amax(1, keepdim=True)
             m = torch.where(hi > lo, (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny), torch.zeros_like(m))
-            m = F.interpolate(m.reshape(-1, 1, *grid), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            m = upsample_maps(m.reshape(-1, *grid), tuple(x.shape[-2:]))[:, None]
             out[s:s + batch_size] = _score(model(x[i] * m.to(x.dtype)), target[i], score).float() - base[i]
     w = torch.zeros(b, c, device=x.device, dtype=torch.float32)
     return w.scatter_(1, channels, out.reshape(b, k))
@@ -158,13 +158,10 @@ def cut_map(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int], *
     w = affinity(f, tau=tau, eps=eps, positions=grid_positions(grid), position_weight=position_weight,
                  position_sigma=position_sigma)
     edges = w == 1.0
-    if edges.all() or not (edges & ~np.eye(n, dtype=bool)).any():
+    if not has_cut(edges):
         return s.reshape(grid).copy()
     y = fiedler(edges, eps=eps, solver=solver)
-    hi = y > y.mean()
-    mass_hi, mass_lo = s[hi].sum(), s[~hi].sum()
-    n_hi = int(hi.sum())
-    o = y if mass_hi > mass_lo or (mass_hi == mass_lo and n_hi <= n - n_hi) else -y
+    o = y if foreground_is_high(y, s, rule="mass") else -y
     m = o - o.min() if output == "shift" else np.maximum(o - o.mean(), 0.0)
     return m.reshape(grid)
 
