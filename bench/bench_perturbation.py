@@ -14,7 +14,7 @@ import time
 import torch
 
 from segfromxai.explainers import explain_with_logits
-from segfromxai.explainers._hooks import count_forwards
+from segfromxai.explainers.hooks import count_forwards
 from segfromxai.images import find_images, load_image
 from segfromxai.model import load_model
 

@@ -21,7 +21,7 @@ Columns, per recipe:
   batch (after one untimed warm-up pass), plus its fusion, threshold, refinement and cleaning as timed in the shared
   run. Deletion is not counted.
 - ``forwards_per_image``: forward passes per image of the recipe's explainers alone on the first batch, counted
-  by a hook (:func:`segfromxai.explainers._hooks.count_forwards`), not estimated; the shared pass counts 1.
+  by a hook (:func:`segfromxai.explainers.hooks.count_forwards`), not estimated; the shared pass counts 1.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .evaluate import load_source, match_names, union
-from .explainers._hooks import count_forwards, eval_mode
+from .explainers.hooks import count_forwards, eval_mode
 from .explainers.core import explain_pass
 from .faithfulness import deletion_auc
 from .gae import gae

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .explainers._hooks import count_forwards
+from .explainers.hooks import count_forwards
 from .faithfulness import Model, as_maps, check_positive_int
 from .resize import upsample_maps
 from .metrics import finite_mean
@@ -201,7 +201,7 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
         ``similarity_curves``: (B, 2, T) for [MoRF, LeRF], outputs divided by o_0; ``positive_quadrant`` (B,);
         ``negative_index`` (B, 3) batch indices (-1 when given or none); ``quadrant_scores`` (B, 4);
         ``forward_images``: images through the model's forward (``explain_fn``'s included) when the model is an
-        ``nn.Module`` (counted by :func:`segfromxai.explainers._hooks.count_forwards`).
+        ``nn.Module`` (counted by :func:`segfromxai.explainers.hooks.count_forwards`).
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")

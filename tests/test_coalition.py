@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from segfromxai.explainers._hooks import count_forwards
+from segfromxai.explainers.hooks import count_forwards
 from segfromxai.explainers.coalition import (coalition_consistency, coalition_perturbation,
                                              confidence_loss, feature_coalitions, gaussian_blur)
 from segfromxai.explainers.core import explain_with_logits

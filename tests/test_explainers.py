@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 import segfromxai
 from segfromxai.explainers import EXPLAINERS, PERTURBATION_EXPLAINERS, LRPConfig, Pass, explain, lrp_pass
-from segfromxai.explainers._hooks import capture
+from segfromxai.explainers.hooks import capture
 
 from reference_explainers import reference_input_relevance, reference_maps
 

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from segfromxai.explainers._hooks import count_forwards
+from segfromxai.explainers.hooks import count_forwards
 from segfromxai.explainers.core import explain_with_logits
 from segfromxai.explainers.moxi import (exact_shapley, self_context_interaction,
                                         shapley_interaction)

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from segfromxai.explainers._hooks import capture, count_forwards
+from segfromxai.explainers.hooks import capture, count_forwards
 from segfromxai.explainers.core import explain_with_logits
 from segfromxai.explainers.rcut import cut_map, rout_weights, topk_channels
 from segfromxai.resize import resize_bilinear

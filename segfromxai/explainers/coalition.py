@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import is_vit
-from ._hooks import eval_mode
+from .hooks import eval_mode
 from .core import Explainer, Needs, Pass
 from .gradient import default_layer
 

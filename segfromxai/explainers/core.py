@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..model import is_vit, token_grid
-from ._hooks import Captured, capture
+from .hooks import Captured, capture
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..model import is_vit, token_grid
-from ._hooks import eval_mode
+from .hooks import eval_mode
 from .core import Explainer, Needs, Pass
 
 MODES = ("tokens", "pixels")

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
 from ..resize import upsample_maps
-from ._hooks import eval_mode
+from .hooks import eval_mode
 from .core import Explainer, Needs, Pass
 
 WEIGHTS = ("scorecam", "topk", "gradient")
