@@ -147,6 +147,15 @@ def _accepted(inst: np.ndarray, found: list[np.ndarray], *, min_area: float, max
     return not any(np.logical_and(inst, g).sum() > max_overlap * np.logical_or(inst, g).sum() for g in found)
 
 
+def on_grid(fused: np.ndarray, mask: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``fused`` and its mask on another grid: area-averaged (:func:`resize_area`) and cut at the same level
+    (:func:`cut_level`); as they are when already on ``grid``."""
+    if fused.shape == tuple(grid):
+        return fused, mask
+    e = resize_area(fused, grid)
+    return e, e > cut_level(fused, mask)
+
+
 def _check_ncut_numbers(*, instances: int, min_area: float, max_overlap: float, eps: float) -> None:
     if not (isinstance(instances, (int, np.integer)) and instances >= 1):
         raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
@@ -232,11 +241,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     if feats.ndim != 3:
         raise ValueError(f"features must be (fh, fw, C), got shape {feats.shape}")
     fh, fw, _ = feats.shape
-    if f.shape == (fh, fw):
-        e, m_grid = f, m
-    else:
-        e = resize_area(f, (fh, fw))
-        m_grid = e > cut_level(f, m)
+    e, m_grid = on_grid(f, m, (fh, fw))
     if not m_grid.any():
         return []
     base = none(f, m, size=(H, W))
