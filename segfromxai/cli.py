@@ -175,7 +175,6 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         address: str | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
     from .engine import run as run_recipe
-    from .targets import Targets, read_labels_csv
     from .recipe import RecipeError, load_recipe, with_output
 
     try:
@@ -183,12 +182,9 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                           overlays=overlays or None)
     except (RecipeError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
-    if labels is not None and folder_labels:
-        raise click.UsageError("give --labels or --folder-labels, not both")
     if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
         raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
-    targets = (Targets("labels", read_labels_csv(labels)) if labels else
-               Targets("folders") if folder_labels else Targets())
+    targets = _targets(labels, folder_labels)
     model_args = {"name": model_name or rec.model["name"] or None, "device": device,
                   "checkpoint": checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None)}
     if engine == "ray":
@@ -297,6 +293,15 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
         click.echo(f"missing shards: {summary['missing_shards']}", err=True)
 
 
+def _targets(labels: Path | None, folder_labels: bool):
+    """The label source of --labels / --folder-labels (default: the model's top-1 class)."""
+    from .targets import Targets, read_labels_csv
+
+    if labels is not None and folder_labels:
+        raise click.UsageError("give --labels or --folder-labels, not both")
+    return Targets("labels", read_labels_csv(labels)) if labels else Targets("folders") if folder_labels else Targets()
+
+
 @main.command("compare")
 @click.argument("recipes", nargs=-1, required=True)
 @click.option("--images", type=click.Path(exists=True, path_type=Path), required=True, help="image folder")
@@ -312,9 +317,12 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
 @click.option("--gae-steps", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV file_name,label: explain these classes, as run --labels does")
+@click.option("--folder-labels", is_flag=True, help="ImageFolder layout: the top folder names the class")
 def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | None, model_name: str | None,
                 checkpoint: Path | None, device: str, batch_size: int, deletion_steps: int, gae_images: int,
-                gae_steps: int, limit: int | None, seed: int) -> None:
+                gae_steps: int, limit: int | None, seed: int, labels: Path | None, folder_labels: bool) -> None:
     """Run several RECIPES (files, names, or folders of recipes such as `vitmix`) on the same images, sharing
     model passes, and print IoU, F1, PA, deletion AUC, GAE, time and forward passes per image against the ground
     truth."""
@@ -332,7 +340,8 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
     model = _load(model_name or name or None, checkpoint or (Path(ckpt) if ckpt else None), device)
     try:
         result = compare(recs, images, gt, model=model, batch_size=batch_size, deletion_steps=deletion_steps,
-                         gae_images=gae_images, gae_steps=gae_steps, limit=limit, seed=seed)
+                         gae_images=gae_images, gae_steps=gae_steps, limit=limit, seed=seed,
+                         targets=_targets(labels, folder_labels))
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     click.echo(format_rows(result["rows"]))

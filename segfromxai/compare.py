@@ -41,7 +41,7 @@ from .faithfulness import deletion_auc
 from .gae import gae
 from .engine import ChunkLoader, batch_target
 from .images import find_images
-from .metrics import confusion, finite_mean, summarise
+from .metrics import METRICS, confusion, finite_mean, summarise
 from .model import LoadedModel
 from .pipeline import explain_calls, fuse_recipe, label_batch, seed_everything, shared_pass
 from .recipe import Recipe
@@ -90,7 +90,15 @@ class _Tally:
         self.post = {r.name: 0.0 for r in recipes}
         self.alone: dict[str, tuple[float, float]] = {}
         self.failures: list[dict] = []
+        self.files: list[str] = []
         self.n_done = 0
+
+    def per_image(self, recipes: list[Recipe]) -> list[dict[str, Any]]:
+        """One row per image and recipe: ``file_name``, ``recipe``, ``iou``, ``precision``, ``recall``, ``pa``."""
+        names = {"iou": "iou", "precision": "precision", "recall": "recall", "pa": "pixel_accuracy"}
+        return [{"file_name": f, "recipe": r.name,
+                 **{k: METRICS[m].from_counts(*c) for k, m in names.items()}}
+                for r in recipes for f, c in zip(self.files, self.counts[r.name])]
 
     def row(self, r: Recipe) -> dict[str, Any]:
         s = summarise(self.counts[r.name], ("iou", "dice", "pixel_accuracy"))
@@ -163,13 +171,15 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
         records, loaded, x = loader[k]
         tally.failures += [{"file_name": r["file_name"], "reason": r["reason"]} for r in records]
         if loaded:
+            tally.files += [rel for _, rel, _, _ in loaded]
             gts = [_gt_union(ref, pairs[rel]) for _, rel, _, _ in loaded]
             _score_batch(model, recipes, loaded, x, gts, tally, settings)
             tally.n_done += len(loaded)
         if progress is not None:
             progress(len(chunks[k]), len(paths))
     rows = sorted((tally.row(r) for r in recipes), key=lambda row: (row["k"], row["recipe"]))
-    return {"rows": rows, "failures": tally.failures, "n_images": tally.n_done, "settings": settings}
+    return {"rows": rows, "per_image": tally.per_image(recipes), "failures": tally.failures,
+            "n_images": tally.n_done, "settings": settings}
 
 
 def _gt_union(ref: Any, key: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -191,7 +201,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
-    """``out/compare.json`` (rows, failures, settings; NaN as null) and ``out/compare.csv``, atomically."""
+    """``out/compare.json`` (rows, per-image rows, failures, settings; NaN as null), ``out/compare.csv`` (one row per
+    recipe) and ``out/per_image.csv`` (one row per image and recipe), atomically."""
     import csv
     import json
 
@@ -206,3 +217,7 @@ def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         w.writerows(result["rows"])
+    with atomic_write(out / "per_image.csv") as f:
+        w = csv.DictWriter(f, fieldnames=["file_name", "recipe", "iou", "precision", "recall", "pa"])
+        w.writeheader()
+        w.writerows(result["per_image"])

@@ -95,3 +95,39 @@ def test_compare_command_prints_and_writes_the_table(tmp_path, synth_images, tin
     bad = CliRunner().invoke(main, ["compare", "nope", "--images", str(synth_images / "images"), "--gt",
                                     str(synth_images / "annotations.json")])
     assert bad.exit_code != 0 and "shipped recipes" in bad.output
+
+
+def test_compare_and_run_give_the_same_masks_for_labels_targets(tmp_path, synth_images, tiny_card):
+    """compare labels through pipeline.label_batch as run does: same explained class from --labels, same masks,
+    same min_confidence skips (per image, not just in the mean)."""
+    from pycocotools import mask as mask_utils
+
+    from segfromxai.evaluate import load_source, union
+    from segfromxai.metrics import METRICS, confusion
+    from segfromxai.targets import Targets
+
+    model = load_model(checkpoint=tiny_card)
+    labels = tmp_path / "labels.csv"  # every image explained for "ring", which is rarely the tiny model's top-1
+    rels = [p.name for p in find_images(synth_images / "images")]
+    labels.write_text("file_name,label\n" + "".join(f"{r},ring\n" for r in rels[:-2]))
+    targets = Targets("labels", {r: "ring" for r in rels[:-2]})
+    recipe = parse_recipe({**load_recipe("default").to_dict(), "output": {"min_confidence": 0.13}}, name="d")
+    res = compare([recipe], synth_images / "images", synth_images / "annotations.json", model=model, batch_size=5,
+                  deletion_steps=2, gae_images=0, targets=targets)
+    assert {f["file_name"] for f in res["failures"]} == set(rels[-2:])  # no label: skipped and listed
+    out = tmp_path / "run"
+    summary = run(recipe, synth_images / "images", out, model=model, batch_size=5, targets=targets)
+    coco = json.loads((out / "pseudo_labels.json").read_text())
+    assert {a["category_id"] for a in coco["annotations"]} <= {1 + model.classes.index("ring")}
+    ref = load_source(synth_images / "annotations.json")
+    ids = {im["file_name"]: im["id"] for im in coco["images"]}
+    got = {row["file_name"]: row["iou"] for row in res["per_image"]}
+    assert set(got) == set(rels[:-2]) and summary["counts"]["skipped"] >= 2
+    for rel in rels[:-2]:
+        gm, ignore, size = ref.masks(rel)
+        pred = np.zeros(size, bool)
+        for a in coco["annotations"]:
+            if a["image_id"] == ids.get(rel):
+                pred |= mask_utils.decode(a["segmentation"]).astype(bool)
+        expected = METRICS["iou"].from_counts(*confusion(pred, union(gm, size), ignore))
+        assert got[rel] == pytest.approx(expected, nan_ok=True), rel
