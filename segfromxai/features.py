@@ -6,6 +6,8 @@ a CNN gives its last feature stage (the Grad-CAM layer), one vector per spatial 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -15,9 +17,12 @@ from .model import is_vit, tokens_to_grid
 FEATURES = ("k", "q", "v", "tokens")
 
 
-def feature_layer(module: torch.nn.Module, feature: str, block: int) -> str:
+def feature_layer(module: torch.nn.Module, *, feature: Literal["k", "q", "v", "tokens"] = "k", block: int = -1
+                  ) -> str:
     """The module whose output gives the token features: a block's ``attn.qkv`` (q, k, v) or the block itself
-    (tokens) for a ViT; the Grad-CAM layer (last feature stage) for a CNN."""
+    (tokens) for a ViT; the Grad-CAM layer (last feature stage) for a CNN. Its keyword parameters are a recipe's
+    ``[features]`` section: ``feature`` (keys, queries, values of the block's attention, or its output tokens) and
+    ``block`` (index, negative from the end)."""
     if not is_vit(module):
         return default_layer(module)
     n = len(module.blocks)

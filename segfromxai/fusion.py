@@ -23,11 +23,13 @@ Choices, stated once:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .params import NonNegative, Percentile, Positive
 
 Maps = torch.Tensor
 
@@ -107,6 +109,8 @@ FUSIONS: dict[str, Callable[..., Maps]] = {
 
 GRIDS = ("tokens", "input")
 """Where maps meet: the model's token grid (for a CNN, the coarsest map's grid), or the model's input size."""
+Method = Literal["geometric", "product", "mean"]
+Grid = Literal["tokens", "input"]
 
 
 def fuse(maps: Mapping[str, Maps], *, method: str = "geometric", size: tuple[int, int] | None = None,
@@ -135,3 +139,23 @@ def fuse(maps: Mapping[str, Maps], *, method: str = "geometric", size: tuple[int
 def as_numpy(maps: Maps) -> np.ndarray:
     """A fused batch as a float32 NumPy array on the CPU."""
     return maps.detach().float().cpu().numpy()
+
+
+def grid_size(maps: Mapping[str, Maps], grid: str, *, token_grid: tuple[int, int] | None,
+              input_size: tuple[int, int]) -> tuple[int, int]:
+    """The common grid: ``"input"`` the model's input size; ``"tokens"`` the model's token grid, or for a model
+    without one (a CNN) the coarsest map's grid."""
+    if grid == "input":
+        return tuple(input_size)
+    if token_grid is not None:
+        return tuple(token_grid)
+    return min((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
+
+
+def fuse_on_grid(maps: Mapping[str, Maps], *, token_grid: tuple[int, int] | None, input_size: tuple[int, int],
+                 method: Method = "geometric", grid: Grid = "tokens", clip: Percentile | None = None,
+                 eps: Positive = 1e-6, weights: dict[str, NonNegative] = {}, renormalise: bool = True) -> Maps:
+    """:func:`fuse` on the grid named by ``grid`` (:func:`grid_size`). Its keyword parameters after the two sizes
+    are a recipe's ``[fusion]`` section (their declaration: defaults, choices and ranges)."""
+    size = grid_size(maps, grid, token_grid=token_grid, input_size=input_size)
+    return fuse(maps, method=method, size=size, clip=clip, eps=eps, weights=weights, renormalise=renormalise)

@@ -9,10 +9,14 @@ column-major). ``counts`` is always a ``str`` on output so the dict is JSON-seri
 
 from __future__ import annotations
 
+from typing import Literal
+
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 from scipy import ndimage
+
+from .params import Fraction
 
 _STRUCTURES = {
     4: ndimage.generate_binary_structure(2, 1),
@@ -248,3 +252,33 @@ def to_polygons(mask: np.ndarray, *, tolerance: float = 0.0) -> list[list[float]
         polygons.append(pts)
     polygons.sort(key=lambda p: min(zip(p[:, 1].tolist(), p[:, 0].tolist())))
     return [[float(v) for v in p.ravel()] for p in polygons]
+
+
+_fill, _split = fill_holes, split_components  # the parameters of clean() below take these names
+
+
+def clean(masks: list[np.ndarray], *, min_area: Fraction = 0.001, fill_holes: bool = True,
+          max_hole: Fraction | None = None, keep: Literal["all", "largest"] = "all",
+          split_components: bool = False) -> list[np.ndarray]:
+    """Clean a list of instance masks: fill holes, drop small components, keep all or the largest, optionally
+    split into components; never returns an empty mask. Its keyword parameters are a recipe's ``[masks]``.
+
+    Parameters
+    ----------
+    masks : list of bool (H, W)
+    min_area : fraction of the image area; smaller components are dropped (at least 1 pixel).
+    fill_holes : fill holes, all of them or (``max_hole``) those up to that fraction of the image area.
+    keep : every component, or the largest.
+    split_components : one mask per connected component instead of one per instance.
+    """
+    out = []
+    for m in masks:
+        n = m.size
+        if fill_holes:
+            m = _fill(m, max_area=None if max_hole is None else int(round(max_hole * n)))
+        m = remove_small(m, min_area=max(1, int(np.ceil(min_area * n))))
+        if keep == "largest" and m.any():
+            m = keep_largest(m)
+        parts = _split(m) if split_components else [m]
+        out.extend(p for p in parts if p.any())
+    return out

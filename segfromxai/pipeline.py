@@ -20,9 +20,9 @@ import torch
 
 from .explainers.core import Explained, explain_pass
 from .features import feature_layer, token_features
-from .fusion import as_numpy, fuse
+from .fusion import as_numpy, fuse_on_grid
 from .images import Failure, LoadedImage, iter_images
-from .masks import fill_holes, keep_largest, remove_small, split_components
+from .masks import clean
 from .model import LoadedModel, token_grid
 from .recipe import Recipe
 from .refine import REFINERS
@@ -100,39 +100,10 @@ class Clock:
 
 
 # ------------------------------------------------------------------------------------------------ the stages
-def fusion_size(model: LoadedModel, maps: dict[str, torch.Tensor], grid: str) -> tuple[int, int]:
-    """The common grid of :func:`fusion.fuse`: the token grid (a CNN: the coarsest map's) or the input size."""
-    if grid == "input":
-        return model.preprocess.size
-    if model.is_vit:
-        return token_grid(model.module, model.preprocess.size)
-    return min((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
-
-
 def fuse_recipe(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]) -> np.ndarray:
     """The recipe's fusion of a batch of maps, float32 (B, h, w) in [0, 1] on the recipe's grid."""
-    f = recipe.fusion
-    return as_numpy(fuse(maps, method=f["method"], size=fusion_size(model, maps, f["grid"]), clip=f["clip"],
-                         eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"]))
-
-
-def clean_masks(masks: list[np.ndarray], spec: dict[str, Any]) -> list[np.ndarray]:
-    """Fill holes, drop small components, keep all or the largest, optionally split into components; no empties.
-
-    ``spec`` is the recipe's ``masks`` section (areas as fractions of the image area).
-    """
-    out = []
-    for m in masks:
-        n = m.size
-        if spec["fill_holes"]:
-            max_hole = None if spec["max_hole"] is None else int(round(spec["max_hole"] * n))
-            m = fill_holes(m, max_area=max_hole)
-        m = remove_small(m, min_area=max(1, int(np.ceil(spec["min_area"] * n))))
-        if spec["keep"] == "largest" and m.any():
-            m = keep_largest(m)
-        parts = split_components(m) if spec["split_components"] else [m]
-        out.extend(p for p in parts if p.any())
-    return out
+    grid = token_grid(model.module, model.preprocess.size) if model.is_vit else None
+    return as_numpy(fuse_on_grid(maps, token_grid=grid, input_size=model.preprocess.size, **recipe.fusion))
 
 
 def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None
@@ -140,7 +111,7 @@ def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, featur
     """Threshold, refine and clean one fused map (h, w) into bool instance masks at the image's ``size``."""
     mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
     masks = REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
-    return clean_masks(masks, recipe.masks)
+    return clean(masks, **recipe.masks)
 
 
 def annotation_score(confidence: float, fused_pixels: np.ndarray, mask: np.ndarray) -> float:
@@ -187,7 +158,7 @@ def needed_layers(model: LoadedModel, recipe: Recipe) -> tuple[str, ...]:
     """The layers whose outputs the recipe's refiner reads from the shared pass (its declared needs)."""
     if not REFINERS[recipe.refine.method].needs_features:
         return ()
-    return (feature_layer(model.module, recipe.features["feature"], recipe.features["block"]),)
+    return (feature_layer(model.module, **recipe.features),)
 
 
 def shared_pass(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, target: torch.Tensor | None

@@ -1,10 +1,13 @@
 """Recipes: a TOML file that names every choice of a labelling run, read into a frozen, fully resolved ``Recipe``.
 
-A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``refine``, ``masks`` and
-``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Every unknown section, key, name
-or parameter, and every value of the wrong type or outside its allowed set, raises :class:`RecipeError` naming
-the valid choices, before any model is loaded. The resolved recipe (every default filled in) is what runs and
-what is saved with the outputs. Example (``recipes/default.toml``)::
+A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``features``, ``refine``,
+``masks`` and ``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Each section's keys
+are the typed keyword-only parameters of one function (:data:`DECLARED`, the registered stage functions, the
+explainers' declarations; see :mod:`segfromxai.params`): their defaults, ``Literal`` choices and ranges are the
+only source. Every unknown section, key, name or parameter, and every value of the wrong type, outside its
+choices or range, or not finite, raises :class:`RecipeError` naming the key and the valid choices, before any
+model is loaded. The resolved recipe (every default filled in) is what runs and what is saved with the outputs.
+Example (``recipes/default.toml``)::
 
     name = "default"
     [explainers.gradcam]
@@ -13,16 +16,16 @@ what is saved with the outputs. Example (``recipes/default.toml``)::
     method = "geometric"
     [threshold]
     method = "otsu"
+    [features]
+    feature = "v"
     [refine]
     method = "ncut"
-    feature = "v"
     tau = 0.3
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -30,43 +33,42 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .explainers import EXPLAINERS
-from .fusion import FUSIONS, GRIDS
-from .features import FEATURES
-from .refine import CHOICES as REFINE_CHOICES, REFINERS
+from .features import feature_layer
+from .fusion import fuse_on_grid
+from .masks import clean
+from .params import Fraction, Param, check, declared
+from .refine import REFINERS
 from .threshold import THRESHOLDS
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot run: unknown key, name or parameter, or a value of the wrong type."""
+    """A recipe that cannot run: unknown key, name or parameter, or a value of the wrong type or range."""
 
 
 SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "masks",
             "output")
 
-MODEL_DEFAULTS: dict[str, Any] = {"name": "", "checkpoint": ""}
-"""``name``: timm model name ("" = the embedded default); ``checkpoint``: local weights ("" = none)."""
 
-FUSION_DEFAULTS: dict[str, Any] = {"method": "geometric", "grid": "tokens", "clip": None, "eps": 1e-6,
-                                   "weights": {}, "renormalise": True}
-FUSION_CHOICES = {"method": tuple(FUSIONS), "grid": GRIDS}
+def model_options(*, name: str = "", checkpoint: str = "") -> None:
+    """A recipe's ``[model]``: ``name``, a timm model name ("" = the embedded default); ``checkpoint``, local
+    weights or a model card ("" = none)."""
 
-FEATURE_DEFAULTS: dict[str, Any] = {"feature": "k", "block": -1}
-"""Where a refiner that needs token features (``ncut``) reads them: ``feature`` (k, q, v of the block's attention,
-or the block's output ``tokens``) and ``block`` (index, negative from the end)."""
-FEATURE_CHOICES = {"feature": FEATURES}
 
-MASK_DEFAULTS: dict[str, Any] = {"min_area": 0.001, "fill_holes": True, "max_hole": None, "keep": "all",
-                                 "split_components": False}
-"""``min_area``/``max_hole`` are fractions of the image area; ``keep``: every component or the largest;
-``split_components``: one annotation per connected component instead of one per instance."""
-MASK_CHOICES = {"keep": ("all", "largest")}
+def output_options(*, min_confidence: Fraction = 0.0, maps: bool = False, overlays: bool = False) -> None:
+    """A recipe's ``[output]``: ``min_confidence``, skip (and list) images whose explained class has a lower softmax
+    probability; ``maps``, save every map and the fused map per image (``maps/*.npz``); ``overlays``, overlay PNGs."""
 
-OUTPUT_DEFAULTS: dict[str, Any] = {"min_confidence": 0.0, "maps": False, "overlays": False}
-"""``min_confidence``: skip (and list) images whose explained class has a lower softmax probability;
-``maps``: save every map and the fused map per image (``maps/*.npz``); ``overlays``: save overlay PNGs."""
 
-# Parameters a stage function receives from the pipeline, not from the recipe.
-_CONTEXT_PARAMS = {"maps", "fused", "mask", "size", "features"}
+# Where each section is declared (a typed keyword-only signature, see segfromxai.params) and the parameters the
+# pipeline gives that function itself (not from the recipe).
+DECLARED: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "model": (model_options, ()),
+    "fusion": (fuse_on_grid, ("token_grid", "input_size")),
+    "features": (feature_layer, ()),
+    "masks": (clean, ()),
+    "output": (output_options, ()),
+}
+STAGE_CONTEXT = {"threshold": (), "refine": ("size", "features")}
 
 
 @dataclass(frozen=True)
@@ -113,55 +115,27 @@ def _fail(where: str, msg: str) -> RecipeError:
     return RecipeError(f"recipe [{where}]: {msg}")
 
 
-def _check_value(where: str, key: str, value: Any, default: Any, choices: tuple | None = None) -> Any:
-    """``value`` checked against the type of ``default`` (ints pass for floats) and against ``choices``."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and (default is None or isinstance(default, bool))
-    elif isinstance(default, float) or default is None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) or (default is None and value is None)
-    elif isinstance(default, (int, str, dict, tuple, list)):
-        ok = isinstance(value, type(default)) or (isinstance(default, tuple) and isinstance(value, list))
-    else:
-        ok = True
-    if not ok:
-        raise _fail(where, f"{key} = {value!r} should be a {type(default).__name__}")
-    if choices is not None and value not in choices:
-        raise _fail(where, f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
-    return value
+def _section(where: str, given: Any, params: Mapping[str, Param]) -> dict[str, Any]:
+    try:
+        return check(given, params)
+    except ValueError as e:
+        raise _fail(where, str(e)) from None
 
 
-def _section(where: str, given: Mapping[str, Any], defaults: Mapping[str, Any],
-             choices: Mapping[str, tuple] | None = None) -> dict[str, Any]:
+def _declared_section(where: str, given: Any) -> dict[str, Any]:
+    fn, context = DECLARED[where]
+    return _section(where, given, declared(fn, context=context))
+
+
+def _stage(where: str, given: Any, registry: Mapping[str, Any], default: str) -> Stage:
     if not isinstance(given, Mapping):
         raise _fail(where, f"expected a table, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise _fail(where, f"unknown key {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(defaults))}")
-    choices = choices or {}
-    out = dict(defaults)
-    for key, value in given.items():
-        out[key] = _check_value(where, key, value, defaults[key], choices.get(key))
-    return out
-
-
-def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
-    """The keyword parameters of a stage function with their defaults (the pipeline's context ones left out)."""
-    out = {}
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind is p.KEYWORD_ONLY and p.name not in _CONTEXT_PARAMS:
-            out[p.name] = None if p.default is p.empty else p.default
-    return out
-
-
-def _stage(where: str, given: Mapping[str, Any], registry: Mapping[str, Callable[..., Any]], default: str,
-           choices: Mapping[str, Mapping[str, tuple]] | None = None) -> Stage:
     given = dict(given)
     method = given.pop("method", default)
     if method not in registry:
         raise _fail(where, f"unknown method {method!r}; valid: {', '.join(sorted(registry))}")
-    params = _section(f"{where}] [{method}", given, keyword_defaults(getattr(registry[method], "fn", registry[method])),
-                      (choices or {}).get(method))
-    return Stage(method, params)
+    fn = getattr(registry[method], "fn", registry[method])
+    return Stage(method, _section(f"{where}] [{method}", given, declared(fn, context=STAGE_CONTEXT[where])))
 
 
 def _explainers(given: Any) -> dict[str, dict[str, Any]]:
@@ -179,35 +153,36 @@ def _explainers(given: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail("top level", f"{key} = {value!r} should be a str")
+    return value
+
+
 def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
-    """Validate and resolve recipe data (as read from TOML) into a :class:`Recipe`."""
+    """Validate and resolve recipe data (as read from TOML) into a :class:`Recipe`.
+
+    Every value is checked against its declaration (type, choices, range, finite), before any model is loaded.
+    """
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise _fail("top level", f"unknown key {', '.join(map(repr, unknown))}; valid: {', '.join(SECTIONS)}")
     explainers = _explainers(data.get("explainers"))
-    fusion = _section("fusion", data.get("fusion", {}), FUSION_DEFAULTS, FUSION_CHOICES)
-    weights = fusion["weights"]
-    if set(weights) - set(explainers) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
-                                             for v in weights.values()):
+    fusion = _declared_section("fusion", data.get("fusion", {}))
+    if set(fusion["weights"]) - set(explainers):
         raise _fail("fusion", f"weights must be non-negative numbers for the recipe's explainers "
-                    f"({', '.join(explainers)}), got {weights}")
-    if fusion["clip"] is not None and not 0 < fusion["clip"] <= 100:
-        raise _fail("fusion", f"clip must be a percentile in (0, 100], got {fusion['clip']}")
-    masks = _section("masks", data.get("masks", {}), MASK_DEFAULTS, MASK_CHOICES)
-    output = _section("output", data.get("output", {}), OUTPUT_DEFAULTS)
-    if not 0 <= output["min_confidence"] <= 1:
-        raise _fail("output", f"min_confidence must lie in [0, 1], got {output['min_confidence']}")
+                    f"({', '.join(explainers)}), got {fusion['weights']}")
     return Recipe(
-        name=_check_value("top level", "name", data.get("name", name), ""),
-        description=_check_value("top level", "description", data.get("description", ""), ""),
-        model=_section("model", data.get("model", {}), MODEL_DEFAULTS),
+        name=_text("name", data.get("name", name)),
+        description=_text("description", data.get("description", "")),
+        model=_declared_section("model", data.get("model", {})),
         explainers=explainers,
         fusion=fusion,
         threshold=_stage("threshold", data.get("threshold", {}), THRESHOLDS, "otsu"),
-        features=_section("features", data.get("features", {}), FEATURE_DEFAULTS, FEATURE_CHOICES),
-        refine=_stage("refine", data.get("refine", {}), REFINERS, "none", REFINE_CHOICES),
-        masks=masks,
-        output=output,
+        features=_declared_section("features", data.get("features", {})),
+        refine=_stage("refine", data.get("refine", {}), REFINERS, "none"),
+        masks=_declared_section("masks", data.get("masks", {})),
+        output=_declared_section("output", data.get("output", {})),
     )
 
 

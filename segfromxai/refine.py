@@ -22,29 +22,20 @@ float64 as two small matrix products (:func:`segfromxai.resize.resize_bilinear`)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import scipy.ndimage
 
 from .graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut, ncut_bipartition, similarity
+from .params import Fraction, NonNegative, Positive, PositiveInt, Range, declared
 from .resize import check_size, resize_area, resize_bilinear
-
-CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "none": {},
-    "ncut": {
-        "solver": ("lanczos", "dense"),
-        "components": ("overlap", "largest", "all"),
-        "combine": ("none", "intersection", "union"),
-        "foreground": ("mass", "mean"),
-    },
-}
 
 
 
 def _check_choices(refiner: str, **values: str) -> None:
     for name, value in values.items():
-        valid = CHOICES[refiner][name]
+        valid = declared(REFINERS[refiner].fn, context=("size", "features"))[name].choices
         if value not in valid:
             raise ValueError(f"{refiner}: unknown {name} {value!r}; valid: {', '.join(valid)}")
 
@@ -166,10 +157,13 @@ def _check_ncut_numbers(*, instances: int, min_area: float, max_overlap: float, 
 
 
 def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features: np.ndarray | None = None,
-         tau: float = 0.2, eps: float = 1e-5, position_weight: float = 0.0,
-         position_sigma: float = 0.1, prior_weight: float = 0.0, solver: str = "lanczos",
-         foreground: str = "mass", components: str = "overlap", combine: str = "none", instances: int = 1,
-         min_area: float = 0.0, max_overlap: float = 0.5) -> list[np.ndarray]:
+         tau: Annotated[float, Range(-1.0, lo_open=True)] = 0.2,
+         eps: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 1e-5,
+         position_weight: NonNegative = 0.0, position_sigma: Positive = 0.1, prior_weight: NonNegative = 0.0,
+         solver: Literal["lanczos", "dense"] = "lanczos", foreground: Literal["mass", "mean"] = "mass",
+         components: Literal["overlap", "largest", "all"] = "overlap",
+         combine: Literal["none", "intersection", "union"] = "none", instances: PositiveInt = 1,
+         min_area: Fraction = 0.0, max_overlap: Fraction = 0.5) -> list[np.ndarray]:
     """Normalized-cut refinement on the classifier's token features, guided by the explanation.
 
     TokenCut (Wang et al. 2022, CVPR) bipartitions the token graph of :func:`affinity` with :func:`ncut_bipartition`;
@@ -306,3 +300,8 @@ REFINERS: dict[str, Refiner] = {
     "none": Refiner(none, needs_features=False, summary="the thresholded map at image size"),
     "ncut": Refiner(ncut, needs_features=True, summary="normalized cut on token features (TokenCut/MaskCut)"),
 }
+
+CHOICES: dict[str, dict[str, tuple]] = {
+    name: {k: p.choices for k, p in declared(r.fn, context=("size", "features")).items() if p.choices is not None}
+    for name, r in REFINERS.items()}
+"""Per refiner, the allowed values of each parameter with a closed set of choices (read from the signatures)."""

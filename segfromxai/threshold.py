@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from .params import Fraction, Percentile
+
 
 def _per_map(fn: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], np.ndarray]:
     def apply(maps: np.ndarray) -> np.ndarray:
@@ -50,7 +52,7 @@ def otsu(maps: np.ndarray) -> np.ndarray:
     return np.asarray(maps) > _per_map(otsu_value)(maps)
 
 
-def percentile(maps: np.ndarray, *, q: float = 20.0) -> np.ndarray:
+def percentile(maps: np.ndarray, *, q: Percentile = 20.0) -> np.ndarray:
     """Keep the top ``q`` percent of each map: ``map >= t``, ``t`` the ``ceil(q/100 * n)``-th largest value.
 
     Ties at ``t`` are all kept, so a map with ties may keep more than q%. ``q`` in (0, 100].
@@ -65,7 +67,7 @@ def percentile(maps: np.ndarray, *, q: float = 20.0) -> np.ndarray:
     return np.asarray(maps) >= _per_map(kth_largest)(maps)
 
 
-def fixed(maps: np.ndarray, *, t: float = 0.5) -> np.ndarray:
+def fixed(maps: np.ndarray, *, t: Fraction = 0.5) -> np.ndarray:
     """``map > t`` (maps normalised to [0, 1] by fusion, so ``t`` is on that scale)."""
     return np.asarray(maps) > t
 

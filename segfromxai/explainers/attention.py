@@ -6,13 +6,14 @@ or the mean over patch-token rows (average-pooled models); see ``Pass.readout``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
+from ..params import Positive, Range
 from .core import Explainer, Needs, Pass
-from .lrp import ATTENTION_MODES, LAYERNORM_MODES, RULES, LRPConfig, lrp_pass
+from .lrp import LRPConfig, lrp_pass
 
 
 def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
@@ -106,16 +107,29 @@ def _lrp_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(attention=True, attention_grad=True, blocks=True)
 
 
+def rollout_params(*, head_fusion: Literal["mean", "max", "min"] = "mean",
+                   discard_ratio: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.0, start_layer: int = 0) -> None:
+    """``head_fusion``: how heads are merged; ``discard_ratio``: share of the lowest attentions dropped;
+    ``start_layer``: the first block rolled out."""
+
+
+def grad_rollout_params(*, start_layer: int = 0) -> None:
+    """``start_layer``: the first block rolled out."""
+
+
+def lrp_params(*, rule: Literal["epsilon", "alpha1beta0", "abslrp"] = "alpha1beta0", epsilon: Positive = 1e-6,
+               attention: Literal["full", "constant"] = "full", layernorm: Literal["center", "detach"] = "center",
+               start_layer: int = 0) -> None:
+    """The LRP rule and its ``epsilon``, how attention and LayerNorm pass relevance (see ``LRPConfig``), and
+    ``start_layer``, the first block rolled out."""
+
+
 ATTENTION_EXPLAINERS = {
-    "rollout": Explainer(rollout, _attention_needs, {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": 0},
-                         vit_only=True, choices={"head_fusion": ("mean", "max", "min")},
+    "rollout": Explainer(rollout, _attention_needs, rollout_params, vit_only=True,
                          summary="attention rollout (class-agnostic)"),
-    "grad_rollout": Explainer(grad_rollout, _gradient_attention_needs, {"start_layer": 0}, vit_only=True,
+    "grad_rollout": Explainer(grad_rollout, _gradient_attention_needs, grad_rollout_params, vit_only=True,
                               summary="gradient-weighted attention rollout (Chefer et al., ICCV 2021)"),
-    "lrp": Explainer(lrp, _lrp_needs,
-                     {"rule": "alpha1beta0", "epsilon": 1e-6, "attention": "full", "layernorm": "center",
-                      "start_layer": 0},
-                     vit_only=True, summary="transformer attribution: LRP relevance x attention gradient, rolled out "
-                                            "(Chefer et al., CVPR 2021)",
-                     choices={"rule": RULES, "attention": ATTENTION_MODES, "layernorm": LAYERNORM_MODES}),
+    "lrp": Explainer(lrp, _lrp_needs, lrp_params, vit_only=True,
+                     summary="transformer attribution: LRP relevance x attention gradient, rolled out "
+                             "(Chefer et al., CVPR 2021)"),
 }

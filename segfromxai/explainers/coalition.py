@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model import is_vit
-from .hooks import eval_mode
+from ..params import Fraction, NonNegative, Positive, PositiveInt
 from .core import Explainer, Needs, Pass
 from .gradient import default_layer
+from .hooks import eval_mode
 
 GRIDS = ("pixel", "feature")
 SUBSTRATES = ("blur", "zeros", "noise")
@@ -287,12 +288,20 @@ def _needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(layers=(_layer(model, params),))
 
 
+def coalition_params(*, layer: str | None = None, grid: Literal["pixel", "feature"] = "pixel",
+                     max_clusters: PositiveInt = 100, min_clusters: PositiveInt = 3, cluster_steps: PositiveInt = 1000,
+                     cluster_lr: Positive = 0.1, continuity_coef: NonNegative = 1.0, steps: PositiveInt = 500,
+                     lr: Positive = 0.1, mask_coef: NonNegative = 1.0, conf_coef: NonNegative = 100.0,
+                     consistency_coef: NonNegative = 1.0, sigma: Positive = 1.0,
+                     substrate: Literal["blur", "zeros", "noise"] = "noise", blur_sigma: Positive = 10.0,
+                     init: Fraction = 0.1, seed: int = 0) -> None:
+    """The paper's defaults (Hu et al. 2024): clustering (``max_clusters``, ``min_clusters``, ``cluster_steps``,
+    ``cluster_lr``, ``continuity_coef``) and perturbation (``steps``, ``lr``, the loss coefficients, ``sigma``,
+    ``substrate``, ``blur_sigma``, ``init``, ``seed``) on ``layer``'s features (None: the default layer)."""
+
+
 COALITION_EXPLAINERS: dict[str, Explainer] = {
     "coalition": Explainer(
-        coalition, _needs,
-        {"layer": None, "grid": "pixel", "max_clusters": 100, "min_clusters": 3, "cluster_steps": 1000,
-         "cluster_lr": 0.1, "continuity_coef": 1.0, "steps": 500, "lr": 0.1, "mask_coef": 1.0, "conf_coef": 100.0,
-         "consistency_coef": 1.0, "sigma": 1.0, "substrate": "noise", "blur_sigma": 10.0, "init": 0.1, "seed": 0},
-        vit_only=False, choices={"grid": GRIDS, "substrate": SUBSTRATES},
+        coalition, _needs, coalition_params, vit_only=False,
         summary="Perturbation on Feature Coalition: the largest coalition-consistent perturbation keeping the class"),
 }

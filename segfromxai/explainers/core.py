@@ -9,12 +9,13 @@ needed, and hands the results to each method. LRP passes of identical settings a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..model import is_vit, token_grid
+from ..params import Param, check, declared
 from .hooks import Captured, capture
 
 
@@ -42,27 +43,37 @@ class Needs:
 
 @dataclass(frozen=True)
 class Explainer:
-    """A registered method: its read-out, its needs, its documented parameters and their allowed values."""
+    """A registered method: its read-out ``fn(pass, params)``, its needs, and its parameters' declaration.
+
+    ``params`` is a callable whose typed keyword-only signature declares the method's parameters (defaults,
+    ``Literal`` choices, ``Annotated`` ranges; see :mod:`segfromxai.params`): the single source that recipe
+    validation, ``segfromxai list`` and the tests read.
+    """
 
     fn: Callable[[Pass, dict[str, Any]], torch.Tensor]
     needs: Callable[[nn.Module, dict[str, Any]], Needs]
-    defaults: Mapping[str, Any]
+    params: Callable[..., Any]
     vit_only: bool
     summary: str
-    choices: Mapping[str, tuple] = field(default_factory=dict)
+
+    @property
+    def declared(self) -> dict[str, Param]:
+        return declared(self.params)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.declared.items()}
+
+    @property
+    def choices(self) -> dict[str, tuple]:
+        return {k: p.choices for k, p in self.declared.items() if p.choices is not None}
 
     def resolve(self, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Defaults overridden by ``params``; unknown keys and values outside ``choices`` raise ValueError."""
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(f"explainer {name!r} has no parameter {', '.join(map(repr, unknown))}; valid: {valid}")
-        out = {**self.defaults, **params}
-        for key, allowed in self.choices.items():
-            if out[key] not in allowed:
-                raise ValueError(f"explainer {name!r}: {key}={out[key]!r} is not one of {', '.join(map(repr, allowed))}")
-        return out
+        """Defaults overridden by ``params``, each value checked; ValueError names the method and the valid ones."""
+        try:
+            return check(dict(params or {}), self.declared)
+        except ValueError as e:
+            raise ValueError(f"explainer {name!r}: {e}") from None
 
 
 @dataclass
@@ -106,6 +117,7 @@ class Pass:
 
 
 SIGNS = ("positive", "absolute")
+Sign = Literal["positive", "absolute"]
 
 
 def signed(s: torch.Tensor, sign: str) -> torch.Tensor:

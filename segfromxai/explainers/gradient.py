@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..model import is_vit
-from .core import SIGNS, Explainer, Needs, Pass, signed
+from .core import Explainer, Needs, Pass, Sign, signed
 
 
 def default_layer(model: nn.Module) -> str:
@@ -93,13 +93,25 @@ def _input_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(input_grad=True)
 
 
+def layer_params(*, layer: str | None = None) -> None:
+    """``layer``: the module whose activations and gradients are read (None: :func:`default_layer`)."""
+
+
+def no_params() -> None:
+    """No parameters."""
+
+
+def sign_params(*, sign: Sign = "positive") -> None:
+    """``sign``: keep the positive part of the signed map, or its absolute value."""
+
+
 GRADIENT_EXPLAINERS = {
-    "gradcam": Explainer(gradcam, _layer_needs, {"layer": None}, vit_only=False,
+    "gradcam": Explainer(gradcam, _layer_needs, layer_params, vit_only=False,
                          summary="Grad-CAM on a layer's activations (ViT tokens or CNN maps)"),
-    "hirescam": Explainer(hirescam, _layer_needs, {"layer": None}, vit_only=False,
+    "hirescam": Explainer(hirescam, _layer_needs, layer_params, vit_only=False,
                           summary="HiResCAM: element-wise gradient x activation"),
-    "saliency": Explainer(saliency, _input_needs, {}, vit_only=False,
+    "saliency": Explainer(saliency, _input_needs, no_params, vit_only=False,
                           summary="vanilla gradient, max |grad| over channels"),
-    "gradxinput": Explainer(gradxinput, _input_needs, {"sign": "positive"}, vit_only=False,
-                            choices={"sign": SIGNS}, summary="gradient x input, summed over channels"),
+    "gradxinput": Explainer(gradxinput, _input_needs, sign_params, vit_only=False,
+                            summary="gradient x input, summed over channels"),
 }

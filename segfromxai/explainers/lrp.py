@@ -21,14 +21,16 @@ gated or SwiGLU MLPs, q/k norms, attention pooling) raises ``NotImplementedError
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import SIGNS, Explainer, Needs, Pass, signed
+from ..params import Positive
+from .core import Explainer, Needs, Pass, Sign, signed
 
 Fn = Callable[[torch.Tensor, int], torch.Tensor]
 RULES = ("epsilon", "alpha1beta0", "abslrp")
@@ -358,14 +360,18 @@ def _block_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(blocks=True)
 
 
+def pixel_lrp_params(*, epsilon: Positive = 1e-6, attention: Literal["full", "constant"] = "full",
+                     layernorm: Literal["center", "detach"] = "center", sign: Sign = "positive") -> None:
+    """The rule's ``epsilon``, how attention and LayerNorm pass relevance (see ``LRPConfig``), and ``sign``; each
+    LRP explainer declares its own defaults (a ``functools.partial`` of this signature)."""
+
+
 def _lrp_explainer(rule: str, start: str, attention: str, layernorm: str, summary: str) -> Explainer:
     fn = _pixels(rule, start)
     fn.__doc__ = f"{summary}. Relevance at the preprocessed pixels, summed over channels; ``sign`` keeps its " \
                  f"positive part (default) or absolute value. Map (B, H, W). See ``LRPConfig``."
-    return Explainer(fn, _block_needs,
-                     {"epsilon": EPSILON[rule], "attention": attention, "layernorm": layernorm, "sign": "positive"},
-                     vit_only=True, summary=summary,
-                     choices={"attention": ATTENTION_MODES, "layernorm": LAYERNORM_MODES, "sign": SIGNS})
+    params = functools.partial(pixel_lrp_params, epsilon=EPSILON[rule], attention=attention, layernorm=layernorm)
+    return Explainer(fn, _block_needs, params, vit_only=True, summary=summary)
 
 
 LRP_EXPLAINERS = {

@@ -15,15 +15,16 @@ colour (``mode="pixels"``, any classifier).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..model import is_vit, token_grid
-from .hooks import eval_mode
+from ..params import Fraction, PositiveInt
 from .core import Explainer, Needs, Pass
+from .hooks import eval_mode
 
 MODES = ("tokens", "pixels")
 
@@ -256,13 +257,16 @@ def _no_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs()
 
 
-_DEFAULTS = {"mode": "tokens", "patch": None, "stop": True, "tau": 0.0, "max_steps": None, "batch_size": 64}
-_CHOICES = {"mode": MODES, "stop": (True, False)}
+def moxi_params(*, mode: Literal["tokens", "pixels"] = "tokens", patch: PositiveInt | None = None,
+                stop: bool = True, tau: Fraction = 0.0, max_steps: PositiveInt | None = None,
+                batch_size: PositiveInt = 64) -> None:
+    """``mode``: drop tokens after the embedding or mask pixels; ``patch``: pixel patch size (None: the model's);
+    ``stop``: stop when the class is reached/lost; ``tau``: minimum confidence; ``max_steps``; ``batch_size``."""
 
 MOXI_EXPLAINERS: dict[str, Explainer] = {
-    "moxi_insertion": Explainer(moxi_insertion, _no_needs, _DEFAULTS, vit_only=False, choices=_CHOICES,
+    "moxi_insertion": Explainer(moxi_insertion, _no_needs, moxi_params, vit_only=False,
                                 summary="MoXI greedy patch insertion until classified as the target "
                                         "(Kasahara et al., CVPR 2025)"),
-    "moxi_deletion": Explainer(moxi_deletion, _no_needs, _DEFAULTS, vit_only=False, choices=_CHOICES,
+    "moxi_deletion": Explainer(moxi_deletion, _no_needs, moxi_params, vit_only=False,
                                summary="MoXI greedy patch deletion until misclassified (Kasahara et al., CVPR 2025)"),
 }

@@ -14,16 +14,17 @@ normalisation), the same for every image, so one image per call.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
+from ..params import NonNegative, Positive, PositiveInt, Range
 from ..resize import upsample_maps
-from .hooks import eval_mode
 from .core import Explainer, Needs, Pass
+from .hooks import eval_mode
 
 WEIGHTS = ("scorecam", "topk", "gradient")
 SCORES = ("softmax", "logit")
@@ -230,11 +231,17 @@ def _needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(layers=(_layer(model, params),))
 
 
+def rcut_params(*, layer: str | None = None, weights: Literal["scorecam", "topk", "gradient"] = "scorecam",
+                k: PositiveInt = 64, score: Literal["softmax", "logit"] = "softmax", batch_size: PositiveInt = 64,
+                tau: Annotated[float, Range(-1.0, lo_open=True)] = 0.2,
+                eps: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 1e-5,
+                position_weight: NonNegative = 1.0, position_sigma: Positive = 0.1,
+                solver: Literal["lanczos", "dense"] = "lanczos", output: Literal["shift", "clip"] = "shift") -> None:
+    """R-Out weighting (``layer``, ``weights``, ``k``, ``score``, ``batch_size``) and the Cut (``tau``, ``eps``,
+    the positional term, ``solver``, ``output``); see :func:`rcut` and :func:`cut_map`."""
+
+
 RCUT_EXPLAINERS: dict[str, Explainer] = {
-    "rcut": Explainer(rcut, _needs, {"layer": None, "weights": "scorecam", "k": 64, "score": "softmax",
-                                     "batch_size": 64, "tau": 0.2, "eps": 1e-5, "position_weight": 1.0,
-                                     "position_sigma": 0.1, "solver": "lanczos", "output": "shift"},
-                      vit_only=True, choices={"weights": WEIGHTS, "score": SCORES, "solver": SOLVERS,
-                                              "output": OUTPUTS},
+    "rcut": Explainer(rcut, _needs, rcut_params, vit_only=True,
                       summary="R-Cut: perturbation-weighted class-aware tokens, then a normalized cut"),
 }
