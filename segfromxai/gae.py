@@ -163,6 +163,124 @@ def contrastiveness(mosaic_maps: torch.Tensor | np.ndarray, quadrant_scores: tor
     return (weighted / total).clamp_min(0).cpu().numpy(), (share / total).cpu().numpy()
 
 
+def _check_arguments(x: torch.Tensor, target: torch.Tensor, steps: int, negatives: torch.Tensor | None,
+                     batch_size: int, maps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check :func:`gae`'s arguments; return the target as a tensor and ``maps`` as (B, h, w) on the CPU (or None)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+    target = torch.as_tensor(target)
+    if target.shape != (x.shape[0],) or target.is_floating_point():
+        raise ValueError(f"target must be an integer tensor ({x.shape[0]},), got {target.dtype} {tuple(target.shape)}")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    b_count = x.shape[0]
+    if negatives is not None and (negatives.ndim != 5 or negatives.shape[:2] != (b_count, 3)
+                                  or negatives.shape[2:] != x.shape[1:]):
+        raise ValueError(f"negatives must be (B, 3, C, H, W) = ({b_count}, 3, {', '.join(map(str, x.shape[1:]))}), "
+                         f"got {tuple(negatives.shape)}")
+    if maps is not None:
+        maps = as_maps(torch.as_tensor(maps).detach().cpu(), b_count)
+    return target, maps
+
+
+def _negatives(model: Model, x: torch.Tensor, target: torch.Tensor, logits: torch.Tensor,
+               negatives: torch.Tensor | None, rng: np.random.Generator,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Three negatives per image (given, or drawn from other-target batch images): images, logits, batch indices."""
+    b_count = len(x)
+    neg_idx = np.full((b_count, 3), -1)
+    if negatives is None:
+        tgt = target.cpu().numpy()
+        for b in range(b_count):
+            cand = np.flatnonzero(tgt != tgt[b])
+            if cand.size:
+                neg_idx[b] = rng.choice(cand, 3, replace=cand.size < 3)
+        safe = torch.as_tensor(np.where(neg_idx >= 0, neg_idx, np.arange(b_count)[:, None]), device=x.device)
+        return x[safe], logits[safe], neg_idx
+    neg_images = negatives.detach().to(x.device, x.dtype)
+    with torch.no_grad():
+        flat = neg_images.flatten(0, 1)
+        chunks = torch.arange(len(flat), device=x.device).split(batch_size)
+        neg_logits = torch.cat([_logits(model, flat[i]).double() for i in chunks]).view(b_count, 3, -1)
+    return neg_images, neg_logits, neg_idx
+
+
+def _mosaics_and_scores(x: torch.Tensor, target: torch.Tensor, logits: torch.Tensor, neg_images: torch.Tensor,
+                        neg_logits: torch.Tensor, pos_q: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mosaics (B, C, H, W) with the positive in quadrant ``pos_q`` and the scoring-map value per quadrant (B, 4)."""
+    b_count = len(x)
+    l_pos = logits.gather(1, target[:, None])
+    l_neg = logits.gather(1, neg_logits.argmax(-1))
+    neg_scores = 2 * torch.exp((l_neg - l_pos).clamp_max(0)) - 1
+    others = torch.as_tensor([[q for q in range(4) if q != p] for p in pos_q], device=x.device)
+    scores = torch.ones(b_count, 4, dtype=torch.float64, device=x.device).scatter(1, others, neg_scores)
+    quads = torch.empty(b_count, 4, *x.shape[1:], dtype=x.dtype, device=x.device)
+    rows = torch.arange(b_count, device=x.device)
+    quads[rows, torch.as_tensor(pos_q, device=x.device)] = x
+    quads[rows[:, None], others] = neg_images
+    return make_mosaics(quads), scores
+
+
+def _masked_states(model: Model, xc: torch.Tensor, tc: torch.Tensor, o0: torch.Tensor, impact0: torch.Tensor,
+                   counts: list[int], batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """MoRF and LeRF masking of a chunk: outputs (2, c, T), masked inputs of t = 1 .. T-1 and summed impacts."""
+    c, _, h, w = xc.shape
+    masks = torch.zeros(2, c, h * w, dtype=torch.bool, device=xc.device)
+    impact = impact0.flatten(1).expand(2, c, h * w)
+    impact_sum = impact.clone()
+    outs, states = [o0.expand(2, c)], []
+    for t in range(1, len(counts)):
+        new = counts[t] - counts[t - 1]
+        masks = torch.stack([_grow(masks[0], impact[0], new, True), _grow(masks[1], impact[1], new, False)])
+        xs = torch.where(masks.view(2 * c, 1, h, w), torch.zeros((), dtype=xc.dtype, device=xc.device),
+                         xc.repeat(2, 1, 1, 1))
+        o, _, imp = _output_and_impact(model, xs, tc.repeat(2), batch_size)
+        outs.append(o.view(2, c))
+        impact = imp.view(2, c, h * w)
+        impact_sum = impact_sum + impact
+        states.append(xs)
+    return torch.stack(outs, -1), states, impact_sum
+
+
+def _chunk_curves(model: Model, explain_fn: ExplainFn, xc: torch.Tensor, tc: torch.Tensor, o0: torch.Tensor,
+                  impact0: torch.Tensor, mosaics: torch.Tensor, maps: torch.Tensor | None, counts: list[int],
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output and similarity curves (c, 2, T), faithfulness (c,) and mosaic maps (c, H, W) of a chunk, on the CPU."""
+    c, _, h, w = xc.shape
+    steps = len(counts)
+    outs, states, impact_sum = _masked_states(model, xc, tc, o0, impact0, counts, batch_size)
+    a0 = _explain(explain_fn, xc, tc, batch_size) if maps is None else _prepare(maps, xc)
+    rest = _explain(explain_fn, torch.cat([mosaics, *states]), tc.repeat(2 * steps - 1), batch_size)
+    steps_maps = rest[c:].view(steps - 1, 2, c, h, w)
+    sims = [_similarity(a0, a0).expand(2, c)] + [torch.stack([_similarity(a0, s) for s in m]) for m in steps_maps]
+    share = impact_sum / impact_sum.sum(-1, keepdim=True)
+    combined = torch.sign(share[1] - share[0]).view(c, h, w)
+    faithfulness = ((a0 * combined).sum((1, 2)) / a0.sum((1, 2))).cpu()
+    return outs.permute(1, 0, 2).cpu(), torch.stack(sims, -1).permute(1, 0, 2).cpu(), faithfulness, rest[:c]
+
+
+def _result(out_curves: torch.Tensor, sim_curves: torch.Tensor, faithfulness: np.ndarray,
+            mosaic_maps: torch.Tensor, scores: torch.Tensor, pos_q: np.ndarray, neg_idx: np.ndarray,
+            drawn: bool) -> dict:
+    """:func:`gae`'s result dict from the curves, faithfulness, mosaic maps and quadrant scores (eqs. 14-17)."""
+    out_norm = out_curves / out_curves[:, :1, :1]
+    d_o = out_norm[:, 1, 1:] - out_norm[:, 0, 1:]
+    d_a = sim_curves[:, 1, 1:] - sim_curves[:, 0, 1:]
+    robustness = (1 - 2 * (d_o - d_a).abs().sum(1) / (d_o.abs().sum(1) + d_a.abs().sum(1))).numpy()
+    local = np.maximum((robustness + faithfulness) / 2, 0.0)
+    contrast, share = contrastiveness(mosaic_maps, scores, pos_q)
+    if drawn:
+        contrast[neg_idx[:, 0] < 0], share[neg_idx[:, 0] < 0] = np.nan, np.nan
+    result = {"gae": local * contrast, "local_consistency": local, "robustness": robustness,
+              "faithfulness": faithfulness, "contrastiveness": contrast, "positive_share": share}
+    result["mean"] = {k: finite_mean(v) for k, v in result.items()}
+    result.update(output_curves=out_norm.numpy(), similarity_curves=sim_curves.numpy(), positive_quadrant=pos_q,
+                  negative_index=neg_idx, quadrant_scores=scores.cpu().numpy())
+    return result
+
+
 def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tensor, *, steps: int = 10,
         negatives: torch.Tensor | None = None, batch_size: int = 64, seed: int = 0,
         maps: torch.Tensor | None = None) -> dict:
@@ -203,101 +321,30 @@ def gae(model: Model, explain_fn: ExplainFn, x: torch.Tensor, target: torch.Tens
         ``forward_images``: images through the model's forward (``explain_fn``'s included) when the model is an
         ``nn.Module`` (counted by :func:`segfromxai.explainers.hooks.count_forwards`).
     """
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
-    target = torch.as_tensor(target)
-    if target.shape != (x.shape[0],) or target.is_floating_point():
-        raise ValueError(f"target must be an integer tensor ({x.shape[0]},), got {target.dtype} {tuple(target.shape)}")
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("steps", steps)
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2, got {steps}")
+    target, maps = _check_arguments(x, target, steps, negatives, batch_size, maps)
     b_count, _, h, w = x.shape
-    if negatives is not None and (negatives.ndim != 5 or negatives.shape[:2] != (b_count, 3)
-                                  or negatives.shape[2:] != x.shape[1:]):
-        raise ValueError(f"negatives must be (B, 3, C, H, W) = ({b_count}, 3, {', '.join(map(str, x.shape[1:]))}), "
-                         f"got {tuple(negatives.shape)}")
-    if maps is not None:
-        maps = as_maps(torch.as_tensor(maps).detach().cpu(), b_count)
     x, target = x.detach(), target.to(x.device, torch.long)
     net = model if isinstance(model, nn.Module) else getattr(model, "module", None)
     with count_forwards(net) if isinstance(net, nn.Module) else nullcontext() as counter:
         o0, logits, impact0 = _output_and_impact(model, x, target, batch_size)
-
         rng = np.random.default_rng(seed)
         pos_q = rng.integers(0, 4, size=b_count)
-        neg_idx = np.full((b_count, 3), -1)
-        if negatives is None:
-            tgt = target.cpu().numpy()
-            for b in range(b_count):
-                cand = np.flatnonzero(tgt != tgt[b])
-                if cand.size:
-                    neg_idx[b] = rng.choice(cand, 3, replace=cand.size < 3)
-            safe = torch.as_tensor(np.where(neg_idx >= 0, neg_idx, np.arange(b_count)[:, None]), device=x.device)
-            neg_images, neg_logits = x[safe], logits[safe]
-        else:
-            neg_images = negatives.detach().to(x.device, x.dtype)
-            with torch.no_grad():
-                flat = neg_images.flatten(0, 1)
-                chunks = torch.arange(len(flat), device=x.device).split(batch_size)
-                neg_logits = torch.cat([_logits(model, flat[i]).double() for i in chunks]).view(b_count, 3, -1)
-        l_pos = logits.gather(1, target[:, None])
-        l_neg = logits.gather(1, neg_logits.argmax(-1))
-        neg_scores = 2 * torch.exp((l_neg - l_pos).clamp_max(0)) - 1
-        others = torch.as_tensor([[q for q in range(4) if q != p] for p in pos_q], device=x.device)
-        scores = torch.ones(b_count, 4, dtype=torch.float64, device=x.device).scatter(1, others, neg_scores)
-        quads = torch.empty(b_count, 4, *x.shape[1:], dtype=x.dtype, device=x.device)
-        rows = torch.arange(b_count, device=x.device)
-        quads[rows, torch.as_tensor(pos_q, device=x.device)] = x
-        quads[rows[:, None], others] = neg_images
-        mosaics = make_mosaics(quads)
-
+        neg_images, neg_logits, neg_idx = _negatives(model, x, target, logits, negatives, rng, batch_size)
+        mosaics, scores = _mosaics_and_scores(x, target, logits, neg_images, neg_logits, pos_q)
         counts = [(2 * t * h * w + steps) // (2 * steps) for t in range(steps)]
         out_curves = torch.empty(b_count, 2, steps, dtype=torch.float64)
         sim_curves = torch.empty(b_count, 2, steps, dtype=torch.float64)
         lc_f, c_maps = [], []
         for idx in torch.arange(b_count, device=x.device).split(batch_size):
-            c = len(idx)
-            xc, tc = x[idx], target[idx]
-            masks = torch.zeros(2, c, h * w, dtype=torch.bool, device=x.device)
-            impact = impact0[idx].flatten(1).expand(2, c, h * w)
-            impact_sum = impact.clone()
-            outs, states = [o0[idx].expand(2, c)], []
-            for t in range(1, steps):
-                new = counts[t] - counts[t - 1]
-                masks = torch.stack([_grow(masks[0], impact[0], new, True), _grow(masks[1], impact[1], new, False)])
-                xs = torch.where(masks.view(2 * c, 1, h, w), torch.zeros((), dtype=x.dtype, device=x.device),
-                                 xc.repeat(2, 1, 1, 1))
-                o, _, imp = _output_and_impact(model, xs, tc.repeat(2), batch_size)
-                outs.append(o.view(2, c))
-                impact = imp.view(2, c, h * w)
-                impact_sum = impact_sum + impact
-                states.append(xs)
-            a0 = _explain(explain_fn, xc, tc, batch_size) if maps is None else _prepare(maps[idx.cpu()], xc)
-            rest = _explain(explain_fn, torch.cat([mosaics[idx], *states]), tc.repeat(2 * steps - 1), batch_size)
-            steps_maps = rest[c:].view(steps - 1, 2, c, h, w)
-            c_maps.append(rest[:c])
-            sims = [_similarity(a0, a0).expand(2, c)] + [torch.stack([_similarity(a0, s) for s in m])
-                                                         for m in steps_maps]
-            out_curves[idx.cpu()] = torch.stack(outs, -1).permute(1, 0, 2).cpu()
-            sim_curves[idx.cpu()] = torch.stack(sims, -1).permute(1, 0, 2).cpu()
-            share = impact_sum / impact_sum.sum(-1, keepdim=True)
-            combined = torch.sign(share[1] - share[0]).view(c, h, w)
-            lc_f.append(((a0 * combined).sum((1, 2)) / a0.sum((1, 2))).cpu())
-    out_norm = out_curves / out_curves[:, :1, :1]
-    d_o = out_norm[:, 1, 1:] - out_norm[:, 0, 1:]
-    d_a = sim_curves[:, 1, 1:] - sim_curves[:, 0, 1:]
-    robustness = (1 - 2 * (d_o - d_a).abs().sum(1) / (d_o.abs().sum(1) + d_a.abs().sum(1))).numpy()
-    faithfulness = torch.cat(lc_f).numpy()
-    local = np.maximum((robustness + faithfulness) / 2, 0.0)
-    contrast, share = contrastiveness(torch.cat(c_maps), scores, pos_q)
-    if negatives is None:
-        contrast[neg_idx[:, 0] < 0], share[neg_idx[:, 0] < 0] = np.nan, np.nan
-    result = {"gae": local * contrast, "local_consistency": local, "robustness": robustness,
-              "faithfulness": faithfulness, "contrastiveness": contrast, "positive_share": share}
-    result["mean"] = {k: finite_mean(v) for k, v in result.items()}
-    result.update(output_curves=out_norm.numpy(), similarity_curves=sim_curves.numpy(), positive_quadrant=pos_q,
-                  negative_index=neg_idx, quadrant_scores=scores.cpu().numpy())
+            out_c, sim_c, faith_c, maps_c = _chunk_curves(model, explain_fn, x[idx], target[idx], o0[idx],
+                                                          impact0[idx], mosaics[idx],
+                                                          None if maps is None else maps[idx.cpu()], counts,
+                                                          batch_size)
+            out_curves[idx.cpu()], sim_curves[idx.cpu()] = out_c, sim_c
+            lc_f.append(faith_c)
+            c_maps.append(maps_c)
+    result = _result(out_curves, sim_curves, torch.cat(lc_f).numpy(), torch.cat(c_maps), scores, pos_q, neg_idx,
+                     drawn=negatives is None)
     if counter is not None:
         result["forward_images"] = counter.images
     return result

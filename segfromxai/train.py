@@ -158,6 +158,149 @@ def _init_state_dict(init: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return sd, {"checkpoint": str(init), "sha256": sha256(init), **meta}
 
 
+def _split_data(data: str | Path, val: str | Path | None, val_fraction: float, limit: int | None,
+                rng: np.random.Generator) -> tuple[LabelledSet, LabelledSet]:
+    """Training and validation sets: ``val``, else a seeded ``val_fraction`` of ``data``; at most ``limit`` to train."""
+    train_set = read_labelled_folder(data)
+    if val is not None:
+        val_set = read_labelled_folder(val, classes=train_set.classes)
+    else:
+        perm = rng.permutation(len(train_set.paths))
+        n_val = max(1, int(round(val_fraction * len(perm))))
+        val_set, train_set = train_set.subset(np.sort(perm[:n_val])), train_set.subset(np.sort(perm[n_val:]))
+    if limit is not None:
+        train_set = train_set.subset(np.arange(min(limit, len(train_set.paths))))
+    return train_set, val_set
+
+
+def _build_model(model_name: str, n_classes: int, img_size: int | None, init: str | Path | None,
+                 device: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None, Preprocess]:
+    """The timm model on ``device`` (from ``init`` without its head, if given), its kwargs, init info, preprocessing."""
+    module, kwargs = create(model_name, num_classes=n_classes, img_size=img_size)
+    init_info = None
+    if init is not None:
+        sd, init_info = _init_state_dict(Path(init))
+        sd = adapt_state_dict(sd, module, drop_head=True)
+        missing = [k for k in module.state_dict() if k not in sd]
+        if set(missing) - set(head_keys(module)):
+            load_weights(module, sd, source=str(init))  # raises, naming what does not fit
+        load_weights(module, sd, source=str(init), strict=False)
+    module.to(device)
+
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=module)
+    size = (img_size, img_size) if img_size else tuple(cfg["input_size"][-2:])
+    pre = Preprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                     interpolation=cfg.get("interpolation", "bicubic"))
+    return module, kwargs, init_info, pre
+
+
+def _freeze_trunk(module: nn.Module, k: int) -> None:
+    """Train only the ViT blocks from ``k`` on, the final norm and the head (``k`` in 1 .. blocks - 1)."""
+    if not is_vit(module):
+        raise ValueError("--freeze-blocks needs a ViT with `blocks` (timm VisionTransformer family)")
+    if not 0 < k < len(module.blocks):
+        raise ValueError(f"--freeze-blocks must be in 1..{len(module.blocks) - 1}, got {k}")
+    for name, p in module.named_parameters():
+        trainable = name.startswith(("norm.", "head", "fc_norm")) or any(
+            name.startswith(f"blocks.{i}.") for i in range(k, len(module.blocks)))
+        p.requires_grad_(trainable)
+
+
+def _optimizer(module: nn.Module, lr: float, head_lr: float, weight_decay: float,
+               steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters (``head_lr`` for the head) with 5 % linear warm-up, then cosine decay."""
+    head = set(head_keys(module))
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in params if n not in head], "lr": lr},
+        {"params": [p for n, p in params if n in head], "lr": head_lr},
+    ], weight_decay=weight_decay)
+    warm = max(1, int(0.05 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    return opt, sched
+
+
+def _train_epoch(module: nn.Module, train_set: LabelledSet, pre: Preprocess, cache: torch.Tensor | None, k: int,
+                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR, rng: np.random.Generator, *,
+                 batch_size: int, device: str, desc: str, progress: bool) -> tuple[float, int, int]:
+    """One pass over shuffled ``train_set`` (cached trunk tokens, else flipped images): loss sum, images, correct."""
+    module.train()
+    if k:  # frozen blocks stay in eval mode (no dropout / drop-path there)
+        for blk in module.blocks[:k]:
+            blk.eval()
+    labels_t = torch.from_numpy(train_set.labels)
+    total, n_seen, correct = 0.0, 0, 0
+    for idx in _progress(_batches(len(train_set.paths), batch_size, rng),
+                         math.ceil(len(train_set.paths) / batch_size), desc, progress):
+        y = labels_t[idx].to(device)
+        if cache is not None:
+            logits = _top(module, cache[idx].float().to(device), k)
+        else:
+            x = _load_batch(train_set, idx, pre).to(device)
+            flip = torch.from_numpy(rng.uniform(size=len(idx)) < 0.5).to(device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            logits = module(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(idx)
+        n_seen += len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+    return total, n_seen, correct
+
+
+def _cached_accuracy(module: nn.Module, val_set: LabelledSet, val_cache: torch.Tensor, k: int, *, batch_size: int,
+                     device: str) -> float:
+    """Top-1 accuracy of ``module`` on ``val_set`` from its cached frozen-trunk tokens."""
+    module.eval()
+    with torch.no_grad():
+        pred = torch.cat([_top(module, val_cache[i].float().to(device), k).argmax(1).cpu()
+                          for i in _batches(len(val_set.paths), batch_size)]).numpy()
+    return float((pred == val_set.labels).mean())
+
+
+def _fit(module: nn.Module, train_set: LabelledSet, val_set: LabelledSet, pre: Preprocess, k: int,
+         cache: torch.Tensor | None, val_cache: torch.Tensor | None, opt: torch.optim.Optimizer,
+         sched: torch.optim.lr_scheduler.LambdaLR, rng: np.random.Generator, *, epochs: int, batch_size: int,
+         device: str, progress: bool, t0: float, log) -> list[dict[str, Any]]:
+    """The epoch loop: train, validate and log each epoch; returns the per-epoch history."""
+    history = []
+    for epoch in range(epochs):
+        total, n_seen, correct = _train_epoch(module, train_set, pre, cache, k, opt, sched, rng,
+                                              batch_size=batch_size, device=device,
+                                              desc=f"epoch {epoch + 1}/{epochs}", progress=progress)
+        if val_cache is not None:
+            va = _cached_accuracy(module, val_set, val_cache, k, batch_size=batch_size, device=device)
+        else:
+            va = accuracy(module, val_set, pre, batch_size=batch_size, device=device, progress=progress)
+        history.append({"epoch": epoch + 1, "train_loss": total / n_seen, "train_accuracy": correct / n_seen,
+                        "val_accuracy": va, "elapsed_s": round(time.time() - t0, 1)})
+        log(f"epoch {epoch + 1}/{epochs}: train loss {total / n_seen:.4f}, train acc {correct / n_seen:.4f}, "
+            f"val acc {va:.4f} ({time.time() - t0:.0f} s)")
+    return history
+
+
+def _save_weights(module: nn.Module, out: Path, model_name: str, kwargs: dict[str, Any],
+                  storage_dtype: str) -> Path:
+    """Write ``out/model.safetensors`` in ``storage_dtype`` and load the cast weights back into ``module``."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, storage_dtype)
+    sd = {name: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+          for name, v in module.state_dict().items()}
+    weights = out / "model.safetensors"
+    with atomic_write(weights, "wb") as f:
+        f.write(save(sd, metadata={"timm_name": model_name, "timm_kwargs": json.dumps(kwargs)}))
+    load_weights(module, sd, source=str(weights))
+    return weights
+
+
 def finetune(data: str | Path, model_name: str, out: str | Path, *, init: str | Path | None = None,
              freeze_blocks: int = 0, epochs: int = 2, img_size: int | None = None, batch_size: int = 32,
              lr: float = 5e-5, head_lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
@@ -181,62 +324,17 @@ def finetune(data: str | Path, model_name: str, out: str | Path, *, init: str | 
     -------
     The model card (dict), also written to ``out/card.json``.
     """
-    from safetensors.torch import save
-
     t0 = time.time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out = Path(out)
-    train_set = read_labelled_folder(data)
-    if val is not None:
-        val_set = read_labelled_folder(val, classes=train_set.classes)
-    else:
-        perm = rng.permutation(len(train_set.paths))
-        n_val = max(1, int(round(val_fraction * len(perm))))
-        val_set, train_set = train_set.subset(np.sort(perm[:n_val])), train_set.subset(np.sort(perm[n_val:]))
-    if limit is not None:
-        train_set = train_set.subset(np.arange(min(limit, len(train_set.paths))))
+    train_set, val_set = _split_data(data, val, val_fraction, limit, rng)
     classes = train_set.classes
-
-    module, kwargs = create(model_name, num_classes=len(classes), img_size=img_size)
-    init_info = None
-    if init is not None:
-        sd, init_info = _init_state_dict(Path(init))
-        sd = adapt_state_dict(sd, module, drop_head=True)
-        missing = [k for k in module.state_dict() if k not in sd]
-        if set(missing) - set(head_keys(module)):
-            load_weights(module, sd, source=str(init))  # raises, naming what does not fit
-        load_weights(module, sd, source=str(init), strict=False)
-    module.to(device)
-
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=module)
-    size = (img_size, img_size) if img_size else tuple(cfg["input_size"][-2:])
-    pre = Preprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                     interpolation=cfg.get("interpolation", "bicubic"))
-
-    vit = is_vit(module)
+    module, kwargs, init_info, pre = _build_model(model_name, len(classes), img_size, init, device)
     k = int(freeze_blocks)
     if k:
-        if not vit:
-            raise ValueError("--freeze-blocks needs a ViT with `blocks` (timm VisionTransformer family)")
-        if not 0 < k < len(module.blocks):
-            raise ValueError(f"--freeze-blocks must be in 1..{len(module.blocks) - 1}, got {k}")
-        for name, p in module.named_parameters():
-            trainable = name.startswith(("norm.", "head", "fc_norm")) or any(
-                name.startswith(f"blocks.{i}.") for i in range(k, len(module.blocks)))
-            p.requires_grad_(trainable)
-    head = set(head_keys(module))
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([
-        {"params": [p for n, p in params if n not in head], "lr": lr},
-        {"params": [p for n, p in params if n in head], "lr": head_lr},
-    ], weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(train_set.paths) / batch_size)
-    warm = max(1, int(0.05 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        _freeze_trunk(module, k)
+    opt, sched = _optimizer(module, lr, head_lr, weight_decay, epochs * math.ceil(len(train_set.paths) / batch_size))
 
     cache = val_cache = None
     if k:
@@ -245,53 +343,10 @@ def finetune(data: str | Path, model_name: str, out: str | Path, *, init: str | 
         log(f"cached frozen-trunk tokens of {len(train_set.paths)} + {len(val_set.paths)} images "
             f"in {time.time() - t0:.0f} s")
 
-    history = []
-    labels_t = torch.from_numpy(train_set.labels)
-    for epoch in range(epochs):
-        module.train()
-        if k:  # frozen blocks stay in eval mode (no dropout / drop-path there)
-            for blk in module.blocks[:k]:
-                blk.eval()
-        total, n_seen, correct = 0.0, 0, 0
-        for idx in _progress(_batches(len(train_set.paths), batch_size, rng),
-                             math.ceil(len(train_set.paths) / batch_size), f"epoch {epoch + 1}/{epochs}", progress):
-            y = labels_t[idx].to(device)
-            if cache is not None:
-                logits = _top(module, cache[idx].float().to(device), k)
-            else:
-                x = _load_batch(train_set, idx, pre).to(device)
-                flip = torch.from_numpy(rng.uniform(size=len(idx)) < 0.5).to(device)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                logits = module(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            n_seen += len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-        if val_cache is not None:
-            module.eval()
-            with torch.no_grad():
-                pred = torch.cat([_top(module, val_cache[i].float().to(device), k).argmax(1).cpu()
-                                  for i in _batches(len(val_set.paths), batch_size)]).numpy()
-            va = float((pred == val_set.labels).mean())
-        else:
-            va = accuracy(module, val_set, pre, batch_size=batch_size, device=device, progress=progress)
-        history.append({"epoch": epoch + 1, "train_loss": total / n_seen, "train_accuracy": correct / n_seen,
-                        "val_accuracy": va, "elapsed_s": round(time.time() - t0, 1)})
-        log(f"epoch {epoch + 1}/{epochs}: train loss {total / n_seen:.4f}, train acc {correct / n_seen:.4f}, "
-            f"val acc {va:.4f} ({time.time() - t0:.0f} s)")
+    history = _fit(module, train_set, val_set, pre, k, cache, val_cache, opt, sched, rng, epochs=epochs,
+                   batch_size=batch_size, device=device, progress=progress, t0=t0, log=log)
 
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, storage_dtype)
-    sd = {name: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-          for name, v in module.state_dict().items()}
-    weights = out / "model.safetensors"
-    with atomic_write(weights, "wb") as f:
-        f.write(save(sd, metadata={"timm_name": model_name, "timm_kwargs": json.dumps(kwargs)}))
-    load_weights(module, sd, source=str(weights))
+    weights = _save_weights(module, out, model_name, kwargs, storage_dtype)
     final_acc = accuracy(module, val_set, pre, batch_size=batch_size, device=device, progress=progress)
     log(f"validation accuracy with the stored {storage_dtype} weights: {final_acc:.4f}")
     card = {
