@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import is_vit
+from ..model import is_vit, tokens_to_grid
 from ..params import Fraction, NonNegative, Positive, PositiveInt
 from .core import Explainer, Needs, Pass
 from .gradient import default_layer
@@ -48,8 +48,8 @@ def layer_features(ps: Pass, layer: str) -> torch.Tensor:
     if a.ndim == 4:
         return a
     if a.ndim == 3 and is_vit(ps.model):
-        p = ps.num_prefix_tokens
-        return a[:, p:].transpose(1, 2).reshape(a.shape[0], a.shape[2], *ps.grid)
+        grid = tokens_to_grid(ps.model, a, tuple(ps.x.shape[-2:]))
+        return grid.permute(0, 3, 1, 2).contiguous()
     raise ValueError(f"coalition layer {layer!r} gives a tensor of shape {tuple(a.shape)}; "
                      "expected CNN (B, C, h, w) or ViT tokens (B, N, C)")
 
