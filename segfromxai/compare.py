@@ -191,12 +191,14 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
-    """``out/compare.json`` (rows, failures, settings; NaN as null) and ``out/compare.csv``, atomically."""
+    """``out/compare.json`` (rows, failures, settings; NaN as null), ``out/compare.csv`` and ``out/compare.svg``
+    (IoU against seconds per image, one labelled point per recipe), atomically."""
     import csv
     import json
 
     from .coco import atomic_write
     from .evaluate import json_safe
+    from .plots import scatter_svg
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,3 +208,6 @@ def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         w.writerows(result["rows"])
+    points = [(r["recipe"], r["s_per_image"], r["iou"]) for r in result["rows"]]
+    with atomic_write(out / "compare.svg") as f:
+        f.write(scatter_svg(points, title=f"IoU against seconds per image ({result['n_images']} images)"))
