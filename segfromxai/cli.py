@@ -303,12 +303,15 @@ def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | 
               help="extra exports (repeatable); COCO is always written")
 @click.option("--index-only", is_flag=True, help="keep the parts sharded: write only out/index.json listing them")
 @click.option("--overwrite", is_flag=True, help="replace an earlier merge in --out")
-def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], index_only: bool, overwrite: bool) -> None:
+@click.option("--skip-empty", is_flag=True, help="leave images without a mask out of pseudo_labels.json")
+def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], index_only: bool, overwrite: bool,
+              skip_empty: bool) -> None:
     """Combine the output folders of a sharded run (run --shard I --num-shards N) into one COCO dataset."""
     from .dataset import merge
 
     try:
-        summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite)
+        summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite,
+                        skip_empty=skip_empty)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from e
     if index_only:

@@ -421,9 +421,11 @@ def _prune(out_dir: Path, kept: set[Path]) -> None:
                         f.unlink()
 
 
-def _yolo_yaml(out_dir: Path, categories: list[dict], n_val: int, val_fraction: float) -> str:
+def _yolo_yaml(out_dir: Path, categories: list[dict], n_val: int, val_fraction: float, with_images: bool) -> str:
     val = "images/val" if n_val else "images/train"
-    lines = ["# YOLO segmentation dataset written by segfromxai.",
+    hint = [] if with_images else ["# No images were linked: put each image in images/train or images/val, where its "
+                                   "label file is in labels/."]
+    lines = hint + ["# YOLO segmentation dataset written by segfromxai.",
              "# Labels are polygons traced from the COCO RLE masks: lossy (holes and sub-pixel detail are lost,",
              "# a mask in several parts gives one polygon per part). Use the COCO file for exact masks.",
              f"# val: a held-out {val_fraction:g} of the images, chosen by a stable hash of the file name"
@@ -508,7 +510,7 @@ def export_yolo(out_dir: str | os.PathLike, records: Iterable[dict] | Callable[[
     kept |= {Path("images") / written[rel.with_suffix(".txt")] / rel for rel in keys} if images is not None else set()
     _prune(out_dir, kept)
     with atomic_write(out_dir / "data.yaml", "w") as f:
-        f.write(_yolo_yaml(out_dir, categories, n_val, val_fraction))
+        f.write(_yolo_yaml(out_dir, categories, n_val, val_fraction, images is not None))
     return len(written)
 
 

@@ -135,7 +135,8 @@ def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = (
     if "png" in formats:
         export_png(out / "png", labelled())
     if "yolo" in formats:
-        export_yolo(out / "yolo", labelled(), categories=categories, images=image_root(header))
+        root = image_root(header)  # a merge on another machine may not see the images: labels only, then
+        export_yolo(out / "yolo", labelled(), categories=categories, images=root if root.is_dir() else None)
     status: dict[str, int] = {}
     skipped = []
     for r in records(manifests, ("ok", "empty", "failed", "skipped"))():

@@ -21,11 +21,12 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _frame(title: str, xlabel: str, ylabel: str) -> list[str]:
-    """The SVG head, white background, title and axis labels."""
-    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" '
+def _frame(title: str, xlabel: str, ylabel: str, legend_rows: int = 0) -> list[str]:
+    """The SVG head, white background, title and axis labels; ``legend_rows`` rows of 14 px added at the bottom."""
+    h = _H + (14 * legend_rows + 6 if legend_rows else 0)
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{h}" viewBox="0 0 {_W} {h}" '
             'font-family="sans-serif" font-size="11">',
-            f'<rect width="{_W}" height="{_H}" fill="#fff"/>',
+            f'<rect width="{_W}" height="{h}" fill="#fff"/>',
             f'<text x="{_W / 2:g}" y="18" text-anchor="middle" font-size="13">{_e(title)}</text>',
             f'<text x="{(_LEFT + _W - _RIGHT) / 2:g}" y="{_H - 8}" text-anchor="middle">{_e(xlabel)}</text>',
             f'<text x="14" y="{(_TOP + _H - _BOTTOM) / 2:g}" text-anchor="middle" '
@@ -59,11 +60,12 @@ def _ticks(top: float, n: int = 5) -> list[float]:
 
 
 def _legend(names: Sequence[str]) -> list[str]:
+    """One row per series under the axis label, clear of the bars."""
     out = []
     for k, name in enumerate(names):
-        yy = _TOP + 4 + 14 * k
-        out.append(f'<rect x="{_W - _RIGHT - 150}" y="{yy}" width="10" height="10" fill="{PALETTE[k % 8]}"/>'
-                   f'<text x="{_W - _RIGHT - 136}" y="{yy + 9}">{_e(name)}</text>')
+        yy = _H + 14 * k
+        out.append(f'<rect x="{_LEFT + 24}" y="{yy}" width="10" height="10" fill="{PALETTE[k % 8]}"/>'
+                   f'<text x="{_LEFT + 38}" y="{yy + 9}">{_e(name)}</text>')
     return out
 
 
@@ -94,7 +96,7 @@ def histogram_svg(values: dict[str, Sequence[float]], *, bins: int = 10, title: 
     ymax = max(yt[-1], top)
     x = lambda t: _LEFT + t * (_W - _LEFT - _RIGHT)  # noqa: E731
     y = lambda t: _H - _BOTTOM - t / ymax * (_H - _TOP - _BOTTOM)  # noqa: E731
-    out = _frame(title, xlabel, "images") + _axes([k / 5 for k in range(6)], yt, x, y)
+    out = _frame(title, xlabel, "images", legend_rows=len(counts)) + _axes([k / 5 for k in range(6)], yt, x, y)
     width = (x(1) - x(0)) / bins / max(1, len(counts))
     for s, c in enumerate(counts.values()):
         for b, n in enumerate(c):
@@ -123,6 +125,8 @@ def scatter_svg(points: Sequence[tuple[str, float, float]], *, title: str = "IoU
     for k, (name, a, b) in enumerate(pts):
         out.append(f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="4" fill="{PALETTE[k % 8]}"><title>{_e(name)}: '
                    f'{b:.3f} at {a:.3g} s</title></circle>'
-                   f'<text x="{x(a) + 6:.1f}" y="{y(b) - 6:.1f}" font-size="10">{_e(name)}</text>')
+                   + (f'<text x="{x(a) - 6:.1f}" y="{y(b) - 6:.1f}" font-size="10" text-anchor="end">'
+                      if a > 0.6 * xt[-1] else f'<text x="{x(a) + 6:.1f}" y="{y(b) - 6:.1f}" font-size="10">')
+                   + f"{_e(name)}</text>")
     out.append("</svg>")
     return "\n".join(out) + "\n"

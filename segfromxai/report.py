@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .artifacts import overlay
 from .coco import atomic_write
 from .resize import resize_bilinear
 
@@ -32,7 +31,7 @@ _LABEL_H = 16  # px of the label band above the tiles
 _PAD = (255, 255, 255)  # letterbox padding, the page's background
 _BLANK = (200, 200, 200)  # "no map" / "no ground truth" tiles
 _LABELS = ("image", "explanation", "pseudo mask", "ground truth", "student mask")
-_SOLID = {3: (60, 180, 75), 4: (0, 130, 200)}  # ground truth green, student blue: opaque fill, dark outline
+_SOLID = {2: (230, 25, 75), 3: (60, 180, 75), 4: (0, 130, 200)}  # pseudo red, GT green, student blue
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;background:#fff}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:2px 8px}
@@ -104,10 +103,10 @@ def solid(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> 
 def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
     """Draw ``sheet`` as a strip of tiles: image | heatmap | pseudo mask | ground truth [| student mask].
 
-    The heatmap is JET-coloured and blended 50/50 with the image ("no map" tile when None); the pseudo mask is
-    drawn with :func:`segfromxai.artifacts.overlay`; the ground truth (green) and the student's mask (blue, a
-    fifth tile only when ``sheet.student`` is given) with :func:`solid` ("no ground truth" tile when
-    ``sheet.gt`` is None). Each tile holds the image scaled to fit ``tile`` x ``tile`` with its
+    The heatmap is JET-coloured and blended 50/50 with the image ("no map" tile when None); the pseudo mask (red),
+    the ground truth (green) and the student's mask (blue, a fifth tile only when ``sheet.student`` is given) are
+    drawn with :func:`solid`, opaque, so that they show on any image ("no ground truth" tile when ``sheet.gt`` is
+    None). Each tile holds the image scaled to fit ``tile`` x ``tile`` with its
     aspect ratio kept, centred on white (letterboxed); masks are scaled with nearest neighbour, the heatmap
     bilinearly. A label band of 16 px sits above the tiles, 4 px between them.
 
@@ -139,7 +138,7 @@ def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
     def mask(m: np.ndarray) -> np.ndarray:
         return cv2.resize(np.asarray(m, np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
-    tiles: list[np.ndarray | None] = [img, None, overlay(img, [mask(sheet.pred)]), None]
+    tiles: list[np.ndarray | None] = [img, None, solid(img, mask(sheet.pred), _SOLID[2]), None]
     if sheet.heatmap is not None:
         heat = np.clip(resize_bilinear(np.nan_to_num(np.asarray(sheet.heatmap, np.float64)), (h, w)), 0.0, 1.0)
         colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]

@@ -309,6 +309,7 @@ def test_export_yolo(tmp_path):
     assert "nc: 3\n" in yaml
     assert 'names:\n  0: "cat"\n  1: "dog"\n  2: "bird \\"b\\""\n' in yaml
     assert "lossy" in yaml and "holes" in yaml
+    assert "No images were linked" in yaml and not (tmp_path / "images").exists()  # labels only without images=
     assert _leftovers(tmp_path) == []
 
 
