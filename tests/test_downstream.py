@@ -113,13 +113,14 @@ def test_skip_empty_leaves_images_without_a_mask_out_of_the_training_file_only(t
 def test_run_skip_empty_flag(tmp_path, synth_images, tiny_card):
     recipe = tmp_path / "big.toml"  # masks must cover 95% of the image: every image ends without a mask
     recipe.write_text('name = "big"\n[explainers.gradcam]\n[masks]\nmin_area = 0.95\n')
-    for flag, n_images in (("--limit", 3), ("--skip-empty", 0)):
+    for flag, n_images in (("--format", 3), ("--skip-empty", 0)):
         out = tmp_path / flag
         args = ["run", recipe, "--images", synth_images / "images", "--out", out, "--checkpoint", tiny_card,
-                "--limit", "3"] + (["--skip-empty"] if flag == "--skip-empty" else [])
+                "--limit", "3"] + (["--skip-empty"] if flag == "--skip-empty" else ["--format", "coco"])
         r = invoke(*args)
         assert r.exit_code == 0, r.output
-        assert json.loads((out / "run.json").read_text())["counts"]["no_mask"] == 3
+        summary = json.loads((out / "run.json").read_text())
+        assert summary["counts"]["no_mask"] == 3 and summary["formats"] == ["coco"]  # --format coco: the default
         assert len(json.loads((out / "pseudo_labels.json").read_text())["images"]) == n_images
 
 
