@@ -220,3 +220,39 @@ def test_readme_yolo_command_trains_from_a_fresh_shell_elsewhere(tmp_path, synth
     assert done.returncode == 0, log[-3000:]
     assert "images not found" not in log and "No labels found" not in log
     assert list(tmp_path.rglob("weights/last.pt"))
+
+
+def test_merged_shards_export_one_yolo_dataset_with_the_same_split_rule(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from segfromxai.dataset import merge
+    from segfromxai.masks import encode
+
+    images = tmp_path / "images"
+    images.mkdir()
+    m = np.zeros((4, 4), bool)
+    m[1:3, 1:3] = True
+    names = [f"{k:02d}.png" for k in range(10)]
+    for k, n in enumerate(names):
+        Image.fromarray(np.full((4, 4, 3), 20 * k, np.uint8)).save(images / n)
+    parts = []
+    for shard in range(2):
+        part = tmp_path / f"part{shard}"
+        part.mkdir()
+        header = {"recipe": "x", "images": str(images), "model": "tiny", "targets": {}, "shard": [shard, 2],
+                  "classes": ["a"], "resolved": {"name": "x"}}
+        with Manifest(part / "manifest.jsonl").open(header) as manifest:
+            manifest.append([{"index": k, "file_name": n, "status": "ok",
+                              "image": {"id": k + 1, "file_name": n, "height": 4, "width": 4},
+                              "annotations": [{"category_id": 1, "segmentation": encode(m), "score": 0.5}]}
+                             for k, n in enumerate(names) if k % 2 == shard])
+        parts.append(part)
+    merge(parts, tmp_path / "merged", formats=("yolo",))
+    yolo = tmp_path / "merged" / "yolo"
+    val = sorted(p.name for p in (yolo / "images/val").iterdir())
+    train = sorted(p.name for p in (yolo / "images/train").iterdir())
+    assert sorted(val + train) == names and val and train
+    expected = sorted(n for n in names if yolo_split_key(n) < 0.1) or [min(names, key=yolo_split_key)]
+    assert val == expected
+    assert all(os.path.samefile(yolo / "images/train" / n, images / n) for n in train)
