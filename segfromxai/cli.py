@@ -168,11 +168,13 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
               help="ray: label chunks in a Ray Data actor pool (pip install 'segfromxai[ray]')")
 @click.option("--address", default=None, help="with --engine ray: the cluster ('auto', or host:port); "
               "default: a local Ray started here")
+@click.option("--skip-empty", is_flag=True, help="leave images without a mask out of pseudo_labels.json "
+              "(default: kept, with no annotation)")
 def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
         labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
         formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool,
         gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
-        address: str | None) -> None:
+        address: str | None, skip_empty: bool) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
     from .engine import run as run_recipe
     from .recipe import RecipeError, load_recipe, with_output
@@ -198,15 +200,14 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
     def progress(advance: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            from tqdm import tqdm
-            bar = tqdm(total=total, initial=advance, unit="img", disable=not sys.stderr.isatty())
+            bar = _progress_bar(total, advance)
         else:
             bar.update(advance)
 
     try:
         common = dict(model=model, targets=targets, batch_size=batch_size, limit=limit, formats=formats,
                       resume=bool(resume), overwrite=resume is False, seed=seed,
-                      shard=(shard, num_shards) if num_shards else None, progress=progress)
+                      shard=(shard, num_shards) if num_shards else None, progress=progress, skip_empty=skip_empty)
         if engine == "ray":
             from .engine_ray import run_ray
 
@@ -223,20 +224,39 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
     if c["failed"]:
         click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
+    if gt is not None and skip_empty:
+        click.echo("note: --skip-empty left the images without a mask out of pseudo_labels.json, so the evaluation "
+                   "below lists them as having no prediction and leaves them out of the numbers", err=True)
     if gt is not None:
         _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
                   out / "maps", {"recipe": summary["recipe"], "model": summary["model"],
                                  "versions": summary["versions"], "counts": summary["counts"]})
 
 
+def _progress_bar(total: int, initial: int):
+    """A tqdm bar on a terminal; elsewhere (a log, a pipe, a job scheduler) a progress line every 100 images or
+    30 seconds on stderr."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, unit="img")
+    from .progress import LogProgress
+    return LogProgress(total, initial, stream=sys.stderr)
+
+
 def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None,
-              maps: Path | None, settings: dict) -> None:
+              maps: Path | None, settings: dict, class_agnostic: bool = False) -> None:
+    import warnings
+
     from .evaluate import comparisons, headline, table, worst, write_evaluation, write_evaluation_report
 
     try:
-        results = comparisons(pred, gt=gt, student=student)
+        with warnings.catch_warnings():  # shown once below, through click
+            warnings.simplefilter("ignore")
+            results = comparisons(pred, gt=gt, student=student, class_agnostic=class_agnostic)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
+    for message in dict.fromkeys(w for r in results.values() for w in r["warnings"]):
+        click.echo(f"warning: {message}", err=True)
     click.echo(table({name: headline(r) for name, r in results.items()}))
     first_name, first = next(iter(results.items()))
     click.echo(f"{first['n_images']} images ({first_name}); per image = mean over images, pooled = over all pixels")
@@ -261,11 +281,15 @@ def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | Non
               help="write metrics.json, per_image.csv and report.html here")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="the image folder, for the report's contact sheets")
-def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None) -> None:
+@click.option("--class-agnostic", is_flag=True, help="treat every mask as one category 'object' on both sides "
+              "(for masks without classes, e.g. a 0/1 PNG student)")
+def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None,
+                 class_agnostic: bool) -> None:
     """Score predicted masks against ground truth and/or a student's masks (images matched by file name)."""
     maps = pred.parent / "maps" if pred.is_file() else None
     _evaluate(pred, gt, student, out, images, maps if maps is not None and maps.is_dir() else None,
-              {"pred": str(pred), "gt": str(gt), "student": str(student)})
+              {"pred": str(pred), "gt": str(gt), "student": str(student), "class_agnostic": class_agnostic},
+              class_agnostic)
 
 
 @main.command("merge")
@@ -275,12 +299,15 @@ def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | 
               help="extra exports (repeatable); COCO is always written")
 @click.option("--index-only", is_flag=True, help="keep the parts sharded: write only out/index.json listing them")
 @click.option("--overwrite", is_flag=True, help="replace an earlier merge in --out")
-def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], index_only: bool, overwrite: bool) -> None:
+@click.option("--skip-empty", is_flag=True, help="leave images without a mask out of pseudo_labels.json")
+def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], index_only: bool, overwrite: bool,
+              skip_empty: bool) -> None:
     """Combine the output folders of a sharded run (run --shard I --num-shards N) into one COCO dataset."""
     from .dataset import merge
 
     try:
-        summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite)
+        summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite,
+                        skip_empty=skip_empty)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from e
     if index_only:

@@ -202,12 +202,14 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
     """``out/compare.json`` (rows, per-image rows, failures, settings; NaN as null), ``out/compare.csv`` (one row per
-    recipe) and ``out/per_image.csv`` (one row per image and recipe), atomically."""
+    recipe), ``out/per_image.csv`` (one row per image and recipe) and ``out/compare.svg`` (IoU against seconds per
+    image, one labelled point per recipe), atomically."""
     import csv
     import json
 
     from .fileio import atomic_write
     from .evaluate import json_safe
+    from .plots import scatter_svg
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,3 +223,6 @@ def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
         w = csv.DictWriter(f, fieldnames=["file_name", "recipe", "iou", "precision", "recall", "pa"])
         w.writeheader()
         w.writerows(result["per_image"])
+    points = [(r["recipe"], r["s_per_image"], r["iou"]) for r in result["rows"]]
+    with atomic_write(out / "compare.svg") as f:
+        f.write(scatter_svg(points, title=f"IoU against seconds per image ({result['n_images']} images)"))

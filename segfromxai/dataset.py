@@ -28,19 +28,29 @@ RESUME_KEYS = ("recipe", "images", "model", "targets", "shard")
 """Header keys that must match for ``--resume``; the same keys but ``shard`` must match for ``merge``."""
 
 
+def dist_version(name: str) -> str:
+    """The installed distribution's version from its metadata (pycocotools has no ``__version__``), or
+    ``"unknown"`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages that shape the output."""
     import platform
 
     import numpy as np
-    import pycocotools
     import timm
     import torch
 
     from . import __version__
     return {"segfromxai": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "numpy": np.__version__,
-            "pycocotools": getattr(pycocotools, "__version__", "unknown")}
+            "pycocotools": dist_version("pycocotools")}
 
 
 def prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: bool) -> Manifest:
@@ -99,15 +109,26 @@ def records(manifests: Iterable[Manifest], statuses: tuple[str, ...]) -> Callabl
     return stream
 
 
-def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = ("coco",)) -> dict[str, Any]:
-    """Write the dataset files of ``out`` from the manifests (streamed, atomic) and return the summary."""
+def image_root(header: dict[str, Any]) -> Path:
+    """The folder a run's ``file_name`` paths are relative to (the parent when the run labelled one file)."""
+    root = Path(header["images"])
+    return root.parent if root.is_file() else root
+
+
+def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = ("coco",),
+           skip_empty: bool = False) -> dict[str, Any]:
+    """Write the dataset files of ``out`` from the manifests (streamed, atomic) and return the summary.
+
+    ``skip_empty`` leaves the images without a mask out of ``pseudo_labels.json`` (a training file where every
+    image has a target); the exports keep them (an all-background PNG, an empty YOLO label file)."""
     header = manifests[0].read_header() or {}
     recipe, classes = header["resolved"], header["classes"]
     categories = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
     labelled = records(manifests, ("ok", "empty"))
     info = {"description": f"segfromxai pseudo-labels ({recipe['name']})", "version": versions()["segfromxai"],
             "recipe": recipe, "model": header["model"], "versions": versions()}
-    counts = write_coco(out / "pseudo_labels.json", labelled, categories=categories, info=info)
+    coco_records = records(manifests, ("ok",)) if skip_empty else labelled
+    counts = write_coco(out / "pseudo_labels.json", coco_records, categories=categories, info=info)
     write_results(out / "pseudo_labels_results.json", labelled)
     with atomic_write(out / "failures.jsonl") as f:
         for r in records(manifests, ("failed",))():
@@ -115,7 +136,8 @@ def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = (
     if "png" in formats:
         export_png(out / "png", labelled())
     if "yolo" in formats:
-        export_yolo(out / "yolo", labelled(), categories=categories)
+        root = image_root(header)  # a merge on another machine may not see the images: labels only, then
+        export_yolo(out / "yolo", labelled(), categories=categories, images=root if root.is_dir() else None)
     status: dict[str, int] = {}
     skipped = []
     for r in records(manifests, ("ok", "empty", "failed", "skipped"))():
@@ -126,11 +148,11 @@ def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = (
             "counts": {"found": sum(status.values()), "labelled": status.get("ok", 0),
                        "no_mask": status.get("empty", 0), "failed": status.get("failed", 0),
                        "skipped": status.get("skipped", 0), "annotations": counts["annotations"]},
-            "skipped": skipped, "formats": sorted({"coco", *formats})}
+            "skipped": skipped, "formats": sorted({"coco", *formats}), "skip_empty": skip_empty}
 
 
 def merge(parts: list[str | Path], out: str | Path, *, formats: tuple[str, ...] = ("coco",), index_only: bool = False,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, skip_empty: bool = False) -> dict[str, Any]:
     """Combine the output folders of a sharded run into one dataset in ``out`` (streamed), or with ``index_only``
     write ``out/index.json`` listing the parts and leave them sharded.
 
@@ -166,7 +188,7 @@ def merge(parts: list[str | Path], out: str | Path, *, formats: tuple[str, ...] 
         with atomic_write(out / "index.json") as f:
             json.dump(doc, f, indent=2)
         return doc
-    summary = finish(out, manifests, formats=formats)
+    summary = finish(out, manifests, formats=formats, skip_empty=skip_empty)
     summary.update({"shard": None, "parts": entries, "missing_shards": missing})
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)

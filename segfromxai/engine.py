@@ -160,10 +160,10 @@ def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedMode
 
 
 def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
-              engine: dict[str, Any]) -> dict[str, Any]:
+              engine: dict[str, Any], skip_empty: bool = False) -> dict[str, Any]:
     """Write the dataset files from the manifest and ``run.json``; return the summary."""
     with clock("write"):
-        summary = finish(out, [job.manifest], formats=formats)
+        summary = finish(out, [job.manifest], formats=formats, skip_empty=skip_empty)
     summary["seconds"] = {k: round(v, 4) for k, v in clock.seconds.items()}
     summary["processed_now"] = processed
     summary.update(engine)
@@ -176,7 +176,7 @@ def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tup
 def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
         batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
         overwrite: bool = False, seed: int = 0, shard: tuple[int, int] | None = None, workers: int = 0,
-        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        progress: Callable[[int, int], None] | None = None, skip_empty: bool = False) -> dict[str, Any]:
     """Label every image under ``images`` with ``recipe`` and write the dataset to ``out``.
 
     Writes ``out/pseudo_labels.json`` (COCO instances, category id = class index + 1), ``pseudo_labels_results.json``
@@ -191,7 +191,8 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
     ``shard=(i, n)`` takes only the images whose :func:`shard_of` is ``i`` (the parts of ``n`` such runs combine
     with :func:`segfromxai.dataset.merge`). ``workers`` > 0 loads and preprocesses chunks in that many worker
     processes (a torch DataLoader, two chunks ahead each) while the model works. ``progress(advance, total)`` is
-    called once at the start and after every chunk. Returns the run summary (``run.json``).
+    called once at the start and after every chunk. ``skip_empty`` leaves images without a mask out of
+    ``pseudo_labels.json`` (see :func:`segfromxai.dataset.finish`). Returns the run summary (``run.json``).
     """
     out = Path(out)
     job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
@@ -213,4 +214,5 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
             processed += len(todo)
             if progress is not None:
                 progress(len(todo), job.total)
-    return close_run(out, job, clock, processed, formats=formats, engine={"engine": "local", "workers": workers})
+    return close_run(out, job, clock, processed, formats=formats, engine={"engine": "local", "workers": workers},
+                     skip_empty=skip_empty)

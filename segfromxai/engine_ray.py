@@ -56,7 +56,8 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
             targets: Targets = Targets(), batch_size: int = 32, limit: int | None = None,
             formats: tuple[str, ...] = ("coco",), resume: bool = False, overwrite: bool = False, seed: int = 0,
             shard: tuple[int, int] | None = None, address: str | None = None, actors: int | None = None,
-            cpus_per_actor: float = 0.9, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            cpus_per_actor: float = 0.9, progress: Callable[[int, int], None] | None = None,
+            skip_empty: bool = False) -> dict[str, Any]:
     """:func:`segfromxai.engine.run` on a Ray cluster (``address``: "auto", a cluster address, or None for a
     local one started here, or the one already initialised). ``model`` is the driver's copy (for the classes and
     the manifest header); ``model_args`` are :func:`segfromxai.model.load_model`'s arguments for the actors."""
@@ -96,4 +97,5 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
                         nxt += 1
     return close_run(out, job, clock, processed, formats=formats,
                      engine={"engine": "ray", "actors": pool, "cpus_per_actor": 0 if gpu else cpus_per_actor,
-                             "actor_seconds": {k: round(v, 4) for k, v in actors.seconds.items()}})
+                             "actor_seconds": {k: round(v, 4) for k, v in actors.seconds.items()}},
+                     skip_empty=skip_empty)

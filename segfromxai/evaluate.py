@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -164,25 +165,59 @@ def average_precision(pred: MaskSource, ref: MaskSource, pairs: list[tuple[str, 
     return out
 
 
-def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource) -> dict[str, Any]:
+AGNOSTIC = "object"
+"""The one category name of a class-agnostic evaluation."""
+
+
+def _agnostic(masks: dict[int, np.ndarray], size: tuple[int, int]) -> dict[int, np.ndarray]:
+    """All of an image's masks as one category (id 0, named :data:`AGNOSTIC`); no entry when there are none."""
+    return {0: union(masks, size)} if masks else {}
+
+
+def binary_png_warning(pred: MaskSource, ref: MaskSource, pred_ids: set[int], ref_ids: set[int]) -> str | None:
+    """A warning when one side is a PNG folder holding only 0/1 and the other has categories other than 1: a
+    class-agnostic mask read as category 1 makes the per-category numbers blame every other class."""
+    for png, ids, other, other_ids in ((pred, pred_ids, ref, ref_ids), (ref, ref_ids, pred, pred_ids)):
+        if png.kind == "png" and ids <= {1} and other_ids - {1}:
+            name = _namer(other, png)
+            return (f"{png.path} holds only 0/1 (read as category 1, {name(1)!r}) while {other.path} has "
+                    f"{len(other_ids)} categories ({', '.join(sorted(map(name, other_ids)))}): if it is a "
+                    "class-agnostic mask, evaluate with --class-agnostic; per-category numbers are wrong otherwise")
+    return None
+
+
+def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource, *, class_agnostic: bool = False
+             ) -> dict[str, Any]:
     """Every metric of ``pred`` against ``ref`` (see the module docstring).
 
     Returns a JSON-ready dict: ``{metric: {"per_image_mean", "pooled", "n"}}`` for each of ``METRICS``, ``ap``,
-    ``ap_agnostic``, ``n_images``, ``missing_in_pred``, ``per_category`` (``{name: {metric: {...}}}``) and
-    ``per_image`` (rows with ``file_name``, the reference's categories, each metric and the four counts).
+    ``ap_agnostic``, ``n_images``, ``missing_in_pred``, ``per_category`` (``{name: {metric: {...}}}``),
+    ``per_image`` (rows with ``file_name``, the reference's categories, each metric and the four counts) and
+    ``warnings`` (see :func:`binary_png_warning`).
+
+    ``class_agnostic``: every mask of an image is one category, :data:`AGNOSTIC`, on both sides (for masks that
+    carry no class, e.g. a 0/1 PNG student): ``per_category`` has that one entry and ``ap`` is ``ap_agnostic``.
+    The class-agnostic metrics (``iou`` ...) are the same in both modes.
     """
     pred = pred if isinstance(pred, MaskSource) else load_source(pred)
     ref = ref if isinstance(ref, MaskSource) else load_source(ref)
     pairs, missing = match(pred, ref)
     pred_name, ref_name = _namer(pred, ref), _namer(ref, pred)
+    if class_agnostic:
+        pred_name = ref_name = lambda k: AGNOSTIC  # noqa: E731
     agnostic: list[Counts] = []
     per_cat: dict[str, list[Counts]] = {}
     rows = []
+    seen: tuple[set[int], set[int]] = (set(), set())
     for p, r in pairs:
         pm, _, psize = pred.masks(p)
         rm, ignore, rsize = ref.masks(r)
         if psize != rsize:
             raise ValueError(f"{p}: the prediction is {psize[1]}x{psize[0]}, the reference {r} {rsize[1]}x{rsize[0]}")
+        seen[0].update(pm)
+        seen[1].update(rm)
+        if class_agnostic:
+            pm, rm = _agnostic(pm, psize), _agnostic(rm, rsize)
         counts = confusion(union(pm, psize), union(rm, rsize), ignore)
         agnostic.append(counts)
         pn = {pred_name(k): m for k, m in pm.items()}
@@ -196,6 +231,12 @@ def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource) -> dic
                      **dict(zip(("tp", "fp", "fn", "tn"), counts))})
     result: dict[str, Any] = summarise(agnostic)
     result.update(average_precision(pred, ref, pairs))
+    if class_agnostic:
+        result["ap"] = result["ap_agnostic"]
+    warning = None if class_agnostic else binary_png_warning(pred, ref, *seen)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    result.update({"class_agnostic": class_agnostic, "warnings": [warning] if warning else []})
     result.update({"n_images": len(pairs), "missing_in_pred": missing,
                    "per_category": {name: summarise(c) for name, c in sorted(per_cat.items())},
                    "per_image": rows, "pred": str(pred.path), "reference": str(ref.path)})
@@ -242,29 +283,30 @@ def json_safe(v: Any) -> Any:
 
 def write_evaluation(out: str | Path, results: dict[str, dict[str, Any]], *, worst_n: int = 20) -> None:
     """Write ``metrics.json`` (one entry per comparison; the first is also at the top level) and ``per_image.csv``
-    (the first comparison) to ``out``, atomically. NaN is written as null in JSON and as ``nan`` in the CSV."""
+    (one row per comparison and image, the comparison named in the first column) to ``out``, atomically. NaN is
+    written as null in JSON and as ``nan`` in the CSV."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    first = next(iter(results.values()))
     slim = {name: {k: v for k, v in r.items() if k != "per_image"} | {"worst": worst(r, worst_n)}
             for name, r in results.items()}
     doc = {**slim[next(iter(slim))], "comparisons": slim} if len(slim) > 1 else slim[next(iter(slim))]
     with atomic_write(out / "metrics.json") as f:
         json.dump(json_safe(doc), f, indent=2, allow_nan=False)
     with atomic_write(out / "per_image.csv") as f:
-        rows = first["per_image"]
+        rows = [{"comparison": name, **row} for name, r in results.items() for row in r["per_image"]]
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
 
 
-def comparisons(pred: str | Path, *, gt: str | Path | None = None, student: str | Path | None = None
-                ) -> dict[str, dict[str, Any]]:
+def comparisons(pred: str | Path, *, gt: str | Path | None = None, student: str | Path | None = None,
+                class_agnostic: bool = False) -> dict[str, dict[str, Any]]:
     """The seed paper's table: pseudo vs ground truth, student vs ground truth, pseudo vs student agreement.
 
     Each comparison is present when its two sources are given (at least ``gt`` or ``student`` must be); the
     first one is the main result. Keys: ``"pseudo vs GT"``, ``"student vs GT"``, ``"pseudo vs student"``.
+    ``class_agnostic`` is passed to every :func:`evaluate`.
     """
     if gt is None and student is None:
         raise ValueError("give a ground truth (--gt), a student's masks (--student), or both")
@@ -273,60 +315,102 @@ def comparisons(pred: str | Path, *, gt: str | Path | None = None, student: str 
     s = load_source(student) if student is not None else None
     out = {}
     if g is not None:
-        out["pseudo vs GT"] = evaluate(p, g)
+        out["pseudo vs GT"] = evaluate(p, g, class_agnostic=class_agnostic)
         if s is not None:
-            out["student vs GT"] = evaluate(s, g)
+            out["student vs GT"] = evaluate(s, g, class_agnostic=class_agnostic)
     if s is not None:
-        out["pseudo vs student"] = evaluate(p, s)
+        out["pseudo vs student"] = evaluate(p, s, class_agnostic=class_agnostic)
     return out
 
 
-def _sheet(row: dict, pred: MaskSource, ref: MaskSource, images: Path | None,
-           maps: Path | None):
+def _by_pseudo(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """Per-image rows of every comparison keyed by the pseudo-label file name: ``{file: {comparison: row}}``.
+    Rows of "student vs GT" (keyed by the student's file name) are mapped through "pseudo vs student"."""
+    agreement = results.get("pseudo vs student", {}).get("per_image", [])
+    to_pseudo = {row["reference"]: row["file_name"] for row in agreement}
+    out: dict[str, dict[str, dict]] = {}
+    for name, r in results.items():
+        for row in r["per_image"]:
+            key = to_pseudo.get(row["file_name"]) if name == "student vs GT" else row["file_name"]
+            if key is not None:
+                out.setdefault(key, {})[name] = row
+    return out
+
+
+def _iou_text(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.3f}"
+
+
+def _sheet(rows: dict[str, dict], sources: dict[str, MaskSource | None], images: Path | None, maps: Path | None):
+    """The contact sheet of one pseudo-labelled image: its masks, the ground truth and the student's masks when
+    given, and a caption with the IoU of every comparison (the file name is shown by the report, not here)."""
     from .images import ImageLoadError, load_image
     from .report import Sheet
 
-    pm, _, size = pred.masks(row["file_name"])
-    rm, _, _ = ref.masks(row["reference"])
+    first = next(iter(rows.values()))
+    name = first["file_name"]
+    pm, _, size = sources["pseudo"].masks(name)
+    other = {}
+    for key, comparison in (("gt", "pseudo vs GT"), ("student", "pseudo vs student")):
+        if sources[key] is not None and comparison in rows:
+            other[key] = union(sources[key].masks(rows[comparison]["reference"])[0], size)
     image = np.full((*size, 3), 128, np.uint8)
     if images is not None:
         with contextlib.suppress(ImageLoadError, FileNotFoundError):
-            image = load_image(images / row["file_name"])
+            image = load_image(images / name)
     heat = None
-    npz = (maps / row["file_name"]).with_suffix(".npz") if maps is not None else None
+    npz = (maps / name).with_suffix(".npz") if maps is not None else None
     if npz is not None and npz.exists():
         with np.load(npz) as z:
             heat = z["fused"]
-    iou = row["iou"]
-    caption = f"{row['file_name']} · IoU {'n/a' if math.isnan(iou) else f'{iou:.3f}'} · {row['predicted'] or '-'}"
-    return Sheet(row["file_name"], image, union(pm, size), union(rm, size), heat, caption)
+    caption = " · ".join(f"{c} IoU {_iou_text(r['iou'])}" for c, r in rows.items())
+    caption += f" · predicted: {first['predicted'] or '-'}"
+    return Sheet(name, image, union(pm, size), other.get("gt"), heat, caption, other.get("student"))
+
+
+def _sources(results: dict[str, dict[str, Any]]) -> dict[str, MaskSource | None]:
+    """The pseudo-labels, the ground truth and the student's masks the comparisons read (None when absent)."""
+    first = next(iter(results.values()))
+    gt = results.get("pseudo vs GT", {}).get("reference")
+    student = results.get("pseudo vs student", {}).get("reference")
+    return {"pseudo": load_source(first["pred"]), "gt": load_source(gt) if gt else None,
+            "student": load_source(student) if student else None}
 
 
 def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]], *, settings: dict[str, Any],
                             images: str | Path | None = None, maps: str | Path | None = None, n_sheets: int = 6,
                             title: str = "segfromxai quality report") -> Path:
-    """``out/report.html`` for these comparisons: the summary table, the first comparison's per-category table and
-    every image it evaluated, and contact sheets of its ``n_sheets`` best and worst images by IoU.
+    """``out/report.html`` for these comparisons: the summary table, a histogram of per-image IoU (one colour per
+    comparison), the per-category table and every evaluated image of every comparison, and contact sheets of the
+    ``n_sheets`` best and worst images by the first comparison's IoU. A sheet shows the image, the fused heatmap,
+    the pseudo mask, the ground truth and the student's mask (when given); its caption gives each comparison's IoU.
 
     ``images``: the image folder (for the sheets; grey tiles without it); ``maps``: a run's ``maps/`` folder
     (``--maps``) for the fused heatmaps.
     """
+    from .plots import histogram_svg
     from .report import write_report
 
     first = next(iter(results.values()))
-    pred, ref = load_source(first["pred"]), load_source(first["reference"])
+    sources, by_pseudo = _sources(results), _by_pseudo(results)
     images = Path(images) if images is not None else None
     maps = Path(maps) if maps is not None else None
     columns = {name: headline(r) for name, r in results.items()}
     summary = [{"metric": m, **{name: columns[name][m] for name in columns}} for m in next(iter(columns.values()))]
-    per_category = [{"category": c, "images": v["iou"]["n"], **{f"{m} (pooled)": v[m]["pooled"] for m in METRICS}}
-                    for c, v in first["per_category"].items()]
+    per_category = [{"comparison": name, "category": c, "images": v["iou"]["n"],
+                     **{f"{m} (pooled)": v[m]["pooled"] for m in METRICS}}
+                    for name, r in results.items() for c, v in r["per_category"].items()]
     ranked = [r for r in worst(first, len(first["per_image"])) if not math.isnan(r["iou"])]
-    best = [_sheet(r, pred, ref, images, maps) for r in ranked[::-1][:n_sheets]]
-    bad = [_sheet(r, pred, ref, images, maps) for r in ranked[:n_sheets]]
+    best = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[::-1][:n_sheets]]
+    bad = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[:n_sheets]]
     keep = ("file_name", "categories", "predicted", *METRICS)
-    rows = [{k: r[k] for k in keep} for r in first["per_image"]]
-    notes = [f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped): "
-             + ", ".join(first["missing_in_pred"][:50])] if first["missing_in_pred"] else []
+    rows = [{"comparison": name, **{k: row[k] for k in keep}} for name, r in results.items() for row in r["per_image"]]
+    notes = [w for r in results.values() for w in r.get("warnings", [])]
+    if first["missing_in_pred"]:
+        notes.append(f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped): "
+                     + ", ".join(first["missing_in_pred"][:50]))
+    hist = histogram_svg({name: [row["iou"] for row in r["per_image"]] for name, r in results.items()})
+    figures = [("iou_histogram", "Per-image IoU, one colour per comparison (images where IoU is undefined left out)",
+                hist)]
     return write_report(out, title=title, summary=summary, per_category=per_category, per_image=rows, best=best,
-                        worst=bad, settings=settings, notes=notes)
+                        worst=bad, settings=settings, notes=notes, figures=figures)

@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .artifacts import overlay
 from .fileio import atomic_write
 from .resize import resize_bilinear
 
@@ -31,7 +30,8 @@ _GAP = 4  # px between tiles
 _LABEL_H = 16  # px of the label band above the tiles
 _PAD = (255, 255, 255)  # letterbox padding, the page's background
 _BLANK = (200, 200, 200)  # "no map" / "no ground truth" tiles
-_LABELS = ("image", "explanation", "pseudo mask", "ground truth")
+_LABELS = ("image", "explanation", "pseudo mask", "ground truth", "student mask")
+_SOLID = {2: (230, 25, 75), 3: (60, 180, 75), 4: (0, 130, 200)}  # pseudo red, GT green, student blue
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;background:#fff}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:2px 8px}
@@ -57,7 +57,9 @@ class Sheet:
     heatmap : ndarray, float (h, w) in [0, 1], or None
         Fused explanation on any grid; resized bilinearly to the image.
     caption : str
-        Shown under the sheet, e.g. ``"IoU 0.734 · circle"``.
+        Shown under the sheet, after the file name, e.g. ``"IoU 0.734 · circle"`` (do not repeat the name).
+    student : ndarray, bool (H, W), or None
+        Union of a student segmenter's masks: drawn as a fifth tile when given.
     """
 
     file_name: str
@@ -66,6 +68,7 @@ class Sheet:
     gt: np.ndarray | None
     heatmap: np.ndarray | None
     caption: str
+    student: np.ndarray | None = None
 
 
 def _text(canvas: np.ndarray, text: str, y: int) -> None:
@@ -87,12 +90,23 @@ def _letterbox(content: np.ndarray, tile: int) -> np.ndarray:
     return out
 
 
-def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
-    """Draw ``sheet`` as a strip of four tiles: image | heatmap | pseudo mask | ground truth.
+def solid(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """``image`` with ``mask`` filled opaque in ``colour`` and its outer border drawn 1 px dark grey: unlike a
+    tint, it stays visible on any image colour."""
+    out = image.copy()
+    out[mask] = colour
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, (40, 40, 40), 1)
+    return out
 
-    The heatmap is JET-coloured and blended 50/50 with the image ("no map" tile when None); the pseudo mask and
-    the ground truth are drawn with :func:`segfromxai.artifacts.overlay` (ground truth in the palette's second
-    colour; "no ground truth" tile when None). Each tile holds the image scaled to fit ``tile`` x ``tile`` with its
+
+def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
+    """Draw ``sheet`` as a strip of tiles: image | heatmap | pseudo mask | ground truth [| student mask].
+
+    The heatmap is JET-coloured and blended 50/50 with the image ("no map" tile when None); the pseudo mask (red),
+    the ground truth (green) and the student's mask (blue, a fifth tile only when ``sheet.student`` is given) are
+    drawn with :func:`solid`, opaque, so that they show on any image ("no ground truth" tile when ``sheet.gt`` is
+    None). Each tile holds the image scaled to fit ``tile`` x ``tile`` with its
     aspect ratio kept, centred on white (letterboxed); masks are scaled with nearest neighbour, the heatmap
     bilinearly. A label band of 16 px sits above the tiles, 4 px between them.
 
@@ -104,8 +118,8 @@ def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
 
     Returns
     -------
-    ndarray, uint8 (16 + tile, 4 * tile + 12, 3)
-        RGB.
+    ndarray, uint8 (16 + tile, k * tile + 4 * (k - 1), 3)
+        RGB; k = 4 tiles, 5 with a student mask.
     """
     image = np.asarray(sheet.image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -113,7 +127,7 @@ def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
     if tile < 8:
         raise ValueError(f"tile must be >= 8, got {tile}")
     H, W = image.shape[:2]
-    for name in ("pred", "gt"):
+    for name in ("pred", "gt", "student"):
         m = getattr(sheet, name)
         if m is not None and np.shape(m) != (H, W):
             raise ValueError(f"{name} must have the image's shape {(H, W)}, got {np.shape(m)}")
@@ -124,14 +138,16 @@ def contact_sheet(sheet: Sheet, *, tile: int = 160) -> np.ndarray:
     def mask(m: np.ndarray) -> np.ndarray:
         return cv2.resize(np.asarray(m, np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
-    tiles: list[np.ndarray | None] = [img, None, overlay(img, [mask(sheet.pred)]), None]
+    tiles: list[np.ndarray | None] = [img, None, solid(img, mask(sheet.pred), _SOLID[2]), None]
     if sheet.heatmap is not None:
         heat = np.clip(resize_bilinear(np.nan_to_num(np.asarray(sheet.heatmap, np.float64)), (h, w)), 0.0, 1.0)
         colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
         tiles[1] = ((img.astype(np.uint16) + colour + 1) // 2).astype(np.uint8)
     if sheet.gt is not None:
-        tiles[3] = overlay(img, [np.zeros((h, w), bool), mask(sheet.gt)])  # an empty first mask: second colour
-    strip = np.full((_LABEL_H + tile, 4 * tile + 3 * _GAP, 3), 255, np.uint8)
+        tiles[3] = solid(img, mask(sheet.gt), _SOLID[3])
+    if sheet.student is not None:
+        tiles.append(solid(img, mask(sheet.student), _SOLID[4]))
+    strip = np.full((_LABEL_H + tile, len(tiles) * tile + (len(tiles) - 1) * _GAP, 3), 255, np.uint8)
     for k, content in enumerate(tiles):
         label = np.full((_LABEL_H, tile, 3), 255, np.uint8)
         _text(label, _LABELS[k], _LABEL_H // 2)
@@ -190,12 +206,27 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         f.write(buf.getvalue())
 
 
+def _figures(out: Path, figures: Iterable[tuple[str, str, str]]) -> list[str]:
+    """Write each SVG to ``out/figures/`` and return the "Figures" section's HTML (empty without figures)."""
+    body = []
+    for name, caption, svg in figures:
+        file = f"{_sanitise(name)}.svg"
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "figures" / file, "w") as f:
+            f.write(svg)
+        body.append(f'<figure><img src="figures/{_e(file)}" alt="{_e(caption)}">\n'
+                    f"<figcaption>{_e(caption)}</figcaption></figure>\n")
+    return ["<h2>Figures</h2>\n", *body] if body else []
+
+
 def write_report(out: str | os.PathLike, *, title: str, summary: list[dict], per_category: list[dict] | None,
                  per_image: list[dict], best: list[Sheet], worst: list[Sheet], settings: dict,
-                 notes: Iterable[str] = ()) -> Path:
-    """Write ``out/report.html`` and its contact sheets ``out/sheets/<index>_<name>.png``.
+                 notes: Iterable[str] = (), figures: Iterable[tuple[str, str, str]] = ()) -> Path:
+    """Write ``out/report.html``, its contact sheets ``out/sheets/<index>_<name>.png`` and its figures
+    ``out/figures/<name>.svg``.
 
-    Sections, in order: title, notes, Summary, Per category (left out when None), Best, Worst, Settings (``settings``
+    Sections, in order: title, notes, Summary, Figures (when given), Per category (left out when None), Best,
+    Worst, Settings (``settings``
     as indented JSON), Per image (every row of ``per_image``, in a ``<details>`` element). Tables are headed by the
     first row's keys; floats show 3 decimals, NaN and None show "n/a". Sheets are numbered in order through Best
     then Worst, so names never collide; files in ``sheets/`` from an earlier report are left in place.
@@ -212,6 +243,8 @@ def write_report(out: str | os.PathLike, *, title: str, summary: list[dict], per
         JSON-serialisable (other values are shown with ``str``), e.g. the resolved recipe, versions, command.
     notes : iterable of str
         Shown as a list under the title.
+    figures : iterable of (name, caption, svg text)
+        Charts (e.g. from :mod:`segfromxai.plots`); ``name`` is sanitised like a sheet's.
 
     Returns
     -------
@@ -225,6 +258,7 @@ def write_report(out: str | os.PathLike, *, title: str, summary: list[dict], per
     if notes:
         body.append("<ul>\n" + "".join(f"<li>{_e(n)}</li>\n" for n in notes) + "</ul>\n")
     body.append("<h2>Summary</h2>\n" + _table(summary))
+    body += _figures(out, figures)
     if per_category is not None:
         body.append("<h2>Per category</h2>\n" + _table(per_category))
     index = 0

@@ -288,7 +288,12 @@ def test_export_yolo(tmp_path):
     recs = _png_records()
     recs[0]["annotations"][1]["category_id"] = 3
     assert coco.export_yolo(tmp_path, recs, categories=CATEGORIES) == 2
-    lines = (tmp_path / "labels/x/y/one.txt").read_text().splitlines()
+    split = {r["image"]["file_name"]: "val" if coco.yolo_split_key(r["image"]["file_name"]) < 0.1 else "train"
+             for r in recs}
+    if len(set(split.values())) == 1:  # two images: each split gets one, the smallest key goes to val
+        split[min(split, key=coco.yolo_split_key)] = "val"
+        split[max(split, key=coco.yolo_split_key)] = "train"
+    lines = (tmp_path / f"labels/{split['x/y/one.jpg']}/x/y/one.txt").read_text().splitlines()
     assert len(lines) == 3
     parsed = [(int(line.split()[0]), np.array(line.split()[1:], float).reshape(-1, 2)) for line in lines]
     assert [c for c, _ in parsed] == [0, 2, 1]  # cat -> 0, bird -> 2, dog -> 1
@@ -299,12 +304,78 @@ def test_export_yolo(tmp_path):
         assert ((xy >= 0) & (xy <= 1)).all()
         corners = {(round(x * w, 4), round(y * h, 4)) for x, y in xy}
         assert corners == {(x0, y0), (x1 - 1, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)}
-    assert (tmp_path / "labels/two.txt").read_text() == ""
+    assert (tmp_path / f"labels/{split['two.png']}/two.txt").read_text() == ""
     yaml = (tmp_path / "data.yaml").read_text()
     assert "nc: 3\n" in yaml
     assert 'names:\n  0: "cat"\n  1: "dog"\n  2: "bird \\"b\\""\n' in yaml
     assert "lossy" in yaml and "holes" in yaml
+    assert "No images were linked" in yaml and not (tmp_path / "images").exists()  # labels only without images=
     assert _leftovers(tmp_path) == []
+
+
+def _split_by_hand(name, fraction):
+    """The documented split rule, re-implemented: SHA-1 of "val:" + name, first 8 bytes over 2**64."""
+    import hashlib
+
+    return "val" if int(hashlib.sha1(f"val:{name}".encode()).hexdigest()[:16], 16) / 2 ** 64 < fraction else "train"
+
+
+def _yolo_source(folder, names):
+    recs = []
+    for k, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 8, 3), k, np.uint8)).save(folder / name)
+        recs.append({"image": {"id": k + 1, "file_name": name, "height": 6, "width": 8},
+                     "annotations": [{"category_id": 1, "segmentation": _rect(6, 8, 1, 4, 1, 5), "score": 0.5}]})
+    return recs
+
+
+def test_export_yolo_links_images_into_a_held_out_split_that_trains_from_anywhere(tmp_path):
+    src = tmp_path / "src"
+    names = [f"d{k % 3}/img{k:03d}.png" for k in range(60)]
+    recs = _yolo_source(src, names)
+    out = tmp_path / "yolo"
+    assert coco.export_yolo(out, recs, categories=CATEGORIES, images=src, val_fraction=0.2) == 60
+    want = {n: _split_by_hand(n, 0.2) for n in names}
+    assert 4 <= sum(s == "val" for s in want.values()) <= 20  # the hash spreads names: about 12 of 60
+    for n, split in want.items():
+        image, label = out / "images" / split / n, (out / "labels" / split / n).with_suffix(".txt")
+        assert label.exists() and image.exists() and not image.is_symlink()
+        assert os.path.samefile(image, src / n)  # a hard link: no bytes copied
+        other = "train" if split == "val" else "val"
+        assert not (out / "images" / other / n).exists()
+    yaml = (out / "data.yaml").read_text()
+    assert f"path: {json.dumps(str(out.resolve()))}\n" in yaml
+    assert "train: images/train\n" in yaml and "val: images/val\n" in yaml and "0.2" in yaml
+    # an export of fewer images removes the files of the images it no longer holds
+    coco.export_yolo(out, recs[:30], categories=CATEGORIES, images=src, val_fraction=0.2)
+    left = {p.relative_to(out / "images").as_posix().split("/", 1)[1] for p in (out / "images").rglob("*.png")}
+    assert left == set(names[:30])
+    assert len(list((out / "labels").rglob("*.txt"))) == 30
+
+
+def test_export_yolo_copies_when_links_fail_and_keeps_one_image_per_split(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    recs = _yolo_source(src, ["a.png", "b.png"])
+
+    def no_link(a, b):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    assert coco.link_or_copy(src / "a.png", tmp_path / "c/a.png") == "copy"
+    assert not os.path.samefile(src / "a.png", tmp_path / "c/a.png")
+    assert (tmp_path / "c/a.png").read_bytes() == (src / "a.png").read_bytes()
+    coco.export_yolo(tmp_path / "y", recs, categories=CATEGORIES, images=src, val_fraction=0.0)
+    val = [p.name for p in (tmp_path / "y/images/val").iterdir()]
+    assert val == [min(["a.png", "b.png"], key=coco.yolo_split_key)]  # 2 images: val is never empty
+    assert len(list((tmp_path / "y/images/train").iterdir())) == 1
+    coco.export_yolo(tmp_path / "one", recs[:1], categories=CATEGORIES, images=src)
+    assert "val: images/train\n" in (tmp_path / "one/data.yaml").read_text()  # one image: nothing to hold out
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        coco.export_yolo(tmp_path / "z", [{"image": {"id": 1, "file_name": "missing.png", "height": 6, "width": 8},
+                                           "annotations": []}], categories=CATEGORIES, images=src)
+    with pytest.raises(ValueError, match="val_fraction"):
+        coco.export_yolo(tmp_path / "z", recs, categories=CATEGORIES, val_fraction=1.0)
 
 
 def test_export_yolo_unknown_category(tmp_path):

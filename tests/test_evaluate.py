@@ -119,8 +119,61 @@ def test_evaluate_command_prints_the_table_and_writes_files(tmp_path, pair):
     for key in ("iou", "dice", "precision", "recall", "pixel_accuracy", "miou"):
         assert set(m[key]) >= {"per_image_mean", "pooled"}
     assert {"ap", "ap_agnostic", "worst", "comparisons"} <= set(m)
-    assert len((out / "per_image.csv").read_text().splitlines()) == 3
+    assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 3 * 2  # every comparison, every image
     html = (out / "report.html").read_text()
     assert "images/a.jpg" in html and "images/b.jpg" in html
     bad = CliRunner().invoke(main, ["evaluate", "--pred", str(pred)])
     assert bad.exit_code != 0 and "ground truth" in bad.output
+
+
+def test_evaluate_out_writes_every_comparison_and_the_student_column(tmp_path, pair):
+    import csv
+
+    pred, gt = pair
+    student = coco(tmp_path / "student.json", [("a.jpg", [(1, A_GT, 1.0)]), ("b.jpg", [(2, B, 1.0)])])
+    images = tmp_path / "pics"
+    for name in ("images/a.jpg", "images/b.jpg"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(images / name)
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(main, ["evaluate", "--pred", str(pred), "--gt", str(gt), "--student", str(student),
+                                  "--out", str(out), "--images", str(images)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    by = {(row["comparison"], row["file_name"]): float(row["iou"]) for row in rows}
+    assert by[("pseudo vs GT", "images/a.jpg")] == pytest.approx(2 / 6)
+    assert by[("student vs GT", "a.jpg")] == 1.0 and by[("pseudo vs student", "images/a.jpg")] == pytest.approx(2 / 6)
+    assert len(by) == 6
+    page = (out / "report.html").read_text()
+    for name in ("pseudo vs GT", "student vs GT", "pseudo vs student"):
+        assert page.count(f"<td>{name}</td>") >= 2 + 2  # per-category rows (circle, square) and per-image rows
+        assert f"{name} IoU" in page  # every sheet caption gives every comparison's IoU
+    sheets = sorted((out / "sheets").glob("*.png"))
+    assert sheets and all(Image.open(p).width == 5 * 160 + 4 * 4 for p in sheets)  # a fifth tile: the student
+    for figcaption in page.split("<figcaption>")[1:]:
+        text = figcaption.split("</figcaption>")[0]
+        assert text.count("images/") <= 1  # the file name is shown once, not repeated in the caption
+    assert (out / "figures" / "iou_histogram.svg").exists() and 'src="figures/iou_histogram.svg"' in page
+
+
+def test_class_agnostic_mode_and_the_binary_png_warning(tmp_path, pair):
+    pred, gt = pair
+    folder = tmp_path / "student_png"
+    folder.mkdir()
+    Image.fromarray(A_GT.astype(np.uint8)).save(folder / "a.png")  # 0/1 masks: no class
+    Image.fromarray(B.astype(np.uint8)).save(folder / "b.png")
+    with pytest.warns(UserWarning, match="only 0/1.*--class-agnostic"):
+        r = evaluate(folder, gt)
+    assert r["warnings"] and r["per_category"]["square"]["iou"]["pooled"] == 0.0  # b blamed on circle
+    plain = evaluate(folder, gt, class_agnostic=True)
+    assert plain["warnings"] == [] and list(plain["per_category"]) == ["object"]
+    assert plain["per_category"]["object"]["iou"]["pooled"] == 1.0 == plain["iou"]["pooled"]
+    assert plain["iou"] == r["iou"]  # the class-agnostic metrics do not change
+    both = evaluate(pred, gt, class_agnostic=True)
+    assert both["ap"] == both["ap_agnostic"] and list(both["per_category"]) == ["object"]
+    cli = CliRunner().invoke(main, ["evaluate", "--pred", str(pred), "--student", str(folder), "--gt", str(gt)])
+    assert cli.exit_code == 0 and "warning:" in cli.output and "--class-agnostic" in cli.output
+    cli = CliRunner().invoke(main, ["evaluate", "--pred", str(pred), "--student", str(folder), "--gt", str(gt),
+                                    "--class-agnostic"])
+    assert cli.exit_code == 0 and "warning:" not in cli.output

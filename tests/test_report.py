@@ -186,3 +186,31 @@ def test_heatmap_any_grid_and_bad_shapes():
         contact_sheet(Sheet("x", s.image, s.pred[:-1], None, None, ""))
     with pytest.raises(ValueError, match="uint8"):
         contact_sheet(Sheet("x", s.image.astype(float), s.pred, None, None, ""))
+
+
+def test_ground_truth_and_student_are_solid_so_they_show_on_any_image():
+    s = _sheet(0, "x.png")  # 40 x 60: with tile 60 no resampling happens
+    student = np.zeros((40, 60), bool)
+    student[5:20, 30:50] = True
+    s = Sheet(s.file_name, s.image, s.pred, s.gt, s.heatmap, s.caption, student)
+    strip = contact_sheet(s, tile=60)
+    assert strip.shape[1] == 5 * 60 + 4 * 4
+    top = strip.shape[0] - 60
+    for k, m, colour in ((3, s.gt, (60, 180, 75)), (4, student, (0, 130, 200))):
+        t = strip[top:, k * 64:k * 64 + 60][10:50]
+        inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
+        assert (t[inner] == colour).all()  # opaque fill, whatever the image's colour
+        assert (t[~m] == s.image[~m]).all()
+    assert contact_sheet(_sheet(0, "x.png"), tile=60).shape[1] == 4 * 60 + 3 * 4  # no student: four tiles
+
+
+def test_figures_are_written_and_linked(tmp_path):
+    from segfromxai.plots import histogram_svg
+
+    svg = histogram_svg({"pseudo vs GT": [0.1, 0.5, 0.55, float("nan")]})
+    path = write_report(tmp_path, title="t", summary=[], per_category=None, per_image=[], best=[], worst=[],
+                        settings={}, figures=[("iou histogram", "Per-image IoU", svg)])
+    page = path.read_text()
+    assert '<img src="figures/iou_histogram.svg" alt="Per-image IoU">' in page
+    assert (tmp_path / "figures/iou_histogram.svg").read_text() == svg
+    assert page.index("<h2>Figures</h2>") < page.index("<h2>Settings</h2>")

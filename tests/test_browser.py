@@ -1,0 +1,103 @@
+"""The HTML reports in a real browser: headless Chromium opens report.html and compare.svg, and every image loads.
+
+Needs Debian's `chromium` (`apt-get install chromium`); skipped with the reason when it is not installed, so CI
+machines without it still pass.
+"""
+
+import html
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from segfromxai.cli import main
+from segfromxai.coco import write_coco
+from segfromxai.compare import write_comparison
+from segfromxai.masks import encode
+
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no headless browser: Debian's chromium is not installed "
+                                "(apt-get install chromium); the browser check is optional")
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const bad = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({images: images.length, bad: bad, title: document.title,
+                                    h2: [...document.querySelectorAll("h2")].map(h => h.textContent)});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def load_in_browser(page):
+    """Open a copy of ``page`` with a probe script added (the report itself runs no script) in headless Chromium;
+    return what the probe saw after the load event: the number of images, those that did not load, headings."""
+    probe = page.with_name("_probe_" + page.name)
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    done = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"the page did not load: {done.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def _sources(tmp_path):
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    pred, gt, student = [], [], []
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(images / f"img{k}.jpg")
+        m = np.zeros((24, 32), bool)
+        m[4:4 + 2 * k + 2, 6:20] = True
+        image = {"id": k + 1, "file_name": f"img{k}.jpg", "height": 24, "width": 32}
+        pred.append({"image": image,
+                     "annotations": [{"category_id": 1 + k % 2, "segmentation": encode(m), "score": .5}]})
+        g = np.roll(m, k, axis=1)
+        gt.append({"image": image, "annotations": [{"category_id": 1 + k % 2, "segmentation": encode(g), "score": 1}]})
+        student.append({"image": image, "annotations": [{"category_id": 1 + k % 2, "segmentation": encode(g | m),
+                                                         "score": 1}]})
+    cats = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
+    for name, recs in (("pred", pred), ("gt", gt), ("student", student)):
+        write_coco(tmp_path / f"{name}.json", lambda recs=recs: iter(recs), categories=cats, info={})
+    return images
+
+
+def test_evaluation_report_and_every_image_load_in_chromium(tmp_path):
+    images = _sources(tmp_path)
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["evaluate", "--pred", str(tmp_path / "pred.json"), "--gt", str(tmp_path / "gt.json"),
+                                  "--student", str(tmp_path / "student.json"), "--out", str(out),
+                                  "--images", str(images)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    seen = load_in_browser(out / "report.html")
+    n_files = len(list((out / "sheets").glob("*.png"))) + len(list((out / "figures").glob("*.svg")))
+    assert seen["bad"] == [] and seen["images"] == n_files >= 1 + 2
+    assert seen["title"] == "segfromxai quality report"
+    assert {"Summary", "Figures", "Per category", "Best", "Worst", "Per image"} <= set(seen["h2"])
+
+
+def test_a_broken_image_is_caught(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text('<!DOCTYPE html><html><head><title>t</title></head><body><img src="missing.png"></body></html>')
+    assert load_in_browser(page)["bad"] == ["missing.png"]
+
+
+def test_compare_plot_loads_in_chromium(tmp_path):
+    rows = [{"recipe": "a", "iou": 0.4, "s_per_image": 0.2}, {"recipe": "b", "iou": 0.6, "s_per_image": 1.5}]
+    write_comparison(tmp_path, {"rows": rows, "failures": [], "n_images": 4, "settings": {}})
+    page = tmp_path / "plot.html"
+    page.write_text('<!DOCTYPE html><html><head><title>c</title></head><body><img src="compare.svg"></body></html>')
+    seen = load_in_browser(page)
+    assert seen["images"] == 1 and seen["bad"] == []
