@@ -76,7 +76,8 @@ def port(source: Path, out: Path) -> Path:
     sd = {k: v.contiguous() for k, v in module.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
-    save_file(sd, str(weights), metadata={"timm_name": TIMM_NAME, "timm_kwargs": "{}"})
+    # one metadata key: safetensors writes several in an arbitrary order, and the file's hash would vary by build
+    save_file(sd, str(weights), metadata={"timm_name": TIMM_NAME})
     card: dict[str, Any] = {
         "timm_name": TIMM_NAME, "timm_kwargs": {"num_classes": 1000}, "classes": imagenet_class_names(),
         "preprocess": loaded.preprocess.to_dict(), "weights": weights.name,
