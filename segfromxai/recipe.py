@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 from .explainers import EXPLAINERS
 from .fusion import FUSIONS, GRIDS
-from .features import FEATURES
+from .features import FEATURE_MODELS, FEATURES
 from .refine import CHOICES as REFINE_CHOICES, REFINERS
 from .threshold import THRESHOLDS
 
@@ -50,9 +50,12 @@ FUSION_DEFAULTS: dict[str, Any] = {"method": "geometric", "grid": "tokens", "cli
                                    "weights": {}, "renormalise": True}
 FUSION_CHOICES = {"method": tuple(FUSIONS), "grid": GRIDS}
 
-FEATURE_DEFAULTS: dict[str, Any] = {"feature": "k", "block": -1}
+FEATURE_DEFAULTS: dict[str, Any] = {"feature": "k", "block": -1, "model": "auto", "checkpoint": "", "img_size": 0}
 """Where a refiner that needs token features (``ncut``) reads them: ``feature`` (k, q, v of the block's attention,
-or the block's output ``tokens``) and ``block`` (index, negative from the end)."""
+or the block's output ``tokens``) and ``block`` (index, negative from the end) of ``model``: ``"auto"`` (the
+classifier when it is a ViT, else the embedded ViT-S/14), ``"classifier"``, ``"embedded"`` or a timm name, with
+local weights ``checkpoint``; ``img_size`` > 0 runs that model at another input size (one extra forward, no
+backward; see :mod:`segfromxai.features`)."""
 FEATURE_CHOICES = {"feature": FEATURES}
 
 MASK_DEFAULTS: dict[str, Any] = {"min_area": 0.001, "fill_holes": True, "max_hole": None, "keep": "all",
@@ -179,6 +182,15 @@ def _explainers(given: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _features(given: Any) -> dict[str, Any]:
+    out = _section("features", given, FEATURE_DEFAULTS, FEATURE_CHOICES)
+    if out["img_size"] < 0 or out["img_size"] % 1:
+        raise _fail("features", f"img_size must be 0 (the model's own) or a positive size, got {out['img_size']}")
+    if not out["model"]:
+        raise _fail("features", f"model must be one of {', '.join(FEATURE_MODELS)} or a timm model name")
+    return out
+
+
 def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
     """Validate and resolve recipe data (as read from TOML) into a :class:`Recipe`."""
     unknown = sorted(set(data) - set(SECTIONS))
@@ -204,7 +216,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
         explainers=explainers,
         fusion=fusion,
         threshold=_stage("threshold", data.get("threshold", {}), THRESHOLDS, "otsu"),
-        features=_section("features", data.get("features", {}), FEATURE_DEFAULTS, FEATURE_CHOICES),
+        features=_features(data.get("features", {})),
         refine=_stage("refine", data.get("refine", {}), REFINERS, "none", REFINE_CHOICES),
         masks=masks,
         output=output,
@@ -216,6 +228,13 @@ def with_output(recipe: Recipe, **changes: Any) -> Recipe:
     output = {**recipe.output, **{k: v for k, v in changes.items() if v is not None}}
     data = recipe.to_dict()
     data["output"] = output
+    return parse_recipe(data, name=recipe.name)
+
+
+def with_features(recipe: Recipe, **changes: Any) -> Recipe:
+    """``recipe`` with some ``[features]`` keys replaced (``None`` values leave a key as it is), re-validated."""
+    data = recipe.to_dict()
+    data["features"] = {**recipe.features, **{k: v for k, v in changes.items() if v is not None}}
     return parse_recipe(data, name=recipe.name)
 
 

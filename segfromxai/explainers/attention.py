@@ -108,7 +108,7 @@ def _lrp_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
 
 ATTENTION_EXPLAINERS = {
     "rollout": Explainer(rollout, _attention_needs, {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": 0},
-                         vit_only=True, choices={"head_fusion": ("mean", "max", "min")},
+                         vit_only=True, choices={"head_fusion": ("mean", "max", "min")}, needs_class=False,
                          summary="attention rollout (class-agnostic)"),
     "grad_rollout": Explainer(grad_rollout, _gradient_attention_needs, {"start_layer": 0}, vit_only=True,
                               summary="gradient-weighted attention rollout (Chefer et al., ICCV 2021)"),

@@ -50,6 +50,8 @@ class Explainer:
     vit_only: bool
     summary: str
     choices: Mapping[str, tuple] = field(default_factory=dict)
+    needs_class: bool = True
+    """False for class-agnostic methods (they never read the target class, so they run on a headless model)."""
 
     def resolve(self, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults overridden by ``params``; unknown keys and values outside ``choices`` raise ValueError."""
