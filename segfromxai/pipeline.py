@@ -117,7 +117,7 @@ def fuse_recipe(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor
     """The recipe's fusion of a batch of maps, float32 (B, h, w) in [0, 1] on the recipe's grid."""
     f = recipe.fusion
     return as_numpy(fuse(maps, method=f["method"], size=fusion_size(model, maps, f["grid"]), clip=f["clip"],
-                         eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"]))
+                         eps=f["eps"], weights=f["weights"], renormalise=f["renormalise"], pool=f["pool"]))
 
 
 def clean_masks(masks: list[np.ndarray], spec: dict[str, Any]) -> list[np.ndarray]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .explainers import EXPLAINERS
-from .fusion import FUSIONS, GRIDS
+from .fusion import FUSIONS, GRIDS, POOLS
 from .features import FEATURE_MODELS, FEATURES
 from .refine import CHOICES as REFINE_CHOICES, REFINERS
 from .threshold import THRESHOLDS
@@ -47,8 +47,8 @@ MODEL_DEFAULTS: dict[str, Any] = {"name": "", "checkpoint": ""}
 """``name``: timm model name ("" = the embedded default); ``checkpoint``: local weights ("" = none)."""
 
 FUSION_DEFAULTS: dict[str, Any] = {"method": "geometric", "grid": "tokens", "clip": None, "eps": 1e-6,
-                                   "weights": {}, "renormalise": True}
-FUSION_CHOICES = {"method": tuple(FUSIONS), "grid": GRIDS}
+                                   "weights": {}, "renormalise": True, "pool": "none"}
+FUSION_CHOICES = {"method": tuple(FUSIONS), "grid": GRIDS, "pool": POOLS}
 
 FEATURE_DEFAULTS: dict[str, Any] = {"feature": "k", "block": -1, "model": "auto", "checkpoint": "", "img_size": 0}
 """Where a refiner that needs token features (``ncut``) reads them: ``feature`` (k, q, v of the block's attention,

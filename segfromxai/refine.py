@@ -30,15 +30,16 @@ import scipy.ndimage
 from scipy.sparse.linalg import LinearOperator, eigsh
 from scipy.spatial.distance import cdist
 
+from . import cutrules
 from .resize import check_size, resize_area, resize_bilinear
 
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "none": {},
     "ncut": {
         "solver": ("lanczos", "dense"),
-        "components": ("overlap", "largest", "all"),
+        "components": ("overlap", "largest", "all", "seed"),
         "combine": ("none", "intersection", "union"),
-        "foreground": ("mass", "mean"),
+        "foreground": ("mass", "mean", "eigvec", "corners"),
     },
 }
 
@@ -279,7 +280,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
          tau: float = 0.2, eps: float = 1e-5, position_weight: float = 0.0,
          position_sigma: float = 0.1, prior_weight: float = 0.0, solver: str = "lanczos",
          foreground: str = "mass", components: str = "overlap", combine: str = "none", instances: int = 1,
-         min_area: float = 0.0, max_overlap: float = 0.5) -> list[np.ndarray]:
+         min_area: float = 0.0, max_overlap: float = 0.5, tau_quantile: float | None = None) -> list[np.ndarray]:
     """Normalized-cut refinement on the classifier's token features, guided by the explanation.
 
     TokenCut (Wang et al. 2022, CVPR) bipartitions the token graph of :func:`affinity` with :func:`ncut_bipartition`;
@@ -311,7 +312,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
        Stops after ``instances`` cuts or when fewer than 2 tokens remain.
 
     If ``fused`` is on another grid than ``features``, it is resampled to the feature grid by area averaging
-    (:func:`resize_area`) and the mask recomputed there as ``fused > cut_level(fused, mask)``.
+    (:func:`resize_area`) and the mask recomputed there as ``fused > cut_level(fused, mask)``; when no area mean
+    reaches that level (a sparse pixel-level map cut on a finer grid), the mask is the same share of the feature
+    grid's tokens instead, the highest (at least one), so a grid mismatch never leaves the image without a mask.
 
     Parameters
     ----------
@@ -324,9 +327,14 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         Graph parameters, see :func:`affinity`; the prior is the fused map on the feature grid.
     solver : {"lanczos", "dense"}
         See :func:`ncut_bipartition`.
-    foreground : {"mass", "mean"}
-        Which side of the cut is foreground, see step 2.
-    components : {"overlap", "largest", "all"}
+    foreground : {"mass", "mean", "eigvec", "corners"}
+        Which side of the cut is foreground, see step 2. ``"eigvec"`` is TokenCut's rule with no explanation: the
+        side holding the eigenvector's largest-magnitude entry; ``"corners"`` is MaskCut's (CutLER): the same, but
+        reversed when it holds two or more grid corners (:func:`segfromxai.cutrules.eigvec_side`). Both ignore
+        ``fused`` and ``mask`` (no overlap test, no fallback to the thresholded map).
+    components : {"overlap", "largest", "all", "seed"}
+        ``"seed"``: the component holding the side's strongest token (TokenCut's object,
+        :func:`segfromxai.cutrules.seed_component`).
     combine : {"none", "intersection", "union"}
     instances : int >= 1
         The number of cuts (each gives at most one instance).
@@ -334,6 +342,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         Smallest instance area, as a fraction of H * W.
     max_overlap : float in [0, 1]
         Largest IoU of an instance with any instance kept before it.
+    tau_quantile : float in [0, 1], optional
+        Set ``tau`` per image to this quantile of the off-diagonal similarities instead
+        (:func:`segfromxai.cutrules.similarity_quantile`), for backbones whose keys are near-parallel.
 
     Returns
     -------
@@ -361,16 +372,21 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     else:
         e = resize_area(f, (fh, fw))
         m_grid = e > cut_level(f, m)
-    if not m_grid.any():
+        if m.any() and not m_grid.any():  # the level is never reached by the area means: keep the same share
+            k = max(1, int(round(m.mean() * e.size)))
+            m_grid = e >= np.sort(e, axis=None)[-k]
+    explained = foreground in ("mass", "mean")  # else TokenCut/MaskCut's own rule: the explanation is not read
+    if explained and not m_grid.any():
         return []
-    base = none(f, m, size=(H, W))
+    base = none(f, m, size=(H, W)) if explained else []
     base_mask = base[0] if base else np.zeros((H, W), dtype=bool)
 
     n = fh * fw
     prior = e.ravel()
-    edges = _similarity(feats.reshape(n, -1), positions=grid_positions((fh, fw)) if position_weight else None,
-                        position_weight=position_weight, position_sigma=position_sigma, prior=prior,
-                        prior_weight=prior_weight) > tau
+    sim = _similarity(feats.reshape(n, -1), positions=grid_positions((fh, fw)) if position_weight else None,
+                      position_weight=position_weight, position_sigma=position_sigma, prior=prior,
+                      prior_weight=prior_weight)
+    edges = sim > (tau if tau_quantile is None else cutrules.similarity_quantile(sim, tau_quantile))
     alive = np.ones(n, dtype=bool)
     found: list[np.ndarray] = []
     for _ in range(instances):
@@ -390,13 +406,21 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
             mass_hi, mass_lo = mass_hi / max(int(hi.sum()), 1), mass_lo / max(int((~hi).sum()), 1)
         n_hi = int(hi.sum())
         fg_hi = mass_hi > mass_lo or (mass_hi == mass_lo and n_hi <= idx.size - n_hi)
+        if not explained:
+            fg_hi = bool(np.array_equal(cutrules.eigvec_side(y, split, idx, (fh, fw),
+                                                             corners=foreground == "corners"), hi))
         side = np.zeros(n, dtype=bool)
         side[idx[hi if fg_hi else ~hi]] = True
         side = side.reshape(fh, fw)
-        if not (side & m_grid).any():
+        if explained and not (side & m_grid).any():
             alive &= ~side.ravel()
             continue
-        if components == "all":
+        dist = (y - split) if fg_hi else (split - y)
+        if components == "seed":
+            strength = np.full(n, -np.inf)
+            strength[idx] = dist
+            kept = cutrules.seed_component(side, strength.reshape(fh, fw))
+        elif components == "all":
             kept = side
         else:
             labels, _ = scipy.ndimage.label(side)  # 4-connectivity
@@ -406,7 +430,6 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
                 touching = touching[[int(np.argmax(masses))]]
             kept = np.isin(labels, touching)
 
-        dist = (y - split) if fg_hi else (split - y)
         scale = float(np.abs(dist).max()) or 1.0
         soft = np.full(n, -scale)
         keep_sub = kept.ravel()[idx]

@@ -284,3 +284,11 @@ def test_a_loaded_model_is_accepted_as_is(embedded):
     b = explain(embedded.module, x, ["gradcam", "rollout"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["gradcam"].shape == (1, *embedded.module.patch_embed.grid_size)
+
+
+def test_rollout_start_layer_counts_from_the_end_when_negative(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    last = explain(tiny_vit, x, {"rollout": {"start_layer": -1}})["rollout"]
+    assert torch.allclose(last, explain(tiny_vit, x, {"rollout": {"start_layer": 1}})["rollout"])
+    with pytest.raises(ValueError, match=r"start_layer must lie in \[-2, 2\)"):
+        explain(tiny_vit, x, {"rollout": {"start_layer": -3}})

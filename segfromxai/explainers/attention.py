@@ -33,10 +33,11 @@ def _discard(f: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _check_start(ps: Pass, start: int) -> int:
+    """``start`` as a block index; negative counts from the end (-1: the last block alone)."""
     depth = len(ps.model.blocks)
-    if not 0 <= start < depth:
-        raise ValueError(f"start_layer must lie in [0, {depth}) for this model, got {start}")
-    return start
+    if not -depth <= start < depth:
+        raise ValueError(f"start_layer must lie in [-{depth}, {depth}) for this model, got {start}")
+    return start % depth
 
 
 def rollout(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
