@@ -37,7 +37,8 @@ def recipe_misfit(recipe: Recipe, module: nn.Module) -> str | None:
     vit_only = [n for n in recipe.explainers if EXPLAINERS[n].vit_only]
     if vit_only and not is_vit(module):
         return (f"recipe {recipe.name!r}: {', '.join(vit_only)} need a Vision Transformer, and the model "
-                f"({type(module).__name__}) is a CNN; use explainers that work on any model (e.g. gradcam) or a ViT")
+                f"({type(module).__name__}) is a CNN; use explainers that work on any model (e.g. gradcam; the recipe "
+                f"default-cnn) or a ViT")
     classy = [n for n in recipe.explainers if EXPLAINERS[n].needs_class]
     if classy and is_headless(module):
         agnostic = sorted(n for n, e in EXPLAINERS.items() if not e.needs_class)

@@ -47,7 +47,7 @@ MODEL_DEFAULTS: dict[str, Any] = {"name": "", "checkpoint": ""}
 """``name``: timm model name ("" = the embedded default); ``checkpoint``: local weights ("" = none)."""
 
 FUSION_DEFAULTS: dict[str, Any] = {"method": "geometric", "grid": "tokens", "clip": None, "eps": 1e-6,
-                                   "weights": {}, "renormalise": True, "pool": "none"}
+                                   "weights": {}, "renormalise": True, "pool": "area"}
 FUSION_CHOICES = {"method": tuple(FUSIONS), "grid": GRIDS, "pool": POOLS}
 
 FEATURE_DEFAULTS: dict[str, Any] = {"feature": "k", "block": -1, "model": "auto", "checkpoint": "", "img_size": 0}

@@ -56,7 +56,9 @@ def test_kinds_and_the_fit_of_every_explainer(tiny_card, headless_ckpt, cnn_ckpt
         assert recipe_misfit(r, models["vit"].module) is None
     msg = recipe_misfit(load_recipe("default"), models["headless vit"].module)
     assert "no classifier head" in msg and "gradcam, lrp" in msg
-    assert "need a Vision Transformer" in recipe_misfit(load_recipe("default"), models["cnn"].module)
+    assert recipe_misfit(load_recipe("default-cnn"), models["cnn"].module) is None
+    assert "lrp need a Vision Transformer" in recipe_misfit(load_recipe("default"), models["cnn"].module)
+    assert "default-cnn" in recipe_misfit(load_recipe("default"), models["cnn"].module)
 
 
 TOP = [p.stem for p in sorted(recipes_dir().glob("*.toml"))]
