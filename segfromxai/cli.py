@@ -26,6 +26,24 @@ def model_options(f):
     return f
 
 
+def features_options(f):
+    """--features-model / --features-checkpoint / --features-img-size: the recipe's ``[features]`` model."""
+    f = click.option("--features-img-size", type=click.IntRange(min=1), default=None,
+                     help="run the feature model at this input size (a ViT-S/14 at 392 px: a 28x28 grid)")(f)
+    f = click.option("--features-checkpoint", default=None,
+                     help="local weights of the feature model (model card, .safetensors or torch file)")(f)
+    f = click.option("--features-model", default=None,
+                     help="where ncut's tokens come from: auto, classifier, embedded or a timm name "
+                          "(default: the recipe's [features] model)")(f)
+    return f
+
+
+def _with_features(recs: list, model: str | None, checkpoint: str | None, img_size: int | None) -> list:
+    from .recipe import with_features
+
+    return [with_features(r, model=model, checkpoint=checkpoint, img_size=img_size) for r in recs]
+
+
 def _load(model_name: str | None, checkpoint: Path | None, device: str):
     from .model import load_model
 
@@ -37,13 +55,17 @@ def _load(model_name: str | None, checkpoint: Path | None, device: str):
 
 @main.command("list")
 def list_cmd() -> None:
-    """Print every registry (explainers, thresholds, refiners, metrics), one name per line under a header."""
+    """Print every registry (explainers, thresholds, refiners, metrics), one name per line under a header; an
+    explainer that needs a Vision Transformer or a classifier head says so after its name."""
+    from .explainers import EXPLAINERS
     from .registry import registries
 
     for title, names in registries().items():
         click.echo(f"{title}:")
         for name in names:
-            click.echo(f"  {name}")
+            e = EXPLAINERS.get(name) if title == "explainers" else None
+            marks = [m for m, on in (("ViT", e and e.vit_only), ("head", e and e.needs_class)) if on]
+            click.echo(f"  {name}" + (f"  [needs {', '.join(marks)}]" if marks else ""))
         if not names:
             click.echo("  (none registered yet)")
 
@@ -119,7 +141,10 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
 
     model = _load(model_name, checkpoint, device)
     failures = []
-    preds = run_classify(model, images, batch_size=batch_size, on_failure=failures.append)
+    try:
+        preds = run_classify(model, images, batch_size=batch_size, on_failure=failures.append)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     for f in failures:
         click.echo(f"skipped {f.path}: {f.reason}", err=True)
     if out is not None:
@@ -170,11 +195,13 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
               "default: a local Ray started here")
 @click.option("--skip-empty", is_flag=True, help="leave images without a mask out of pseudo_labels.json "
               "(default: kept, with no annotation)")
+@features_options
 def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
         labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
         formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool,
         gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
-        address: str | None, skip_empty: bool) -> None:
+        address: str | None, skip_empty: bool, features_model: str | None, features_checkpoint: str | None,
+        features_img_size: int | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
     from .engine import run as run_recipe
     from .recipe import RecipeError, load_recipe, with_output
@@ -182,6 +209,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
     try:
         rec = with_output(load_recipe(recipe), min_confidence=min_confidence, maps=maps or None,
                           overlays=overlays or None)
+        rec = _with_features([rec], features_model, features_checkpoint, features_img_size)[0]
     except (RecipeError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
@@ -347,9 +375,11 @@ def _targets(labels: Path | None, folder_labels: bool):
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV file_name,label: explain these classes, as run --labels does")
 @click.option("--folder-labels", is_flag=True, help="ImageFolder layout: the top folder names the class")
+@features_options
 def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | None, model_name: str | None,
                 checkpoint: Path | None, device: str, batch_size: int, deletion_steps: int, gae_images: int,
-                gae_steps: int, limit: int | None, seed: int, labels: Path | None, folder_labels: bool) -> None:
+                gae_steps: int, limit: int | None, seed: int, labels: Path | None, folder_labels: bool,
+                features_model: str | None, features_checkpoint: str | None, features_img_size: int | None) -> None:
     """Run several RECIPES (files, names, or folders of recipes such as `vitmix`) on the same images, sharing
     model passes, and print IoU, F1, PA, deletion AUC, GAE, time and forward passes per image against the ground
     truth."""
@@ -357,7 +387,7 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
     from .recipe import RecipeError, load_recipes
 
     try:
-        recs = load_recipes(list(recipes))
+        recs = _with_features(load_recipes(list(recipes)), features_model, features_checkpoint, features_img_size)
     except (RecipeError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     named = {(r.model["name"], r.model["checkpoint"]) for r in recs}

@@ -17,11 +17,12 @@ Columns, per recipe:
   better, ``gae_steps`` = T = 10 as in the paper) on the first ``gae_images`` images only (each image costs
   2 T - 1 explanations beyond the shared pass, so it is the most expensive column; images without a negative of
   another class in the same batch are NaN and skipped); NaN when ``gae_images`` is 0.
-- ``s_per_image``: seconds per image the recipe would take alone: its own explainers timed alone on the first
-  batch (after one untimed warm-up pass), plus its fusion, threshold, refinement and cleaning as timed in the shared
-  run. Deletion is not counted.
-- ``forwards_per_image``: forward passes per image of the recipe's explainers alone on the first batch, counted
-  by a hook (:func:`segfromxai.explainers.hooks.count_forwards`), not estimated; the shared pass counts 1.
+- ``s_per_image``: seconds per image the recipe would take alone: its own explainers (and its feature backbone's
+  extra forward, if any) timed alone on the first batch (after one untimed warm-up pass), plus its fusion,
+  threshold, refinement and cleaning as timed in the shared run. Deletion is not counted.
+- ``forwards_per_image``: forward passes per image of the classifier by the recipe's explainers alone on the first
+  batch, counted by a hook (:func:`segfromxai.explainers.hooks.count_forwards`), not estimated; the shared pass
+  counts 1 (a feature backbone's extra forward is not counted here).
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ from .evaluate import load_source, match_names, union
 from .explainers.hooks import count_forwards, eval_mode
 from .explainers.core import explain_pass
 from .faithfulness import deletion_auc
+from .fit import is_headless, prepare
 from .gae import gae
 from .engine import ChunkLoader, batch_target
 from .images import find_images
 from .metrics import METRICS, confusion, finite_mean, summarise
 from .model import LoadedModel
-from .pipeline import explain_calls, fuse_recipe, label_batch, seed_everything, shared_pass
+from .features import backbone_for, uses_classifier
+from .pipeline import explain_calls, feature_maps, fuse_recipe, label_batch, seed_everything, shared_pass
+from .refine import REFINERS
 from .recipe import Recipe
 from .targets import Targets
 
@@ -61,9 +65,12 @@ def _warm_up(model: LoadedModel, x: torch.Tensor) -> None:
 
 def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[float, float]:
     """Seconds and forward passes (images through the model, counted) per image of the recipe's explainers."""
+    if REFINERS[recipe.refine.method].needs_features and not uses_classifier(model, recipe.features):
+        backbone_for(model, recipe.features)  # loaded before the clock starts
     with count_forwards(model.module) as n:
         t0 = time.perf_counter()
-        shared_pass(model, [recipe], x, None)
+        got = shared_pass(model, [recipe], x, None)[0]
+        feature_maps(model, [recipe], x, got)
         seconds = time.perf_counter() - t0
     return seconds / len(x), n.images / len(x)
 
@@ -122,7 +129,8 @@ def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list, x: tor
     if not tally.alone:  # each recipe's explainers alone, on the first batch
         _warm_up(model, x)
         tally.alone = {r.name: _time_alone(model, r, x) for r in recipes}
-    got = label_batch(model, recipes, x, [im.shape[:2] for _, _, im, _ in loaded], target)
+    got = label_batch(model, recipes, x, [im.shape[:2] for _, _, im, _ in loaded], target,
+                      images=[im for _, _, im, _ in loaded])
     for r, lab in zip(recipes, got):
         for j, (_, _, im, _) in enumerate(loaded):
             pred = np.zeros(im.shape[:2], bool)
@@ -131,6 +139,8 @@ def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list, x: tor
             tally.counts[r.name].append(confusion(pred, *gts[j]))
         tally.post[r.name] += lab.seconds
         cls = torch.from_numpy(lab.target).to(x.device)
+        if is_headless(model.module):  # no class score to delete or to compare: deletion AUC and GAE are NaN
+            continue
         tally.deletion[r.name] += list(deletion_auc(model.module, x, torch.from_numpy(lab.fused), cls,
                                                     steps=settings["deletion_steps"], batch_size=64))
         k = min(len(loaded), settings["gae_images"] - len(tally.gaes[r.name]))
@@ -157,6 +167,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     images = Path(images)
     paths = find_images(images)[:limit]
     rels = [p.name if p == images else p.relative_to(images).as_posix() for p in paths]
+    prepare(recipes, model, targets, rels)  # recipe x model fit, a headless model's categories
     targets.check(rels, model.classes)
     ref = load_source(gt)
     pairs = dict(match_names(rels, ref)[0])

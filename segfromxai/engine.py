@@ -19,6 +19,7 @@ import torch
 from .artifacts import save_artifacts
 from .fileio import atomic_write
 from .dataset import done_indices, finish, prepare_out
+from .fit import prepare
 from .images import ImageLoadError, find_images, load_image
 from .masks import encode
 from .model import LoadedModel
@@ -110,7 +111,8 @@ def process_chunk(model: LoadedModel, recipe: Recipe, out: Path, item: tuple, to
     records, loaded, x = item
     if loaded:
         target = batch_target([t for _, _, _, t in loaded], model.device)
-        got = label_batch(model, [recipe], x, [im.shape[:2] for _, _, im, _ in loaded], target, clock)[0]
+        got = label_batch(model, [recipe], x, [im.shape[:2] for _, _, im, _ in loaded], target, clock,
+                          images=[im for _, _, im, _ in loaded])[0]
         with clock("encode"):
             more, saved = records_of(recipe, loaded, got)
         records = records + more
@@ -144,6 +146,7 @@ def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedMode
     seed_everything(seed)
     paths = find_images(images)[:limit]
     rels = [p.name if p == Path(images) else p.relative_to(images).as_posix() for p in paths]
+    prepare([recipe], model, targets, rels)  # recipe x model fit, a headless model's categories
     targets.check(rels, model.classes)
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")

@@ -9,6 +9,12 @@ Choices, stated once:
 * **Normalisation** is per image: ``(m - min) / (max - min)``; a constant map becomes all zeros (it ranks
   nothing). ``clip=p`` first replaces values above the p-th percentile of each map by that percentile, so that a
   few extreme pixels (common in gradient maps) do not squash the rest towards 0.
+* **Pooling** (``pool``), before normalisation: maps finer than the coarsest map of the batch (pixel-level
+  saliency, gradient x input, LRP to pixels beside a 7 x 7 CNN map or a 14 x 14 token map) are brought to the
+  coarsest map's scale so that their sparse mass is not lost: ``"area"`` averages them onto the coarsest grid
+  (then they are resampled with the rest), ``"smooth"`` blurs them with a Gaussian of sigma = half a coarse cell
+  in their own pixels, keeping their resolution; ``"none"`` leaves them. Without it, a sparse pixel map fused on
+  the input grid scores most pixels near 0, the geometric mean follows it, and Otsu keeps scattered pixels.
 * **Resampling** to a smaller grid averages areas (``F.interpolate(mode="area")``); to a larger grid it is
   bilinear with ``align_corners=False``, the convention under which a token covers its patch.
 * **Geometric mean** of k maps is the k-th root of their product, computed in log space with an ``eps`` floor:
@@ -69,6 +75,56 @@ def resample(maps: Maps, size: tuple[int, int]) -> Maps:
     return x[:, 0]
 
 
+POOLS = ("none", "area", "smooth")
+
+
+def gaussian_blur(maps: Maps, sigma: tuple[float, float]) -> Maps:
+    """Separable Gaussian blur of maps (B, h, w) with ``sigma`` (rows, cols) in pixels, truncated at 3 sigma, edges
+    reflected (``scipy.ndimage.gaussian_filter(mode="reflect", truncate=3)`` up to float32 rounding)."""
+    m = torch.as_tensor(maps).float()
+    out = m
+    for axis, s in zip((1, 2), sigma):
+        if s <= 0:
+            continue
+        r = int(3.0 * s + 0.5)
+        t = torch.arange(-r, r + 1, dtype=torch.float64)
+        k = torch.exp(-0.5 * (t / s) ** 2)
+        k = (k / k.sum()).float()
+        x = out.movedim(axis, -1)
+        shape = x.shape
+        x = x.reshape(-1, 1, shape[-1])
+        x = F.conv1d(_pad_symmetric(x, r), k.view(1, 1, -1))
+        out = x.reshape(shape).movedim(-1, axis)
+    return out
+
+
+def _pad_symmetric(x: torch.Tensor, r: int) -> torch.Tensor:
+    # scipy's "reflect" is symmetric padding (the edge value repeated), tiled for pads longer than the axis
+    idx = torch.arange(-r, x.shape[-1] + r)
+    n = x.shape[-1]
+    idx = idx % (2 * n)
+    idx = torch.where(idx >= n, 2 * n - 1 - idx, idx)
+    return x[..., idx]
+
+
+def pool_maps(maps: Mapping[str, Maps], pool: str) -> dict[str, Maps]:
+    """Bring maps finer than the coarsest one to its scale (see the module docstring, *Pooling*)."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+    coarse = min((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
+    out = {}
+    for name, m in maps.items():
+        m = torch.as_tensor(m).float()
+        h, w = m.shape[-2:]
+        if pool == "none" or (h <= coarse[0] and w <= coarse[1]):
+            out[name] = m
+        elif pool == "area":
+            out[name] = F.adaptive_avg_pool2d(m[:, None], coarse)[:, 0]
+        else:
+            out[name] = gaussian_blur(m, (0.5 * h / coarse[0], 0.5 * w / coarse[1]))
+    return out
+
+
 def _weights(k: int, weights: Sequence[float] | None) -> list[float]:
     w = [1.0] * k if weights is None else [float(v) for v in weights]
     if len(w) != k or any(v < 0 for v in w) or sum(w) <= 0:
@@ -115,11 +171,11 @@ Grid = Literal["tokens", "input"]
 
 def fuse(maps: Mapping[str, Maps], *, method: str = "geometric", size: tuple[int, int] | None = None,
          clip: float | None = None, eps: float = 1e-6, weights: Mapping[str, float] | None = None,
-         renormalise: bool = True) -> Maps:
+         renormalise: bool = True, pool: str = "none") -> Maps:
     """Normalise, resample and combine ``{name: (B, h_i, w_i)}`` maps into one float32 (B, h, w) map in [0, 1].
 
     ``size`` is the common grid (default: the largest map's); ``weights`` maps a name to its weight (missing names
-    weigh 1). See the module docstring for every choice.
+    weigh 1); ``pool`` brings finer maps to the coarsest map's scale first. See the module docstring for every choice.
     """
     if method not in FUSIONS:
         raise ValueError(f"unknown fusion {method!r}; valid: {', '.join(sorted(FUSIONS))}")
@@ -130,7 +186,7 @@ def fuse(maps: Mapping[str, Maps], *, method: str = "geometric", size: tuple[int
         raise ValueError(f"weights for maps that are not fused: {sorted(unknown)}; fused: {sorted(maps)}")
     if size is None:
         size = max((tuple(m.shape[-2:]) for m in maps.values()), key=lambda s: s[0] * s[1])
-    ready = [resample(normalise(m, clip=clip), size) for m in maps.values()]
+    ready = [resample(normalise(m, clip=clip), size) for m in pool_maps(maps, pool).values()]
     w = [float((weights or {}).get(name, 1.0)) for name in maps]
     out = FUSIONS[method](ready, weights=w, eps=eps)
     return normalise(out) if renormalise else out.float()
@@ -154,8 +210,10 @@ def grid_size(maps: Mapping[str, Maps], grid: str, *, token_grid: tuple[int, int
 
 def fuse_on_grid(maps: Mapping[str, Maps], *, token_grid: tuple[int, int] | None, input_size: tuple[int, int],
                  method: Method = "geometric", grid: Grid = "tokens", clip: Percentile | None = None,
-                 eps: Positive = 1e-6, weights: dict[str, NonNegative] = {}, renormalise: bool = True) -> Maps:
+                 eps: Positive = 1e-6, weights: dict[str, NonNegative] = {}, renormalise: bool = True,
+                 pool: Literal["none", "area", "smooth"] = "area") -> Maps:
     """:func:`fuse` on the grid named by ``grid`` (:func:`grid_size`). Its keyword parameters after the two sizes
     are a recipe's ``[fusion]`` section (their declaration: defaults, choices and ranges)."""
     size = grid_size(maps, grid, token_grid=token_grid, input_size=input_size)
-    return fuse(maps, method=method, size=size, clip=clip, eps=eps, weights=weights, renormalise=renormalise)
+    return fuse(maps, method=method, size=size, clip=clip, eps=eps, weights=weights, renormalise=renormalise,
+                pool=pool)

@@ -87,6 +87,8 @@ class LoadedModel:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] | None = None
     source: str = ""
+    feature_models: dict[Any, Any] = field(default_factory=dict, repr=False)
+    """Feature backbones built for this classifier (:func:`segfromxai.features.backbone_for` caches them here)."""
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from .explainers.core import Explained, explain_pass
-from .features import feature_layer, token_features
+from .features import (backbone_for, backbone_input, backbone_key, backbone_outputs, feature_layer,
+                       token_features, uses_classifier)
+from .fit import is_headless
 from .fusion import as_numpy, fuse_on_grid
 from .images import Failure, LoadedImage, iter_images
 from .masks import clean
@@ -61,6 +63,8 @@ def classify(model: LoadedModel, images: str | Path, *, batch_size: int = 32,
 
     Unreadable files are passed to ``on_failure`` (default: ignored) and never stop the pass.
     """
+    if is_headless(model.module):
+        raise ValueError("the model has no classifier head (num_classes=0): it has no classes to predict")
     failures = on_failure or (lambda f: None)
     out: list[Prediction] = []
     for batch in batched(iter_images(images), batch_size, failures):
@@ -155,10 +159,36 @@ def explain_calls(recipes: Sequence[Recipe]) -> list[dict[str, dict[str, Any]]]:
 
 
 def needed_layers(model: LoadedModel, recipe: Recipe) -> tuple[str, ...]:
-    """The layers whose outputs the recipe's refiner reads from the shared pass (its declared needs)."""
-    if not REFINERS[recipe.refine.method].needs_features:
+    """The layers whose outputs the recipe's refiner reads from the shared pass (its declared needs; none when its
+    features come from a separate backbone)."""
+    if not REFINERS[recipe.refine.method].needs_features or not uses_classifier(model, recipe.features):
         return ()
-    return (feature_layer(model.module, **recipe.features),)
+    spec = recipe.features
+    return (feature_layer(model.module, feature=spec["feature"], block=spec["block"]),)
+
+
+def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, got: Explained,
+                 images: Sequence[np.ndarray] | None = None) -> dict[tuple, np.ndarray]:
+    """Token features (B, fh, fw, C) of each recipe's ``[features]`` section, keyed by the section's items: read
+    from the shared pass ``got``, or from one extra forward per backbone (all its layers recorded at once)."""
+    specs = {tuple(sorted(r.features.items())): r.features for r in recipes
+             if REFINERS[r.refine.method].needs_features}
+    out, by_backbone = {}, {}
+    for key, spec in specs.items():
+        if uses_classifier(model, spec):
+            layer = feature_layer(model.module, feature=spec["feature"], block=spec["block"])
+            out[key] = token_features(model.module, got.outputs[layer], spec["feature"], tuple(x.shape[-2:]))
+        else:
+            by_backbone.setdefault(backbone_key(spec), []).append((key, spec))
+    for wanted in by_backbone.values():
+        bb = backbone_for(model, wanted[0][1])
+        xb = backbone_input(bb, x, model.preprocess, images)
+        layers = {key: feature_layer(bb.module, feature=spec["feature"], block=spec["block"])
+                  for key, spec in wanted}
+        outs = backbone_outputs(bb, xb, list(dict.fromkeys(layers.values())))
+        for key, spec in wanted:
+            out[key] = token_features(bb.module, outs[layers[key]], spec["feature"], tuple(xb.shape[-2:]))
+    return out
 
 
 def shared_pass(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, target: torch.Tensor | None
@@ -168,6 +198,8 @@ def shared_pass(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, 
     calls = explain_calls(recipes)
     record = tuple(dict.fromkeys(layer for r in recipes for layer in needed_layers(model, r)))
     first = explain_pass(model, x, calls[0], target, record=record)
+    if is_headless(model.module):  # no class to choose: the given category, else the only one
+        first.target = target if target is not None else torch.zeros(len(x), dtype=torch.long, device=x.device)
     rest = [explain_pass(model, x, call, first.target) for call in calls[1:]]
     return [first, *rest]
 
@@ -178,19 +210,24 @@ def _maps_of(recipe: Recipe, calls: list[dict[str, dict[str, Any]]], passes: lis
             for name, params in recipe.explainers.items()}
 
 
+def confidence(model: LoadedModel, got: Explained) -> np.ndarray:
+    """Softmax probability (B,) of the explained class; 1 for a headless model (it has no classes to weigh)."""
+    if is_headless(model.module):
+        return np.ones(len(got.target), dtype=np.float32)
+    return got.logits.float().softmax(1).gather(1, got.target[:, None])[:, 0].cpu().numpy()
+
+
 def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor], got: Explained,
-               x_size: tuple[int, int], sizes: Sequence[tuple[int, int]], clock: Clock | None = None) -> Labelled:
-    """Fuse, threshold, refine and clean one recipe's maps of a batch (``got``: the first shared pass)."""
+               sizes: Sequence[tuple[int, int]], clock: Clock | None = None, feats: np.ndarray | None = None
+               ) -> Labelled:
+    """Fuse, threshold, refine and clean one recipe's maps of a batch (``got``: the first shared pass; ``feats``:
+    the recipe's token features from :func:`feature_maps`, when its refiner needs them)."""
     clock = clock or Clock()
     t0 = time.perf_counter()
     target = got.target.cpu().numpy()
-    conf = got.logits.float().softmax(1).gather(1, got.target[:, None])[:, 0].cpu().numpy()
+    conf = confidence(model, got)
     with clock("fuse"):
         fused = fuse_recipe(model, recipe, maps)
-    feats = None
-    layers = needed_layers(model, recipe)
-    if layers:
-        feats = token_features(model.module, got.outputs[layers[0]], recipe.features["feature"], x_size)
     masks: list[list[np.ndarray] | None] = []
     scores: list[list[float]] = []
     for j, size in enumerate(sizes):
@@ -208,19 +245,24 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
 
 
 def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                target: torch.Tensor | None = None, clock: Clock | None = None) -> list[Labelled]:
+                target: torch.Tensor | None = None, clock: Clock | None = None,
+                images: Sequence[np.ndarray] | None = None) -> list[Labelled]:
     """Label one preprocessed batch ``x`` (B, 3, h, w) of images of ``sizes`` with each recipe.
 
-    All recipes share the explain pass (:func:`shared_pass`); ``target`` (B,) gives the class to explain per image
-    (``None``: the model's top-1). Returns one :class:`Labelled` per recipe, in order.
+    All recipes share the explain pass (:func:`shared_pass`) and each feature backbone's forward
+    (:func:`feature_maps`; ``images``, the original RGB images, are preprocessed for it, else ``x`` is resampled);
+    ``target`` (B,) gives the class to explain per image (``None``: the model's top-1). Returns one
+    :class:`Labelled` per recipe, in order.
     """
     clock = clock or Clock()
     x = x.to(model.device)
     with clock("explain"):
         passes = shared_pass(model, recipes, x, target)
+    with clock("features"):
+        feats = feature_maps(model, recipes, x, passes[0], images)
     calls = explain_calls(recipes)
-    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], tuple(x.shape[-2:]), sizes, clock)
-            for r in recipes]
+    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], sizes, clock,
+                       feats.get(tuple(sorted(r.features.items())))) for r in recipes]
 
 
 def __getattr__(name: str) -> Any:

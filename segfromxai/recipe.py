@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .explainers import EXPLAINERS
-from .features import feature_layer
+from .features import FEATURE_MODELS, feature_options
 from .fusion import fuse_on_grid
 from .masks import clean
 from .params import Fraction, Param, check, declared
@@ -54,6 +54,7 @@ def model_options(*, name: str = "", checkpoint: str = "") -> None:
     weights or a model card ("" = none)."""
 
 
+
 def output_options(*, min_confidence: Fraction = 0.0, maps: bool = False, overlays: bool = False) -> None:
     """A recipe's ``[output]``: ``min_confidence``, skip (and list) images whose explained class has a lower softmax
     probability; ``maps``, save every map and the fused map per image (``maps/*.npz``); ``overlays``, overlay PNGs."""
@@ -64,7 +65,7 @@ def output_options(*, min_confidence: Fraction = 0.0, maps: bool = False, overla
 DECLARED: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "model": (model_options, ()),
     "fusion": (fuse_on_grid, ("token_grid", "input_size")),
-    "features": (feature_layer, ()),
+    "features": (feature_options, ()),
     "masks": (clean, ()),
     "output": (output_options, ()),
 }
@@ -159,6 +160,13 @@ def _text(key: str, value: Any) -> str:
     return value
 
 
+def _features(given: Any) -> dict[str, Any]:
+    out = _declared_section("features", given)
+    if not out["model"]:
+        raise _fail("features", f"model must be one of {', '.join(FEATURE_MODELS)} or a timm model name")
+    return out
+
+
 def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
     """Validate and resolve recipe data (as read from TOML) into a :class:`Recipe`.
 
@@ -179,7 +187,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
         explainers=explainers,
         fusion=fusion,
         threshold=_stage("threshold", data.get("threshold", {}), THRESHOLDS, "otsu"),
-        features=_declared_section("features", data.get("features", {})),
+        features=_features(data.get("features", {})),
         refine=_stage("refine", data.get("refine", {}), REFINERS, "none"),
         masks=_declared_section("masks", data.get("masks", {})),
         output=_declared_section("output", data.get("output", {})),
@@ -191,6 +199,13 @@ def with_output(recipe: Recipe, **changes: Any) -> Recipe:
     output = {**recipe.output, **{k: v for k, v in changes.items() if v is not None}}
     data = recipe.to_dict()
     data["output"] = output
+    return parse_recipe(data, name=recipe.name)
+
+
+def with_features(recipe: Recipe, **changes: Any) -> Recipe:
+    """``recipe`` with some ``[features]`` keys replaced (``None`` values leave a key as it is), re-validated."""
+    data = recipe.to_dict()
+    data["features"] = {**recipe.features, **{k: v for k, v in changes.items() if v is not None}}
     return parse_recipe(data, name=recipe.name)
 
 

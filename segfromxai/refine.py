@@ -27,6 +27,7 @@ from typing import Annotated, Any, Callable, Literal
 import numpy as np
 import scipy.ndimage
 
+from . import cutrules
 from .graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut, ncut_bipartition, similarity
 from .params import Fraction, NonNegative, Positive, PositiveInt, Range, declared
 from .resize import check_size, resize_area, resize_bilinear
@@ -106,8 +107,20 @@ def none(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int],
     return [out] if out.any() else []
 
 
-def _kept_components(side: np.ndarray, m_grid: np.ndarray, e: np.ndarray, components: str) -> np.ndarray:
-    """The 4-connected components of the foreground ``side`` (bool grid) that ncut keeps (its step 3)."""
+def _strength(y: np.ndarray, fg_hi: bool, idx: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Signed distance of each remaining token to the split, towards the foreground (-inf on removed tokens)."""
+    split = float(y.mean())
+    strength = np.full(grid[0] * grid[1], -np.inf)
+    strength[idx] = (y - split) if fg_hi else (split - y)
+    return strength.reshape(grid)
+
+
+def _kept_components(side: np.ndarray, m_grid: np.ndarray, e: np.ndarray, components: str, *,
+                     strength: np.ndarray) -> np.ndarray:
+    """The 4-connected components of the foreground ``side`` (bool grid) that ncut keeps (its step 3); ``"seed"``
+    keeps the one holding the strongest token (:func:`segfromxai.cutrules.seed_component`)."""
+    if components == "seed":
+        return cutrules.seed_component(side, strength)
     if components == "all":
         return side
     labels, _ = scipy.ndimage.label(side)  # 4-connectivity
@@ -140,11 +153,35 @@ def _accepted(inst: np.ndarray, found: list[np.ndarray], *, min_area: float, max
 
 def on_grid(fused: np.ndarray, mask: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """``fused`` and its mask on another grid: area-averaged (:func:`resize_area`) and cut at the same level
-    (:func:`cut_level`); as they are when already on ``grid``."""
+    (:func:`cut_level`), or, when no area mean reaches that level (a sparse pixel map on a coarse grid), the same
+    share of cells with the highest means; as they are when already on ``grid``."""
     if fused.shape == tuple(grid):
         return fused, mask
     e = resize_area(fused, grid)
-    return e, e > cut_level(fused, mask)
+    m_grid = e > cut_level(fused, mask)
+    if mask.any() and not m_grid.any():  # the level is never reached by the area means: keep the same share
+        k = max(1, int(round(mask.mean() * e.size)))
+        m_grid = e >= np.sort(e, axis=None)[-k]
+    return e, m_grid
+
+
+def _as_features(features: np.ndarray | None) -> np.ndarray:
+    if features is None:
+        raise ValueError("ncut needs per-token features (fh, fw, C); got None")
+    feats = np.asarray(features)
+    if feats.ndim != 3:
+        raise ValueError(f"features must be (fh, fw, C), got shape {feats.shape}")
+    return feats
+
+
+def _edges(feats: np.ndarray, prior: np.ndarray, *, tau: float, tau_quantile: float | None, position_weight: float,
+           position_sigma: float, prior_weight: float) -> np.ndarray:
+    """ncut's binary graph: :func:`similarity` above ``tau`` (or above its ``tau_quantile`` per image)."""
+    fh, fw, _ = feats.shape
+    sim = similarity(feats.reshape(fh * fw, -1), positions=grid_positions((fh, fw)) if position_weight else None,
+                     position_weight=position_weight, position_sigma=position_sigma, prior=prior,
+                     prior_weight=prior_weight)
+    return sim > (tau if tau_quantile is None else cutrules.similarity_quantile(sim, tau_quantile))
 
 
 def _check_ncut_numbers(*, instances: int, min_area: float, max_overlap: float, eps: float) -> None:
@@ -160,10 +197,11 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
          tau: Annotated[float, Range(-1.0, lo_open=True)] = 0.2,
          eps: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 1e-5,
          position_weight: NonNegative = 0.0, position_sigma: Positive = 0.1, prior_weight: NonNegative = 0.0,
-         solver: Literal["lanczos", "dense"] = "lanczos", foreground: Literal["mass", "mean"] = "mass",
-         components: Literal["overlap", "largest", "all"] = "overlap",
+         solver: Literal["lanczos", "dense"] = "lanczos", foreground: Literal["mass", "mean", "eigvec", "corners"] = "mass",
+         components: Literal["overlap", "largest", "all", "seed"] = "overlap",
          combine: Literal["none", "intersection", "union"] = "none", instances: PositiveInt = 1,
-         min_area: Fraction = 0.0, max_overlap: Fraction = 0.5) -> list[np.ndarray]:
+         min_area: Fraction = 0.0, max_overlap: Fraction = 0.5, tau_quantile: Fraction | None = None
+         ) -> list[np.ndarray]:
     """Normalized-cut refinement on the classifier's token features, guided by the explanation.
 
     TokenCut (Wang et al. 2022, CVPR) bipartitions the token graph of :func:`affinity` with :func:`ncut_bipartition`;
@@ -195,7 +233,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
        Stops after ``instances`` cuts or when fewer than 2 tokens remain.
 
     If ``fused`` is on another grid than ``features``, it is resampled to the feature grid by area averaging
-    (:func:`resize_area`) and the mask recomputed there as ``fused > cut_level(fused, mask)``.
+    (:func:`resize_area`) and the mask recomputed there as ``fused > cut_level(fused, mask)``; when no area mean
+    reaches that level (a sparse pixel-level map cut on a finer grid), the mask is the same share of the feature
+    grid's tokens instead, the highest (at least one), so a grid mismatch never leaves the image without a mask.
 
     Parameters
     ----------
@@ -208,9 +248,14 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         Graph parameters, see :func:`affinity`; the prior is the fused map on the feature grid.
     solver : {"lanczos", "dense"}
         See :func:`ncut_bipartition`.
-    foreground : {"mass", "mean"}
-        Which side of the cut is foreground, see step 2.
-    components : {"overlap", "largest", "all"}
+    foreground : {"mass", "mean", "eigvec", "corners"}
+        Which side of the cut is foreground, see step 2. ``"eigvec"`` is TokenCut's rule with no explanation: the
+        side holding the eigenvector's largest-magnitude entry; ``"corners"`` is MaskCut's (CutLER): the same, but
+        reversed when it holds two or more grid corners (:func:`segfromxai.cutrules.eigvec_side`). Both ignore
+        ``fused`` and ``mask`` (no overlap test, no fallback to the thresholded map).
+    components : {"overlap", "largest", "all", "seed"}
+        ``"seed"``: the component holding the side's strongest token (TokenCut's object,
+        :func:`segfromxai.cutrules.seed_component`).
     combine : {"none", "intersection", "union"}
     instances : int >= 1
         The number of cuts (each gives at most one instance).
@@ -218,6 +263,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         Smallest instance area, as a fraction of H * W.
     max_overlap : float in [0, 1]
         Largest IoU of an instance with any instance kept before it.
+    tau_quantile : float in [0, 1], optional
+        Set ``tau`` per image to this quantile of the off-diagonal similarities instead
+        (:func:`segfromxai.cutrules.similarity_quantile`), for backbones whose keys are near-parallel.
 
     Returns
     -------
@@ -226,26 +274,21 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     """
     _check_choices("ncut", solver=solver, components=components, combine=combine,
                    foreground=foreground)
-    if features is None:
-        raise ValueError("ncut needs per-token features (fh, fw, C); got None")
     _check_ncut_numbers(instances=instances, min_area=min_area, max_overlap=max_overlap, eps=eps)
     H, W = check_size(size)
     f, m = _check_map_and_mask(fused, mask)
-    feats = np.asarray(features)
-    if feats.ndim != 3:
-        raise ValueError(f"features must be (fh, fw, C), got shape {feats.shape}")
+    feats = _as_features(features)
     fh, fw, _ = feats.shape
     e, m_grid = on_grid(f, m, (fh, fw))
-    if not m_grid.any():
+    explained = foreground in ("mass", "mean")  # else TokenCut/MaskCut's own rule: the explanation is not read
+    if explained and not m_grid.any():
         return []
-    base = none(f, m, size=(H, W))
+    base = none(f, m, size=(H, W)) if explained else []
     base_mask = base[0] if base else np.zeros((H, W), dtype=bool)
 
-    n = fh * fw
-    prior = e.ravel()
-    edges = similarity(feats.reshape(n, -1), positions=grid_positions((fh, fw)) if position_weight else None,
-                        position_weight=position_weight, position_sigma=position_sigma, prior=prior,
-                        prior_weight=prior_weight) > tau
+    n, prior = fh * fw, e.ravel()
+    edges = _edges(feats, prior, tau=tau, tau_quantile=tau_quantile, position_weight=position_weight,
+                   position_sigma=position_sigma, prior_weight=prior_weight)
     alive = np.ones(n, dtype=bool)
     found: list[np.ndarray] = []
     for _ in range(instances):
@@ -260,14 +303,16 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         y = fiedler(sub, eps=eps, solver=solver)
         split = float(y.mean())
         hi = y > split
-        fg_hi = foreground_is_high(y, prior[idx], rule=foreground)
+        fg_hi = (foreground_is_high(y, prior[idx], rule=foreground) if explained else
+                 bool(np.array_equal(cutrules.eigvec_side(y, split, idx, (fh, fw), corners=foreground == "corners"),
+                                     hi)))
         side = np.zeros(n, dtype=bool)
         side[idx[hi if fg_hi else ~hi]] = True
         side = side.reshape(fh, fw)
-        if not (side & m_grid).any():
+        if explained and not (side & m_grid).any():
             alive &= ~side.ravel()
             continue
-        kept = _kept_components(side, m_grid, e, components)
+        kept = _kept_components(side, m_grid, e, components, strength=_strength(y, fg_hi, idx, (fh, fw)))
         inst = _soft_instance(y, fg_hi, kept.ravel(), idx, (fh, fw), (H, W))
         if combine == "intersection":
             inst &= base_mask

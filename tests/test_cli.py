@@ -22,8 +22,14 @@ def test_list_prints_every_registry_one_name_per_line_under_a_header():
         for line in lines[i + 1:]:
             if not line.startswith("  "):
                 break
-            body.append(line.strip())
+            body.append(line.strip() if title != "explainers" else line.split()[0])
         assert body == (names or ["(none registered yet)"])
+
+
+def test_list_marks_explainers_that_need_a_vit_or_a_head():
+    lines = CliRunner().invoke(main, ["list"]).output.splitlines()
+    assert "  lrp  [needs ViT, head]" in lines and "  gradcam  [needs head]" in lines
+    assert "  rollout  [needs ViT]" in lines and "  uniform" in lines
 
 
 def test_every_command_and_registered_name_is_documented_in_the_readme():

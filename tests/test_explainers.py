@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 import segfromxai
-from segfromxai.explainers import EXPLAINERS, PERTURBATION_EXPLAINERS, LRPConfig, Pass, explain, lrp_pass
+from segfromxai.explainers import (EXPLAINERS, PERTURBATION_EXPLAINERS, LRPConfig, Pass, explain, explain_with_logits,
+                                   lrp_pass)
 from segfromxai.explainers.hooks import capture
 
 from reference_explainers import reference_input_relevance, reference_maps
@@ -19,7 +20,7 @@ GRADIENT_BASED = ["gradcam", "hirescam", "saliency", "gradxinput", "grad_rollout
                   "lrp_alpha1beta0"]
 # one forward and at most one backward pass: checked here against the float64 reference; the perturbation methods
 # (own forward passes) have their reference tests in test_rcut.py, test_moxi.py and test_coalition.py
-SHARED_PASS = sorted(set(EXPLAINERS) - set(PERTURBATION_EXPLAINERS))
+SHARED_PASS = sorted(set(EXPLAINERS) - set(PERTURBATION_EXPLAINERS) - {"uniform"})  # uniform: known answer below
 VARIANTS = {
     "cls": {},
     "avgpool": {"global_pool": "avg", "class_token": False},
@@ -47,9 +48,17 @@ def hook_state(model):
     return hooks, fused, model.training
 
 
+def test_uniform_is_a_constant_map_with_no_backward_pass():
+    model = tiny()
+    x = batch(model, b=3)
+    maps, logits = explain_with_logits(model, x, "uniform")
+    assert maps["uniform"].shape == (3, 1, 1) and torch.equal(maps["uniform"], torch.ones(3, 1, 1))
+    assert not EXPLAINERS["uniform"].needs_class and EXPLAINERS["uniform"].needs(model, {}).backward is False
+
+
 def test_public_api_and_registry():
     assert segfromxai.explain is explain
-    assert set(GRADIENT_BASED) | {"rollout"} == set(SHARED_PASS)
+    assert set(GRADIENT_BASED) | {"rollout"} == set(SHARED_PASS) and "uniform" in EXPLAINERS
     assert set(PERTURBATION_EXPLAINERS) == {"rcut", "moxi_insertion", "moxi_deletion", "coalition"}
     for name, ex in EXPLAINERS.items():
         assert ex.fn.__doc__ and "(" in ex.fn.__doc__, f"{name} must cite its paper in its docstring"
@@ -284,3 +293,11 @@ def test_a_loaded_model_is_accepted_as_is(embedded):
     b = explain(embedded.module, x, ["gradcam", "rollout"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["gradcam"].shape == (1, *embedded.module.patch_embed.grid_size)
+
+
+def test_rollout_start_layer_counts_from_the_end_when_negative(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    last = explain(tiny_vit, x, {"rollout": {"start_layer": -1}})["rollout"]
+    assert torch.allclose(last, explain(tiny_vit, x, {"rollout": {"start_layer": 1}})["rollout"])
+    with pytest.raises(ValueError, match=r"start_layer must lie in \[-2, 2\)"):
+        explain(tiny_vit, x, {"rollout": {"start_layer": -3}})

@@ -86,3 +86,35 @@ def test_fuse_rejects_unknown_method_and_weights():
         fuse(m, method="median")
     with pytest.raises(ValueError, match="not fused"):
         fuse(m, weights={"b": 2.0})
+
+
+def test_pool_area_and_smooth_bring_pixel_maps_to_the_coarse_scale():
+    import scipy.ndimage
+
+    from segfromxai.fusion import gaussian_blur, pool_maps
+
+    rng = np.random.default_rng(0)
+    fine = torch.from_numpy((rng.random((2, 28, 21)) > 0.97).astype(np.float32))  # sparse pixels
+    coarse = torch.rand(2, 4, 3)
+    area = pool_maps({"c": coarse, "f": fine}, "area")
+    assert area["c"] is not None and torch.equal(area["c"], coarse)
+    np.testing.assert_allclose(area["f"].numpy(), fine.numpy().reshape(2, 4, 7, 3, 7).mean((2, 4)), atol=1e-6)
+    smooth = pool_maps({"c": coarse, "f": fine}, "smooth")["f"]
+    ref = np.stack([scipy.ndimage.gaussian_filter(m.astype(np.float64), (3.5, 3.5), mode="reflect", truncate=3.0)
+                    for m in fine.numpy()])
+    np.testing.assert_allclose(smooth.numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(gaussian_blur(fine, (0.0, 0.0)).numpy(), fine.numpy())
+    assert torch.equal(pool_maps({"c": coarse, "f": fine}, "none")["f"], fine)
+    with pytest.raises(ValueError, match="valid: none, area, smooth"):
+        pool_maps({"c": coarse}, "max")
+
+
+def test_fuse_with_pool_keeps_a_sparse_pixel_map_from_zeroing_the_geometric_mean():
+    fine = torch.zeros(1, 32, 32)
+    fine[0, 4:12:3, 4:12:3] = 1.0  # 9 pixels in the top-left quarter
+    coarse = torch.zeros(1, 4, 4)
+    coarse[0, :2, :2] = 1.0
+    plain = fuse({"c": coarse, "f": fine}, size=(32, 32))
+    pooled = fuse({"c": coarse, "f": fine}, size=(32, 32), pool="area")
+    assert (plain[0, :16, :16] > 0.5).float().mean() < 0.05  # only the 9 pixels survive
+    assert (pooled[0, :12, :12] > 0.5).float().mean() > 0.5

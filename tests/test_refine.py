@@ -186,7 +186,7 @@ def test_components_overlap_largest_all():
     mask = fused > 0.5
     sizes = {c: [int(m.sum()) for m in ncut(fused, mask, size=(6, 9), features=x, components=c)]
              for c in CHOICES["ncut"]["components"]}
-    assert sizes == {"overlap": [4], "largest": [4], "all": [8]}
+    assert sizes == {"overlap": [4], "largest": [4], "all": [8], "seed": [4]}
 
 
 def test_combine_relations():
@@ -344,3 +344,15 @@ def test_foreground_mean_does_not_favour_the_larger_side():
     assert len(ncut(fused, fused > 0.5, **kw)) == 2
     out = ncut(fused, fused > 0.5, foreground="mean", **kw)
     assert sorted(m.tolist() for m in out) == sorted(m.tolist() for m in THREE_MASKS)
+
+
+def test_ncut_on_a_coarser_feature_grid_keeps_a_mask_when_no_area_mean_reaches_the_level():
+    """Regression (issue 18): a sparse 32 x 32 map (a few bright pixels) cut by Otsu, refined on a 4 x 4 feature
+    grid: every area mean is below the level chosen on the 32 x 32 grid, which used to give no mask at all."""
+    f = np.zeros((32, 32))
+    f[9, 9] = f[10, 12] = f[12, 10] = 1.0  # all inside the token (1, 1) of the 4 x 4 grid
+    feats = np.zeros((4, 4, 2))
+    feats[..., 1] = 1.0
+    feats[0:2, 0:2] = [1.0, 0.0]
+    out = ncut(f, f > 0.5, size=(32, 32), features=feats, tau=0.5)
+    assert len(out) == 1 and out[0][:16, :16].mean() > 0.9 and not out[0][20:, 20:].any()

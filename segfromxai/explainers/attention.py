@@ -34,10 +34,11 @@ def _discard(f: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _check_start(ps: Pass, start: int) -> int:
+    """``start`` as a block index; negative counts from the end (-1: the last block alone)."""
     depth = len(ps.model.blocks)
-    if not 0 <= start < depth:
-        raise ValueError(f"start_layer must lie in [0, {depth}) for this model, got {start}")
-    return start
+    if not -depth <= start < depth:
+        raise ValueError(f"start_layer must lie in [-{depth}, {depth}) for this model, got {start}")
+    return start % depth
 
 
 def rollout(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
@@ -125,7 +126,7 @@ def lrp_params(*, rule: Literal["epsilon", "alpha1beta0", "abslrp"] = "alpha1bet
 
 
 ATTENTION_EXPLAINERS = {
-    "rollout": Explainer(rollout, _attention_needs, rollout_params, vit_only=True,
+    "rollout": Explainer(rollout, _attention_needs, rollout_params, vit_only=True, needs_class=False,
                          summary="attention rollout (class-agnostic)"),
     "grad_rollout": Explainer(grad_rollout, _gradient_attention_needs, grad_rollout_params, vit_only=True,
                               summary="gradient-weighted attention rollout (Chefer et al., ICCV 2021)"),

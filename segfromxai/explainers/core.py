@@ -55,6 +55,8 @@ class Explainer:
     params: Callable[..., Any]
     vit_only: bool
     summary: str
+    needs_class: bool = True
+    """False for class-agnostic methods (they never read the target class, so they run on a headless model)."""
 
     @property
     def declared(self) -> dict[str, Param]:

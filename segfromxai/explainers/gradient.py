@@ -93,6 +93,16 @@ def _input_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(input_grad=True)
 
 
+def uniform(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
+    """A constant map of ones on a 1 x 1 grid: no explanation, for explanation-free recipes (TokenCut's own
+    foreground rule, ``[refine] foreground = "eigvec"``); class-agnostic, no backward pass."""
+    return torch.ones(ps.x.shape[0], 1, 1, device=ps.x.device)
+
+
+def _no_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
+    return Needs()
+
+
 def layer_params(*, layer: str | None = None) -> None:
     """``layer``: the module whose activations and gradients are read (None: :func:`default_layer`)."""
 
@@ -106,6 +116,8 @@ def sign_params(*, sign: Sign = "positive") -> None:
 
 
 GRADIENT_EXPLAINERS = {
+    "uniform": Explainer(uniform, _no_needs, no_params, vit_only=False, needs_class=False,
+                         summary="no explanation: a constant map (for TokenCut/MaskCut's own foreground rule)"),
     "gradcam": Explainer(gradcam, _layer_needs, layer_params, vit_only=False,
                          summary="Grad-CAM on a layer's activations (ViT tokens or CNN maps)"),
     "hirescam": Explainer(hirescam, _layer_needs, layer_params, vit_only=False,

@@ -1,0 +1,71 @@
+"""TokenCut/MaskCut foreground rules and the per-image graph threshold (segfromxai.cutrules, ncut's eigvec path)."""
+
+import numpy as np
+import pytest
+
+from segfromxai.cutrules import corners_held, eigvec_side, seed_component, similarity_quantile
+from segfromxai.refine import ncut
+
+
+def test_similarity_quantile_is_the_quantile_of_the_off_diagonal_entries():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    s = a + a.T
+    off = [s[i, j] for i in range(6) for j in range(6) if i != j]
+    for q in (0.0, 0.3, 0.5, 1.0):
+        assert similarity_quantile(s, q) == pytest.approx(np.quantile(off, q))
+    with pytest.raises(ValueError, match="quantile"):
+        similarity_quantile(s, 1.5)
+
+
+def test_eigvec_side_holds_the_largest_magnitude_entry_and_maskcut_reverses_corner_sides():
+    y = np.array([0.1, 0.2, -0.9, 0.3])  # largest |y| is negative: the low side is foreground
+    fg = eigvec_side(y, float(y.mean()), np.arange(4), (2, 2), corners=False)
+    assert fg.tolist() == [False, False, True, False]
+    # on a 2 x 2 grid every token is a corner: three corners in the foreground side -> reversed by MaskCut's rule
+    y = np.array([0.5, 0.4, 0.45, -0.1])
+    assert eigvec_side(y, float(y.mean()), np.arange(4), (2, 2), corners=False).tolist() == [True, True, True, False]
+    assert eigvec_side(y, float(y.mean()), np.arange(4), (2, 2), corners=True).tolist() == [False, False, False, True]
+    assert corners_held(np.ones((3, 3), bool)) == 4 and corners_held(np.eye(3, dtype=bool)) == 2
+
+
+def test_seed_component_keeps_the_component_of_the_strongest_token():
+    side = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]], bool)
+    strength = np.zeros((3, 4))
+    strength[2, 3] = 5.0
+    assert seed_component(side, strength).tolist() == (np.array([[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]], bool)
+                                                       ).tolist()
+    assert not seed_component(np.zeros((2, 2), bool), strength[:2, :2]).any()
+
+
+def _block_features(common=0.0, seed=0):
+    """An 8 x 8 grid: a 3 x 3 object block (direction e0) in a background (direction e1), plus ``common`` (e2)."""
+    rng = np.random.default_rng(seed)
+    f = np.zeros((8, 8, 3))
+    f[..., 1] = 1.0
+    f[2:5, 3:6] = [1.0, 0.0, 0.0]
+    f += 0.05 * rng.normal(size=f.shape)
+    f[..., 2] += common
+    return f
+
+
+def test_tokencut_rule_finds_the_object_with_no_explanation():
+    f = _block_features()
+    zeros = np.zeros((8, 8))
+    masks = ncut(zeros, zeros > 0, size=(8, 8), features=f, foreground="eigvec", components="seed")
+    truth = np.zeros((8, 8), bool)
+    truth[2:5, 3:6] = True
+    assert len(masks) == 1 and (masks[0] == truth).all()
+
+
+def test_near_parallel_features_need_the_per_image_threshold():
+    """A large shared direction makes every cosine exceed 0.2: the fixed-tau graph is complete (no mask); tau at the
+    median similarity recovers the object."""
+    f = _block_features(common=3.0)
+    zeros = np.zeros((8, 8))
+    common = dict(size=(8, 8), features=f, foreground="eigvec", components="seed")
+    assert ncut(zeros, zeros > 0, **common) == []
+    (m,) = ncut(zeros, zeros > 0, tau_quantile=0.5, **common)
+    truth = np.zeros((8, 8), bool)
+    truth[2:5, 3:6] = True
+    assert (m == truth).all()
