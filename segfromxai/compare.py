@@ -114,7 +114,8 @@ def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list, x: tor
     if not tally.alone:  # each recipe's explainers alone, on the first batch
         _warm_up(model, x)
         tally.alone = {r.name: _time_alone(model, r, x) for r in recipes}
-    got = label_batch(model, recipes, x, [im.shape[:2] for _, _, im, _ in loaded], target)
+    got = label_batch(model, recipes, x, [im.shape[:2] for _, _, im, _ in loaded], target,
+                      images=[im for _, _, im, _ in loaded])
     for r, lab in zip(recipes, got):
         for j, (_, _, im, _) in enumerate(loaded):
             pred = np.zeros(im.shape[:2], bool)

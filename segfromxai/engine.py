@@ -110,7 +110,8 @@ def process_chunk(model: LoadedModel, recipe: Recipe, out: Path, item: tuple, to
     records, loaded, x = item
     if loaded:
         target = batch_target([t for _, _, _, t in loaded], model.device)
-        got = label_batch(model, [recipe], x, [im.shape[:2] for _, _, im, _ in loaded], target, clock)[0]
+        got = label_batch(model, [recipe], x, [im.shape[:2] for _, _, im, _ in loaded], target, clock,
+                          [im for _, _, im, _ in loaded])[0]
         with clock("encode"):
             more, saved = records_of(recipe, loaded, got)
         records = records + more

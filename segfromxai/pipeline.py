@@ -1,4 +1,5 @@
-"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> masks.
+"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> boundary
+-> masks.
 
 :func:`label_batch` labels one preprocessed batch with one or more recipes (one shared explain pass); it is what
 the local engine (:mod:`segfromxai.engine`), the Ray engine (:mod:`segfromxai.engine_ray`) and
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .boundary import refine_boundary
 from .explainers.core import Explained, explain_pass
 from .features import feature_layer, token_features
 from .fusion import as_numpy, fuse
@@ -135,11 +137,17 @@ def clean_masks(masks: list[np.ndarray], spec: dict[str, Any]) -> list[np.ndarra
     return out
 
 
-def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None
-                ) -> list[np.ndarray]:
-    """Threshold, refine and clean one fused map (h, w) into bool instance masks at the image's ``size``."""
+def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None,
+                image: np.ndarray | None = None) -> list[np.ndarray]:
+    """Threshold, refine, snap to edges and clean one fused map (h, w) into bool instance masks at the image's
+    ``size``; ``image`` (uint8 (H, W, 3) RGB) is the boundary stage's guide, needed unless its method is ``none``."""
     mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
     masks = REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
+    if recipe.boundary.method != "none":
+        if image is None:
+            raise ValueError(f"boundary method {recipe.boundary.method!r} needs the image")
+        cell = (size[0] / fused.shape[0], size[1] / fused.shape[1])
+        masks = refine_boundary(masks, image, cell, recipe.boundary.method, recipe.boundary.params)
     return clean_masks(masks, recipe.masks)
 
 
@@ -208,8 +216,10 @@ def _maps_of(recipe: Recipe, calls: list[dict[str, dict[str, Any]]], passes: lis
 
 
 def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor], got: Explained,
-               x_size: tuple[int, int], sizes: Sequence[tuple[int, int]], clock: Clock | None = None) -> Labelled:
-    """Fuse, threshold, refine and clean one recipe's maps of a batch (``got``: the first shared pass)."""
+               x_size: tuple[int, int], sizes: Sequence[tuple[int, int]], clock: Clock | None = None,
+               images: Sequence[np.ndarray] | None = None) -> Labelled:
+    """Fuse, threshold, refine, snap to edges and clean one recipe's maps of a batch (``got``: the first shared
+    pass; ``images``: the loaded RGB images, the boundary stage's guides)."""
     clock = clock or Clock()
     t0 = time.perf_counter()
     target = got.target.cpu().numpy()
@@ -228,7 +238,8 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
             scores.append([])
             continue
         with clock("refine"):
-            ms = label_image(fused[j], size, recipe, None if feats is None else feats[j])
+            ms = label_image(fused[j], size, recipe, None if feats is None else feats[j],
+                             None if images is None else images[j])
         with clock("encode"):
             fused_px = resize_bilinear(fused[j], size) if ms else None
             scores.append([annotation_score(float(conf[j]), fused_px, m) for m in ms])
@@ -237,18 +248,20 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
 
 
 def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                target: torch.Tensor | None = None, clock: Clock | None = None) -> list[Labelled]:
+                target: torch.Tensor | None = None, clock: Clock | None = None,
+                images: Sequence[np.ndarray] | None = None) -> list[Labelled]:
     """Label one preprocessed batch ``x`` (B, 3, h, w) of images of ``sizes`` with each recipe.
 
     All recipes share the explain pass (:func:`shared_pass`); ``target`` (B,) gives the class to explain per image
-    (``None``: the model's top-1). Returns one :class:`Labelled` per recipe, in order.
+    (``None``: the model's top-1); ``images`` are the loaded uint8 RGB images (H, W, 3), which the boundary stage
+    needs. Returns one :class:`Labelled` per recipe, in order.
     """
     clock = clock or Clock()
     x = x.to(model.device)
     with clock("explain"):
         passes = shared_pass(model, recipes, x, target)
     calls = explain_calls(recipes)
-    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], tuple(x.shape[-2:]), sizes, clock)
+    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], tuple(x.shape[-2:]), sizes, clock, images)
             for r in recipes]
 
 

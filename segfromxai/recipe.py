@@ -1,7 +1,7 @@
 """Recipes: a TOML file that names every choice of a labelling run, read into a frozen, fully resolved ``Recipe``.
 
-A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``refine``, ``masks`` and
-``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Every unknown section, key, name
+A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``features``, ``refine``,
+``boundary``, ``masks`` and ``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Every unknown section, key, name
 or parameter, and every value of the wrong type or outside its allowed set, raises :class:`RecipeError` naming
 the valid choices, before any model is loaded. The resolved recipe (every default filled in) is what runs and
 what is saved with the outputs. Example (``recipes/default.toml``)::
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .boundary import BOUNDARIES
 from .explainers import EXPLAINERS
 from .fusion import FUSIONS, GRIDS
 from .features import FEATURES
@@ -40,8 +41,8 @@ class RecipeError(ValueError):
     """A recipe that cannot run: unknown key, name or parameter, or a value of the wrong type."""
 
 
-SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "masks",
-            "output")
+SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "boundary",
+            "masks", "output")
 
 MODEL_DEFAULTS: dict[str, Any] = {"name": "", "checkpoint": ""}
 """``name``: timm model name ("" = the embedded default); ``checkpoint``: local weights ("" = none)."""
@@ -94,18 +95,22 @@ class Recipe:
     refine: Stage
     masks: dict[str, Any]
     output: dict[str, Any]
+    boundary: Stage = Stage("none")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain JSON-ready data (``None`` for unset optional values)."""
         return json.loads(json.dumps({
             "name": self.name, "description": self.description, "model": self.model,
             "explainers": self.explainers, "fusion": self.fusion, "threshold": self.threshold.to_dict(),
-            "features": self.features, "refine": self.refine.to_dict(), "masks": self.masks, "output": self.output}))
+            "features": self.features, "refine": self.refine.to_dict(), "boundary": self.boundary.to_dict(),
+            "masks": self.masks, "output": self.output}))
 
     def digest(self) -> str:
         """SHA-256 of everything that changes the annotations (not the name, description or saved artefacts)."""
         d = self.to_dict()
         d.pop("name"), d.pop("description"), d["output"].pop("maps"), d["output"].pop("overlays")
+        if d["boundary"] == {"method": "none"}:  # recipes from before the boundary stage keep their digest
+            d.pop("boundary")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -206,6 +211,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
         threshold=_stage("threshold", data.get("threshold", {}), THRESHOLDS, "otsu"),
         features=_section("features", data.get("features", {}), FEATURE_DEFAULTS, FEATURE_CHOICES),
         refine=_stage("refine", data.get("refine", {}), REFINERS, "none", REFINE_CHOICES),
+        boundary=_stage("boundary", data.get("boundary", {}), BOUNDARIES, "none"),
         masks=masks,
         output=output,
     )
