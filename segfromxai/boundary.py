@@ -91,7 +91,7 @@ def none(soft: np.ndarray, image: np.ndarray) -> np.ndarray:
     return s > 0.5
 
 
-def guided(soft: np.ndarray, image: np.ndarray, *, radius: float = 0.12, eps: float = 1e-2) -> np.ndarray:
+def guided(soft: np.ndarray, image: np.ndarray, *, radius: float = 0.12, eps: float = 3e-3) -> np.ndarray:
     """Guided filter of the soft map by the image, cut at 0.5 (He, Sun & Tang 2013, "Guided image filtering",
     TPAMI; OpenCV ``ximgproc.guidedFilter``).
 
