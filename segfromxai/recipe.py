@@ -1,7 +1,7 @@
 """Recipes: a TOML file that names every choice of a labelling run, read into a frozen, fully resolved ``Recipe``.
 
-A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``features``, ``refine``,
-``boundary``, ``masks`` and ``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Every unknown section, key, name
+A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``refine``, ``boundary``, ``masks`` and
+``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Every unknown section, key, name
 or parameter, and every value of the wrong type or outside its allowed set, raises :class:`RecipeError` naming
 the valid choices, before any model is loaded. The resolved recipe (every default filled in) is what runs and
 what is saved with the outputs. Example (``recipes/default.toml``)::
