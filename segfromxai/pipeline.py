@@ -1,4 +1,5 @@
-"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> masks.
+"""The one place that chains the stages: images -> model -> explainers -> fusion -> threshold -> refine -> boundary
+-> masks.
 
 :func:`label_batch` labels one preprocessed batch with one or more recipes (one shared explain pass); it is what
 the local engine (:mod:`segfromxai.engine`), the Ray engine (:mod:`segfromxai.engine_ray`) and
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .boundary import refine_boundary
 from .explainers.core import Explained, explain_pass
 from .features import (backbone_for, backbone_input, backbone_key, backbone_outputs, feature_layer,
                        token_features, uses_classifier)
@@ -110,11 +112,17 @@ def fuse_recipe(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor
     return as_numpy(fuse_on_grid(maps, token_grid=grid, input_size=model.preprocess.size, **recipe.fusion))
 
 
-def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None
-                ) -> list[np.ndarray]:
-    """Threshold, refine and clean one fused map (h, w) into bool instance masks at the image's ``size``."""
+def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None,
+                image: np.ndarray | None = None) -> list[np.ndarray]:
+    """Threshold, refine, snap to edges and clean one fused map (h, w) into bool instance masks at the image's
+    ``size``; ``image`` (uint8 (H, W, 3) RGB) is the boundary stage's guide, needed unless its method is ``none``."""
     mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
     masks = REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
+    if recipe.boundary.method != "none":
+        if image is None:
+            raise ValueError(f"boundary method {recipe.boundary.method!r} needs the image")
+        cell = (size[0] / fused.shape[0], size[1] / fused.shape[1])
+        masks = refine_boundary(masks, image, cell, recipe.boundary.method, recipe.boundary.params)
     return clean(masks, **recipe.masks)
 
 
@@ -218,10 +226,11 @@ def confidence(model: LoadedModel, got: Explained) -> np.ndarray:
 
 
 def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor], got: Explained,
-               sizes: Sequence[tuple[int, int]], clock: Clock | None = None, feats: np.ndarray | None = None
-               ) -> Labelled:
-    """Fuse, threshold, refine and clean one recipe's maps of a batch (``got``: the first shared pass; ``feats``:
-    the recipe's token features from :func:`feature_maps`, when its refiner needs them)."""
+               sizes: Sequence[tuple[int, int]], clock: Clock | None = None, feats: np.ndarray | None = None,
+               images: Sequence[np.ndarray] | None = None) -> Labelled:
+    """Fuse, threshold, refine, snap to edges and clean one recipe's maps of a batch (``got``: the first shared pass;
+    ``feats``: the recipe's token features from :func:`feature_maps`, when its refiner needs them; ``images``: the
+    loaded RGB images, the boundary stage's guides)."""
     clock = clock or Clock()
     t0 = time.perf_counter()
     target = got.target.cpu().numpy()
@@ -236,7 +245,8 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
             scores.append([])
             continue
         with clock("refine"):
-            ms = label_image(fused[j], size, recipe, None if feats is None else feats[j])
+            ms = label_image(fused[j], size, recipe, None if feats is None else feats[j],
+                             None if images is None else images[j])
         with clock("encode"):
             fused_px = resize_bilinear(fused[j], size) if ms else None
             scores.append([annotation_score(float(conf[j]), fused_px, m) for m in ms])
@@ -251,8 +261,9 @@ def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, 
 
     All recipes share the explain pass (:func:`shared_pass`) and each feature backbone's forward
     (:func:`feature_maps`; ``images``, the original RGB images, are preprocessed for it, else ``x`` is resampled);
-    ``target`` (B,) gives the class to explain per image (``None``: the model's top-1). Returns one
-    :class:`Labelled` per recipe, in order.
+    ``target`` (B,) gives the class to explain per image (``None``: the model's top-1); ``images`` are also the
+    boundary stage's guides (needed unless its method is ``none``). Returns one :class:`Labelled` per recipe, in
+    order.
     """
     clock = clock or Clock()
     x = x.to(model.device)
@@ -262,7 +273,7 @@ def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, 
         feats = feature_maps(model, recipes, x, passes[0], images)
     calls = explain_calls(recipes)
     return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], sizes, clock,
-                       feats.get(tuple(sorted(r.features.items())))) for r in recipes]
+                       feats.get(tuple(sorted(r.features.items()))), images) for r in recipes]
 
 
 def __getattr__(name: str) -> Any:

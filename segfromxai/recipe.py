@@ -1,7 +1,7 @@
 """Recipes: a TOML file that names every choice of a labelling run, read into a frozen, fully resolved ``Recipe``.
 
 A recipe has the sections ``model``, ``explainers``, ``fusion``, ``threshold``, ``features``, ``refine``,
-``masks`` and ``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Each section's keys
+``boundary``, ``masks`` and ``output`` (all but ``explainers`` optional), plus ``name`` and ``description``. Each section's keys
 are the typed keyword-only parameters of one function (:data:`DECLARED`, the registered stage functions, the
 explainers' declarations; see :mod:`segfromxai.params`): their defaults, ``Literal`` choices and ranges are the
 only source. Every unknown section, key, name or parameter, and every value of the wrong type, outside its
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .boundary import BOUNDARIES
 from .explainers import EXPLAINERS
 from .features import FEATURE_MODELS, feature_options
 from .fusion import fuse_on_grid
@@ -45,8 +46,8 @@ class RecipeError(ValueError):
     """A recipe that cannot run: unknown key, name or parameter, or a value of the wrong type or range."""
 
 
-SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "masks",
-            "output")
+SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "boundary",
+            "masks", "output")
 
 
 def model_options(*, name: str = "", checkpoint: str = "") -> None:
@@ -69,7 +70,7 @@ DECLARED: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "masks": (clean, ()),
     "output": (output_options, ()),
 }
-STAGE_CONTEXT = {"threshold": (), "refine": ("size", "features")}
+STAGE_CONTEXT = {"threshold": (), "refine": ("size", "features"), "boundary": ()}
 
 
 @dataclass(frozen=True)
@@ -97,18 +98,22 @@ class Recipe:
     refine: Stage
     masks: dict[str, Any]
     output: dict[str, Any]
+    boundary: Stage = Stage("none")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain JSON-ready data (``None`` for unset optional values)."""
         return json.loads(json.dumps({
             "name": self.name, "description": self.description, "model": self.model,
             "explainers": self.explainers, "fusion": self.fusion, "threshold": self.threshold.to_dict(),
-            "features": self.features, "refine": self.refine.to_dict(), "masks": self.masks, "output": self.output}))
+            "features": self.features, "refine": self.refine.to_dict(), "boundary": self.boundary.to_dict(),
+            "masks": self.masks, "output": self.output}))
 
     def digest(self) -> str:
         """SHA-256 of everything that changes the annotations (not the name, description or saved artefacts)."""
         d = self.to_dict()
         d.pop("name"), d.pop("description"), d["output"].pop("maps"), d["output"].pop("overlays")
+        if d["boundary"] == {"method": "none"}:  # recipes from before the boundary stage keep their digest
+            d.pop("boundary")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -189,6 +194,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
         threshold=_stage("threshold", data.get("threshold", {}), THRESHOLDS, "otsu"),
         features=_features(data.get("features", {})),
         refine=_stage("refine", data.get("refine", {}), REFINERS, "none"),
+        boundary=_stage("boundary", data.get("boundary", {}), BOUNDARIES, "none"),
         masks=_declared_section("masks", data.get("masks", {})),
         output=_declared_section("output", data.get("output", {})),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def registries() -> dict[str, list[str]]:
     """Map each registry's title to its sorted registered names."""
+    from .boundary import BOUNDARIES
     from .explainers import EXPLAINERS
     from .faithfulness import MAP_METRICS
     from .metrics import METRICS
@@ -15,6 +16,7 @@ def registries() -> dict[str, list[str]]:
         "explainers": sorted(EXPLAINERS),
         "thresholds": sorted(THRESHOLDS),
         "refiners": sorted(REFINERS),
+        "boundaries": sorted(BOUNDARIES),
         "metrics": sorted(METRICS),
         "map metrics": sorted(MAP_METRICS),
     }

@@ -1,0 +1,147 @@
+"""Boundary stage: known answers (a coarse square snaps to the image's edge), mask_soft against a brute-force
+distance, determinism, odd sizes, and the registry feeding recipe validation and the pipeline."""
+
+import numpy as np
+import pytest
+
+from segfromxai.boundary import BOUNDARIES, mask_soft, refine_boundary
+from segfromxai.pipeline import label_image
+from segfromxai.recipe import RecipeError, parse_recipe
+
+METHODS = sorted(BOUNDARIES)
+EDGE_AWARE = [m for m in METHODS if m != "none"]
+
+
+@pytest.fixture(autouse=True)
+def _optional_libraries(request):
+    """``crf`` needs the optional pydensecrf2 (the ``crf`` extra, installed by ``make install``)."""
+    if "crf" in getattr(getattr(request.node, "callspec", None), "params", {}).values():
+        pytest.importorskip("pydensecrf.densecrf")
+
+
+def square_scene(h=224, w=224, top=60, left=70, bottom=150, right=170, grow=6):
+    """An image with a bright square on a dark ground, the square's mask, and a coarse mask ``grow`` pixels
+    larger on every side (what a cut on a 16-pixel token grid gives)."""
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(50, 4, (h, w, 3)), 0, 255).astype(np.uint8)
+    image[top:bottom, left:right] = np.clip(rng.normal(200, 4, (bottom - top, right - left, 3)), 0, 255)
+    square = np.zeros((h, w), bool)
+    square[top:bottom, left:right] = True
+    coarse = np.zeros((h, w), bool)
+    coarse[top - grow:bottom + grow, left - grow:right + grow] = True
+    return image, square, coarse
+
+
+def iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def _soft_slow(mask, cell, band):
+    """Brute force: the signed distance of every pixel centre to the nearest pixel of the other class."""
+    h, w = mask.shape
+    pts = np.argwhere(np.ones_like(mask))
+    out = np.empty(mask.shape)
+    for (i, j) in pts:
+        other = np.argwhere(mask != mask[i, j])
+        d = np.sqrt(((other - (i, j)) ** 2).sum(1)).min()
+        out[i, j] = d - 0.5 if mask[i, j] else 0.5 - d
+    return np.clip(0.5 + out / (band * np.sqrt(cell[0] * cell[1])), 0, 1)
+
+
+def test_mask_soft_matches_a_brute_force_distance_and_keeps_the_mask_exactly():
+    rng = np.random.default_rng(1)
+    mask = rng.random((9, 13)) > 0.6
+    soft = mask_soft(mask, (2.0, 3.0), band=1.5)
+    assert soft.dtype == np.float32 and soft.shape == mask.shape
+    np.testing.assert_allclose(soft, _soft_slow(mask, (2.0, 3.0), 1.5), atol=1e-6)
+    np.testing.assert_array_equal(soft > 0.5, mask)
+    assert mask_soft(np.zeros((3, 4), bool), (1, 1)).max() == 0 and mask_soft(np.ones((3, 4), bool), (1, 1)).min() == 1
+
+
+@pytest.mark.parametrize("method", EDGE_AWARE)
+def test_a_coarse_square_snaps_to_the_image_edge(method):
+    image, square, coarse = square_scene()
+    assert iou(coarse, square) < 0.8
+    out = refine_boundary([coarse], image, (16.0, 16.0), method)
+    assert len(out) == 1 and out[0].dtype == bool
+    assert iou(out[0], square) > 0.95, iou(out[0], square)
+
+
+def test_none_is_the_identity():
+    image, _, coarse = square_scene()
+    assert refine_boundary([coarse], image, (16.0, 16.0), "none")[0].tolist() == coarse.tolist()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_and_inputs_untouched(method):
+    image, _, coarse = square_scene(97, 131, 20, 30, 70, 100, grow=5)
+    soft = mask_soft(coarse, (7.0, 9.0))
+    before = (soft.copy(), image.copy())
+    a = BOUNDARIES[method](soft, image)
+    b = BOUNDARIES[method](soft, image)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(soft, before[0])
+    np.testing.assert_array_equal(image, before[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 301), (300, 5), (61, 43)])
+def test_odd_sizes_and_aspect_ratios(method, shape):
+    h, w = shape
+    image = np.zeros((h, w, 3), np.uint8)
+    image[: max(1, h // 2)] = 255
+    mask = np.zeros((h, w), bool)
+    mask[: max(1, h // 2)] = True
+    out = BOUNDARIES[method](mask_soft(mask, (h / 14, w / 14)), image)
+    assert out.shape == (h, w) and out.dtype == bool
+    if h > 2:
+        assert iou(out, mask) > 0.9
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_inputs_are_rejected(method):
+    with pytest.raises(ValueError, match="same H, W"):
+        BOUNDARIES[method](np.zeros((4, 5)), np.zeros((4, 6, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        BOUNDARIES[method](np.zeros((4, 5)), np.zeros((4, 5, 3)))
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: " + ", ".join(METHODS)):
+        refine_boundary([], np.zeros((2, 2, 3), np.uint8), (1, 1), "crf2")
+
+
+def test_the_registry_feeds_recipe_validation():
+    base = {"explainers": {"gradcam": {}}}
+    assert parse_recipe(base).boundary.method == "none"
+    with pytest.raises(RecipeError, match=r"\[boundary\]: unknown method 'snap'; valid: " + ", ".join(METHODS)):
+        parse_recipe({**base, "boundary": {"method": "snap"}})
+    for method in METHODS:
+        r = parse_recipe({**base, "boundary": {"method": method}})
+        assert r.boundary.method == method and parse_recipe(r.to_dict()) == r
+    with pytest.raises(RecipeError, match="unknown key 'radius'"):
+        parse_recipe({**base, "boundary": {"method": "none", "radius": 0.1}})
+
+
+def test_a_recipe_without_the_stage_keeps_its_digest():
+    base = {"explainers": {"gradcam": {}}}
+    r = parse_recipe(base)
+    assert "boundary" not in str(sorted(r.to_dict())) or r.digest() == parse_recipe(
+        {**base, "boundary": {"method": "none"}}).digest()
+    assert parse_recipe({**base, "boundary": {"method": EDGE_AWARE[0]}}).digest() != r.digest()
+
+
+@pytest.mark.parametrize("method", EDGE_AWARE)
+def test_label_image_runs_the_stage_with_the_image(method):
+    image, square, _ = square_scene()
+    fused = np.zeros((14, 14))
+    fused[3:10, 4:11] = 1.0  # the square grown to whole 16-pixel tokens
+    recipe = parse_recipe({"explainers": {"gradcam": {}}, "threshold": {"method": "fixed"},
+                           "boundary": {"method": method}})
+    plain = label_image(fused, (224, 224), parse_recipe({"explainers": {"gradcam": {}},
+                                                         "threshold": {"method": "fixed"}}))
+    with pytest.raises(ValueError, match="needs the image"):
+        label_image(fused, (224, 224), recipe)
+    snapped = label_image(fused, (224, 224), recipe, image=image)
+    assert len(plain) == len(snapped) == 1
+    assert iou(snapped[0], square) > iou(plain[0], square) + 0.05
