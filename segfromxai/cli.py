@@ -117,21 +117,22 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
     from .pipeline import classify as run_classify
     from .targets import accuracy_table, read_labels_csv
 
+    try:
+        truth = read_labels_csv(labels) if labels is not None else None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     model = _load(model_name, checkpoint, device)
     failures = []
     preds = run_classify(model, images, batch_size=batch_size, on_failure=failures.append)
     for f in failures:
         click.echo(f"skipped {f.path}: {f.reason}", err=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write("file_name,label,confidence\n")
-            fh.writelines(f"{p.rel_path},{model.classes[p.label]},{p.confidence:.6f}\n" for p in preds)
-        tmp.replace(out)
+        from .targets import write_predictions_csv
+
+        write_predictions_csv(out, preds, model.classes)
     click.echo(f"classified {len(preds)} images ({len(failures)} skipped) with {model.source}")
     if labels is not None:
-        rows = accuracy_table(preds, model.classes, read_labels_csv(labels))
+        rows = accuracy_table(preds, model.classes, truth)
         click.echo(f"{'class':<12}{'n':>5}{'correct':>9}{'accuracy':>10}")
         for r in rows:
             click.echo(f"{r['class']:<12}{r['n']:>5}{r['correct']:>9}{r['accuracy']:>10.3f}")
@@ -174,6 +175,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
         address: str | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
+    from .dataset import check_out
     from .engine import run as run_recipe
     from .targets import Targets, read_labels_csv
     from .recipe import RecipeError, load_recipe, with_output
@@ -187,8 +189,12 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         raise click.UsageError("give --labels or --folder-labels, not both")
     if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
         raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
-    targets = (Targets("labels", read_labels_csv(labels)) if labels else
-               Targets("folders") if folder_labels else Targets())
+    try:
+        targets = (Targets("labels", read_labels_csv(labels)) if labels else
+                   Targets("folders") if folder_labels else Targets())
+        check_out(out)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from e
     model_args = {"name": model_name or rec.model["name"] or None, "device": device,
                   "checkpoint": checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None)}
     if engine == "ray":
@@ -227,6 +233,10 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
     if c["failed"]:
         click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
+    if summary.get("warnings", {}).get("labels_without_image"):
+        w = summary["warnings"]
+        click.echo(f"warning: {w['labels_without_image']} rows of {labels} name no image in {images} (first: "
+                   f"{', '.join(w['labels_without_image_first'][:5])}); listed in {out / 'run.json'}", err=True)
     if gt is not None:
         _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
                   out / "maps", {"recipe": summary["recipe"], "model": summary["model"],

@@ -45,6 +45,7 @@ from .metrics import confusion, finite_mean, summarise
 from .model import LoadedModel
 from .pipeline import explain_calls, fuse_recipe, label_batch, seed_everything, shared_pass
 from .recipe import Recipe
+from .recipe_checks import check_recipes_for_model
 from .targets import Targets
 
 COLUMNS = ("recipe", "explainers", "k", "iou", "f1", "pa", "deletion_auc", "gae", "s_per_image",
@@ -145,6 +146,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     """
     if not recipes:
         raise ValueError("no recipes to compare")
+    check_recipes_for_model(model, recipes)
     seed_everything(seed)
     images = Path(images)
     paths = find_images(images)[:limit]
