@@ -233,14 +233,18 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
     if c["failed"]:
         click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
-    if summary.get("warnings", {}).get("labels_without_image"):
-        w = summary["warnings"]
-        click.echo(f"warning: {w['labels_without_image']} rows of {labels} name no image in {images} (first: "
-                   f"{', '.join(w['labels_without_image_first'][:5])}); listed in {out / 'run.json'}", err=True)
+    _echo_warnings(summary, labels, out)
     if gt is not None:
         _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
                   out / "maps", {"recipe": summary["recipe"], "model": summary["model"],
                                  "versions": summary["versions"], "counts": summary["counts"]})
+
+
+def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
+    w = summary.get("warnings") or {}
+    if w.get("labels_without_image"):
+        click.echo(f"warning: {w['labels_without_image']} rows of {labels} name no image (first: "
+                   f"{', '.join(w['labels_without_image_first'][:5])}); listed in {out / 'run.json'}", err=True)
 
 
 def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None,

@@ -145,8 +145,8 @@ class Job:
     """A planned run: its manifest (open for appending), the chunks still to do, and their loader.
 
     ``fresh``: the run folder held no run before, so a run that fails before its first chunk is written removes
-    its files again (:func:`discard`), and the folder itself when the run made it (``made_out``); ``names``: every image's relative path; ``warnings``: counts for
-    ``run.json`` (e.g. ``labels_without_image``)."""
+    its files again (:func:`discard`), and the folder itself when the run made it (``made_out``); ``names``:
+    every image's relative path; ``warnings``: counts for ``run.json`` (e.g. ``labels_without_image``)."""
 
     manifest: Any
     chunks: list[list[int]]

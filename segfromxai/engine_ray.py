@@ -64,7 +64,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
 
     out = Path(out)
     job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
-                   resume=resume, overwrite=overwrite, seed=seed, shard=shard)
+                   resume=resume, overwrite=overwrite, seed=seed, shard=shard, formats=formats)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)

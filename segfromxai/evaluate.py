@@ -3,8 +3,9 @@
 A *mask source* is a COCO instances file, or a folder of PNG label maps (uint8: 0 background, k = category id,
 255 = ignore, as ``segfromxai run --format png`` writes them). Images are matched by file name: the same relative
 path; else one side's path with its last suffix removed equal to the other's whole path (``run --format png``
-writes ``a.jpg.png`` for ``a.jpg``); else the relative paths without their suffixes; else the bare file name
-when that is unique in the reference; a predicted image with no match is an error that lists the unmatched names. Reference images with no prediction entry are listed in the result
+writes ``a.jpg.png`` for ``a.jpg``); else the relative paths without their suffixes (one or, for such an export
+name, two); else the bare file name when that is unique in the reference; a predicted image with no match is an
+error that lists the unmatched names. Reference images with no prediction entry are listed in the result
 (``missing_in_pred``) and left out of the numbers: ``run`` writes every image it labelled, with or without a mask,
 so these are the images it failed on or skipped.
 
@@ -114,8 +115,9 @@ def match_names(names: list[str] | Any, ref: MaskSource) -> tuple[list[tuple[str
         by_base.setdefault(PurePosixPath(_key(f)).name, []).append(f)
     pairs, unmatched = [], []
     for f in sorted(names):
-        tries = ([f], [_key(f)], by_key.get(f, []), by_key.get(_key(f), []),
-                 by_base.get(PurePosixPath(_key(f)).name, []))
+        bare = _key(_key(f))  # an export name without both suffixes: png/a.jpg.png -> a
+        tries = ([f], [_key(f)], by_key.get(f, []), by_key.get(_key(f), []), by_key.get(bare, []),
+                 by_base.get(PurePosixPath(_key(f)).name, []), by_base.get(PurePosixPath(bare).name, []))
         hit = next((c[0] for c in tries if len(c) == 1 and c[0] in ref.files), None)
         (pairs.append((f, hit)) if hit is not None else unmatched.append(f))
     if unmatched:

@@ -51,7 +51,7 @@ def read_labels_csv(path: str | Path) -> dict[str, str]:
         key = label_key(name)
         if key in out and out[key][0] != label:
             raise ValueError(f"labels file {path}: {key} has two labels, {out[key][0]!r} (line {out[key][1]}) and "
-                             f"{label!r} (line {reader.line_num})")
+                             f"{label!r} (line {reader.line_num}); give one label per image")
         out.setdefault(key, (label, reader.line_num))
     return {k: v for k, (v, _) in out.items()}
 

@@ -356,7 +356,14 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_dataloader_workers_die_when_the_run_is_sigkilled(tmp_path, images, tiny_card):
+def test_dataloader_workers_die_when_the_run_is_sigkilled(tmp_path, tiny_card):
+    from PIL import Image
+
+    images = tmp_path / "big"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):  # a chunk larger than a pipe's buffer: a worker of a dead run blocks on it forever
+        Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8)).save(images / f"{i}.png")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     cmd = [sys.executable, "-m", "segfromxai", "run", "vitmix/gradcam", "--images", str(images), "--out", str(out),
@@ -368,6 +375,7 @@ def test_dataloader_workers_die_when_the_run_is_sigkilled(tmp_path, images, tiny
         workers = _children(proc.pid)
         time.sleep(0.05)
     assert len(workers) >= 2, "the run started no workers"
+    time.sleep(3)  # the workers load their chunks and wait to hand them over
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15
@@ -448,3 +456,14 @@ def test_cli_bad_files_and_bad_recipes_exit_2_with_one_line_naming_the_file_or_k
         line = error_line(invoke(*args))
         assert needle in line, (args, line)
     assert sorted(p.name for p in bad.iterdir()) == sorted(files)  # nothing written into the bad folder
+
+
+def test_export_png_names_match_a_voc_style_png_ground_truth_folder():
+    from segfromxai.evaluate import MaskSource, match_names
+
+    ref = MaskSource(Path("gt"), "png", {"sub/a.png": None, "b.png": None})
+    pairs, missing = match_names(["sub/a.jpg.png", "b.jpg.png"], ref)
+    assert pairs == [("b.jpg.png", "b.png"), ("sub/a.jpg.png", "sub/a.png")] and missing == []
+    coco_ref = MaskSource(Path("gt.json"), "coco", {"sub/a.jpg": 1, "sub/a.png": 2})
+    assert match_names(["sub/a.jpg.png", "sub/a.png.png"], coco_ref)[0] == [("sub/a.jpg.png", "sub/a.jpg"),
+                                                                            ("sub/a.png.png", "sub/a.png")]
