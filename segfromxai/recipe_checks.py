@@ -15,7 +15,7 @@ from torch import nn
 
 from .explainers import EXPLAINERS
 from .model import LoadedModel, is_vit
-from .pipeline import needed_layers
+from . import pipeline  # the module, not a name from it: pipeline's __getattr__ would import engine, which imports us
 from .recipe import Recipe
 
 
@@ -57,7 +57,7 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
             raise ValueError(f"{section}: start_layer must lie in [0, {len(module.blocks)}) for this model "
                              f"({len(module.blocks)} blocks), got {start!r}")
     try:
-        layers = needed_layers(model, recipe)
+        layers = pipeline.needed_layers(model, recipe)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}, [features]: {e}") from e
     for layer in layers:
