@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -205,6 +205,18 @@ def discard(out: Path, job: Job) -> None:
             out.rmdir()
 
 
+@contextlib.contextmanager
+def discarded_on_failure(out: Path, job: Job) -> Iterator[None]:
+    """Leave the block as it is; when it raises and the run is fresh with no record written yet, :func:`discard`
+    the run first, so a failure before the first chunk leaves no run folder behind."""
+    try:
+        yield
+    except BaseException:
+        if job.fresh and next(job.manifest.records(), None) is None:
+            discard(out, job)
+        raise
+
+
 def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
               engine: dict[str, Any]) -> dict[str, Any]:
     """Write the dataset files from the manifest and ``run.json``; return the summary."""
@@ -243,28 +255,22 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
     out = Path(out)
     job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
                    resume=resume, overwrite=overwrite, seed=seed, shard=shard, formats=formats)
-    clock, processed, written = Clock(), 0, 0
+    clock, processed = Clock(), 0
     if progress is not None:
         progress(job.total - job.pending, job.total)
     loader = torch.utils.data.DataLoader(job.loader, batch_size=None, num_workers=workers, collate_fn=_as_is,
                                          prefetch_factor=2 if workers else None, persistent_workers=False,
                                          worker_init_fn=functools.partial(die_with_parent, os.getpid()))
-    try:
-        with job.manifest:
-            items = iter(loader)
-            for chunk in job.chunks:
-                with clock("load"):
-                    item = next(items)
-                todo = {i for i in chunk if i not in job.done}
-                records = process_chunk(model, recipe, out, item, todo, clock)
-                with clock("write"):
-                    job.manifest.append(records)
-                written += 1
-                processed += len(todo)
-                if progress is not None:
-                    progress(len(todo), job.total)
-    except BaseException:
-        if job.fresh and not written:
-            discard(out, job)
-        raise
+    with job.manifest, discarded_on_failure(out, job):
+        items = iter(loader)
+        for chunk in job.chunks:
+            with clock("load"):
+                item = next(items)
+            todo = {i for i in chunk if i not in job.done}
+            records = process_chunk(model, recipe, out, item, todo, clock)
+            with clock("write"):
+                job.manifest.append(records)
+            processed += len(todo)
+            if progress is not None:
+                progress(len(todo), job.total)
     return close_run(out, job, clock, processed, formats=formats, engine={"engine": "local", "workers": workers})

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import close_run, plan_run, process_chunk
+from .engine import close_run, discarded_on_failure, plan_run, process_chunk
 from .pipeline import Clock
 from .recipe import Recipe
 from .targets import Targets
@@ -74,7 +74,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
     clock, actors, processed, pending, nxt = Clock(), Clock(), 0, {}, 0
     if progress is not None:
         progress(job.total - job.pending, job.total)
-    with job.manifest:
+    with job.manifest, discarded_on_failure(out, job):
         if job.chunks:
             ds = ray.data.from_items([{"chunk": k} for k in range(len(job.chunks))])
             ds = ds.map_batches(_Labeller, batch_size=1, concurrency=pool,
