@@ -274,6 +274,15 @@ def test_model_dependent_recipe_values_fail_before_any_image(tmp_path, tiny, dat
     assert not out.exists()
 
 
+def test_compare_checks_every_recipe_against_the_model_before_any_image(tmp_path, tiny):
+    from segfromxai.compare import compare
+
+    good, bad = parse_recipe({"explainers": {"gradcam": {}}}), parse_recipe({"explainers": {"gradcam": {
+        "layer": "blocks.7"}}}, name="deep")
+    with pytest.raises(ValueError, match="recipe 'deep', \\[explainers.gradcam\\] layer: the model has no layer"):
+        compare([good, bad], tmp_path / "no_images", tmp_path / "no_gt.json", model=tiny)
+
+
 def test_vit_only_explainer_on_a_cnn_fails_before_any_image(tmp_path):
     cnn = load_model("resnet10t", num_classes=3)
     with pytest.raises(ValueError, match="rollout need a Vision Transformer .* explainers for it: .*gradcam"):
