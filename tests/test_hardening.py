@@ -25,7 +25,7 @@ from segfromxai.manifest import Manifest
 from segfromxai.model import load_model, read_card, read_state_dict, write_card
 from segfromxai.recipe import parse_recipe
 from segfromxai.recipe_checks import check_recipe_for_model
-from segfromxai.targets import Targets, read_labels_csv, write_predictions_csv
+from segfromxai.targets import read_labels_csv, write_predictions_csv
 from segfromxai.pipeline import Prediction
 
 
