@@ -175,9 +175,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
         address: str | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
-    from .dataset import check_out
     from .engine import run as run_recipe
-    from .targets import Targets, read_labels_csv
     from .recipe import RecipeError, load_recipe, with_output
 
     try:
@@ -185,16 +183,10 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                           overlays=overlays or None)
     except (RecipeError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
-    if labels is not None and folder_labels:
-        raise click.UsageError("give --labels or --folder-labels, not both")
     if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
         raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
-    try:
-        targets = (Targets("labels", read_labels_csv(labels)) if labels else
-                   Targets("folders") if folder_labels else Targets())
-        check_out(out)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from e
+    targets = _targets(labels, folder_labels)
+    _check_out(out)
     model_args = {"name": model_name or rec.model["name"] or None, "device": device,
                   "checkpoint": checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None)}
     if engine == "ray":
@@ -238,6 +230,30 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
                   out / "maps", {"recipe": summary["recipe"], "model": summary["model"],
                                  "versions": summary["versions"], "counts": summary["counts"]})
+
+
+def _targets(labels: Path | None, folder_labels: bool):
+    """The label source of --labels / --folder-labels (default: the model's top-1 class); a bad CSV is a usage
+    error naming the file."""
+    from .targets import Targets, read_labels_csv
+
+    if labels is not None and folder_labels:
+        raise click.UsageError("give --labels or --folder-labels, not both")
+    try:
+        return (Targets("labels", read_labels_csv(labels)) if labels else
+                Targets("folders") if folder_labels else Targets())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _check_out(out: Path) -> None:
+    """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
+    from .dataset import check_out
+
+    try:
+        check_out(out)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from e
 
 
 def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
