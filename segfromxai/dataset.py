@@ -48,6 +48,8 @@ def versions() -> dict[str, str]:
 STATUSES = ("ok", "empty", "failed", "skipped")
 TMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 """The temporary files of :func:`segfromxai.coco.atomic_write` (``.<name>.<pid>.<random>.tmp``)."""
+YOLO_SPLITS = ("train", "val")
+"""Split folders a YOLO export may put under ``labels/`` and ``images/``."""
 SHEET_NAME = re.compile(r"^\d{3}_.*\.png$")
 """The report's contact sheets (``sheets/000_<name>.png``)."""
 
@@ -110,17 +112,21 @@ def _written_by_run(where: str, rel: Path, names: set[str], stems: set[str]) -> 
         suffix = ".npz" if where == "maps" else ".png"
         stem = posix[:-len(suffix)]  # this version's names keep the image's extension; earlier ones replaced it
         return posix.endswith(suffix) and (stem in names or stem in stems)
-    if where == "yolo":
-        return posix == "data.yaml" or (posix.startswith("labels/") and posix.endswith(".txt")
-                                        and posix[len("labels/"):-len(".txt")] in stems)
+    if where == "yolo":  # labels/[train|val/]<stem>.txt, images/[train|val/]<name> (linked or copied images)
+        top, _, rest = posix.partition("/")
+        split, _, inner = rest.partition("/")
+        candidates = [rest, inner] if split in YOLO_SPLITS else [rest]
+        return posix == "data.yaml" or (top == "labels" and any(c.endswith(".txt") and c[:-4] in stems
+                                                                 for c in candidates)) \
+            or (top == "images" and any(c in names for c in candidates))
     return where == "sheets" and len(rel.parts) == 1 and SHEET_NAME.match(rel.name) is not None
 
 
 def remove_run(out: Path, names: Iterable[str]) -> None:
     """Remove what a run wrote in ``out`` and nothing else: the files of ``RUN_FILES``; in ``RUN_DIRS`` only the
     files named after the images ``names`` (``png/<name>.png``, ``overlays/<name>.png``, ``maps/<name>.npz``,
-    ``yolo/labels/<name without suffix>.txt``), ``yolo/data.yaml``, the report's ``sheets/NNN_*.png`` and
-    leftover temporary files; then the folders that are left empty."""
+    ``yolo/labels/[train|val/]<name without suffix>.txt``, ``yolo/images/[train|val/]<name>``), ``yolo/data.yaml``,
+    the report's ``sheets/NNN_*.png`` and leftover temporary files; then the folders that are left empty."""
     names = set(names)
     stems = {_relative_posix(n) for n in names}
     for name in RUN_FILES:

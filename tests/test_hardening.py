@@ -110,11 +110,17 @@ def test_overwrite_removes_only_what_the_run_wrote(tmp_path, images, tiny):
     for p in mine:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"user")
+    first = sorted(p.name for p in images.glob("*.png"))[0]
+    linked = out / "yolo" / "images" / "train" / first  # an image a YOLO export linked or copied
+    linked.parent.mkdir(parents=True)
+    linked.write_bytes(b"run")
+    mine.append(out / "yolo" / "images" / "train" / "mine.jpg")
+    mine[-1].write_bytes(b"user")
     run(recipe, images, out, model=tiny, limit=2, overwrite=True)  # no png/yolo export this time
     assert all(p.read_bytes() == b"user" for p in mine)
     assert sorted(p.name for p in (out / "png").iterdir()) == ["my_own.png"]
     assert sorted(p.name for p in (out / "yolo" / "labels").iterdir()) == ["x.txt"]
-    assert not (out / "yolo" / "data.yaml").exists()
+    assert not (out / "yolo" / "data.yaml").exists() and not linked.exists()
     assert len(list((out / "maps").glob("*.png.npz"))) == 2 and len(list((out / "overlays").iterdir())) == 2
 
 
