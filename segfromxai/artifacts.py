@@ -1,6 +1,7 @@
 """Per-image artefacts of a run, on request: the explanation maps (``maps/<file>.npz``) and overlay PNGs.
 
-Both are written atomically (temp file + rename), under the image's relative path with a new suffix.
+Both are written atomically (temp file + rename), under the image's relative path with a suffix appended
+(:func:`segfromxai.coco.export_name`: ``maps/sub/a.jpg.npz``, ``overlays/sub/a.jpg.png``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .coco import export_name
 from .fileio import atomic_write
 
 
@@ -34,16 +36,15 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], *, alpha: float = 0.45) 
 
 def save_artifacts(out: Path, art: dict[str, Any], *, maps: bool, overlays: bool) -> None:
     """Write ``art`` (keys ``rel``, ``maps``, ``fused``, ``image``, ``masks``) as requested."""
-    rel = Path(art["rel"])
     if maps:
-        path = (out / "maps" / rel).with_suffix(".npz")
+        path = out / "maps" / export_name(art["rel"], ".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez_compressed(buf, fused=art["fused"], **{f"map_{k}": v for k, v in art["maps"].items()})
         with atomic_write(path, "wb") as f:
             f.write(buf.getvalue())
     if overlays:
-        path = (out / "overlays" / rel).with_suffix(".png")
+        path = out / "overlays" / export_name(art["rel"], ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         Image.fromarray(overlay(art["image"], art["masks"])).save(buf, format="PNG")

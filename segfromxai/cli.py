@@ -139,6 +139,10 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
     from .pipeline import classify as run_classify
     from .targets import accuracy_table, read_labels_csv
 
+    try:
+        truth = read_labels_csv(labels) if labels is not None else None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     model = _load(model_name, checkpoint, device)
     failures = []
     try:
@@ -148,15 +152,12 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
     for f in failures:
         click.echo(f"skipped {f.path}: {f.reason}", err=True)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write("file_name,label,confidence\n")
-            fh.writelines(f"{p.rel_path},{model.classes[p.label]},{p.confidence:.6f}\n" for p in preds)
-        tmp.replace(out)
+        from .targets import write_predictions_csv
+
+        write_predictions_csv(out, preds, model.classes)
     click.echo(f"classified {len(preds)} images ({len(failures)} skipped) with {model.source}")
     if labels is not None:
-        rows = accuracy_table(preds, model.classes, read_labels_csv(labels))
+        rows = accuracy_table(preds, model.classes, truth)
         click.echo(f"{'class':<12}{'n':>5}{'correct':>9}{'accuracy':>10}")
         for r in rows:
             click.echo(f"{r['class']:<12}{r['n']:>5}{r['correct']:>9}{r['accuracy']:>10.3f}")
@@ -215,6 +216,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
     if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
         raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
     targets = _targets(labels, folder_labels)
+    _check_out(out)
     model_args = {"name": model_name or rec.model["name"] or None, "device": device,
                   "checkpoint": checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None)}
     if engine == "ray":
@@ -252,6 +254,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
     if c["failed"]:
         click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
+    _echo_warnings(summary, labels, out)
     if gt is not None and skip_empty:
         click.echo("note: --skip-empty left the images without a mask out of pseudo_labels.json, so the evaluation "
                    "below lists them as having no prediction and leaves them out of the numbers", err=True)
@@ -259,6 +262,37 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
                   out / "maps", {"recipe": summary["recipe"], "model": summary["model"],
                                  "versions": summary["versions"], "counts": summary["counts"]})
+
+
+def _targets(labels: Path | None, folder_labels: bool):
+    """The label source of --labels / --folder-labels (default: the model's top-1 class); a bad CSV is a usage
+    error naming the file."""
+    from .targets import Targets, read_labels_csv
+
+    if labels is not None and folder_labels:
+        raise click.UsageError("give --labels or --folder-labels, not both")
+    try:
+        return (Targets("labels", read_labels_csv(labels)) if labels else
+                Targets("folders") if folder_labels else Targets())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _check_out(out: Path) -> None:
+    """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
+    from .dataset import check_out
+
+    try:
+        check_out(out)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
+    w = summary.get("warnings") or {}
+    if w.get("labels_without_image"):
+        click.echo(f"warning: {w['labels_without_image']} rows of {labels} name no image (first: "
+                   f"{', '.join(w['labels_without_image_first'][:5])}); listed in {out / 'run.json'}", err=True)
 
 
 def _progress_bar(total: int, initial: int):
@@ -346,15 +380,6 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
                f"{c['failed']} failed, {c['skipped']} skipped -> {out / 'pseudo_labels.json'}")
     if summary["missing_shards"]:
         click.echo(f"missing shards: {summary['missing_shards']}", err=True)
-
-
-def _targets(labels: Path | None, folder_labels: bool):
-    """The label source of --labels / --folder-labels (default: the model's top-1 class)."""
-    from .targets import Targets, read_labels_csv
-
-    if labels is not None and folder_labels:
-        raise click.UsageError("give --labels or --folder-labels, not both")
-    return Targets("labels", read_labels_csv(labels)) if labels else Targets("folders") if folder_labels else Targets()
 
 
 @main.command("compare")

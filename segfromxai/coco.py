@@ -214,19 +214,30 @@ def write_results(path: str | os.PathLike, records: Iterable[dict] | Callable[[]
 
 
 def _relative(file_name: str) -> Path:
-    """``file_name`` as a relative path that stays inside the output folder."""
-    p = PurePosixPath(file_name.replace("\\", "/"))
+    """``file_name`` as a relative path that stays inside the output folder. A backslash separates folders only
+    where the OS says so (Windows); on POSIX it is a character of the name, so ``sub\\b.png`` and ``sub/b.png``
+    stay two files."""
+    p = PurePosixPath(file_name.replace("\\", "/") if os.sep == "\\" else file_name)
     if p.is_absolute() or ".." in p.parts or not p.parts or Path(file_name).is_absolute():
         raise ValueError(f"file_name must be a relative path without '..', got {file_name!r}")
     return Path(*p.parts)
+
+
+def export_name(file_name: str, suffix: str) -> Path:
+    """The relative path of an image's exported file: its whole name, extension kept, with ``suffix`` appended
+    (``sub/a.jpg`` -> ``sub/a.jpg.png``), so distinct images never share one (``a.png`` and ``a.jpg`` give
+    ``a.png.png`` and ``a.jpg.png``). Raises ValueError for an absolute name or one with ``..``."""
+    rel = _relative(file_name)
+    return rel.with_name(rel.name + suffix)
 
 
 def export_png(out_dir: str | os.PathLike, records: Iterable[dict] | Callable[[], Iterable[dict]], *,
                ignore_overlap: bool = True) -> int:
     """Write one uint8 label PNG per image: 0 background, ``k`` = category id, 255 = ignore.
 
-    The file is ``out_dir/<file_name with its suffix replaced by .png>`` (subfolders of ``file_name`` kept,
-    parents created), ``height x width`` pixels, written atomically. Category ids are class index + 1, so they
+    The file is ``out_dir/<file_name>.png`` (:func:`export_name`: the image's extension is kept, so ``a.jpg``
+    gives ``a.jpg.png`` and no two images share a file; subfolders of ``file_name`` kept, parents created),
+    ``height x width`` pixels, written atomically. Category ids are class index + 1, so they
     must lie in 1..254.
 
     Parameters
@@ -253,7 +264,7 @@ def export_png(out_dir: str | os.PathLike, records: Iterable[dict] | Callable[[]
     written: set[Path] = set()
     for record in _iterate(records):
         image = _image(record)
-        target = out_dir / _relative(image["file_name"]).with_suffix(".png")
+        target = out_dir / export_name(image["file_name"], ".png")
         if target in written:
             raise ValueError(f"two images map to the same label file {target}")
         label = np.zeros((image["height"], image["width"]), dtype=np.uint8)

@@ -49,6 +49,7 @@ from .features import backbone_for, uses_classifier
 from .pipeline import explain_calls, feature_maps, fuse_recipe, label_batch, seed_everything, shared_pass
 from .refine import REFINERS
 from .recipe import Recipe
+from .recipe_checks import check_recipes_for_model
 from .targets import Targets
 
 COLUMNS = ("recipe", "explainers", "k", "iou", "f1", "pa", "deletion_auc", "gae", "s_per_image",
@@ -163,6 +164,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     """
     if not recipes:
         raise ValueError("no recipes to compare")
+    check_recipes_for_model(model, recipes)
     seed_everything(seed)
     images = Path(images)
     paths = find_images(images)[:limit]

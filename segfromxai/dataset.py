@@ -11,13 +11,16 @@ are read from disk in index order (a k-way merge over parts), never all held in 
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import itertools
 import json
-import shutil
-from pathlib import Path
+import os
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
-from .coco import export_png, export_yolo, write_coco, write_results
+from .coco import export_name, export_png, export_yolo, write_coco, write_results
 from .fileio import atomic_write
 from .manifest import Manifest
 
@@ -53,16 +56,133 @@ def versions() -> dict[str, str]:
             "pycocotools": dist_version("pycocotools")}
 
 
-def prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: bool) -> Manifest:
-    """Open ``out``'s manifest for appending: new, resumed (the header must match on ``RESUME_KEYS``) or, with
-    ``overwrite``, emptied first. A folder holding a run is refused without either flag."""
+STATUSES = ("ok", "empty", "failed", "skipped")
+TMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+"""The temporary files of :func:`segfromxai.coco.atomic_write` (``.<name>.<pid>.<random>.tmp``)."""
+YOLO_SPLITS = ("train", "val")
+"""Split folders a YOLO export may put under ``labels/`` and ``images/``."""
+SHEET_NAME = re.compile(r"^\d{3}_.*\.png$")
+"""The report's contact sheets (``sheets/000_<name>.png``)."""
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output folder before any work: a file, a folder that cannot be created or written, or a folder
+    that is not empty and holds no run (files starting with ``.`` do not count). Raises ValueError or
+    FileExistsError with a one-line reason; creates nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"cannot create --out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to --out {out}: {probe} is not writable")
+    if out.is_dir() and not (out / "manifest.jsonl").exists():
+        if any(not p.name.startswith(".") for p in out.iterdir()):
+            raise FileExistsError(f"{out} is not empty and holds no segfromxai run: give a new or empty folder "
+                                  "(--overwrite only replaces an earlier run, never other files)")
+
+
+def check_export_names(names: list[str], formats: Iterable[str]) -> None:
+    """Raise ValueError, before any labelling, when two images would write the same export file, or a name cannot
+    be exported. ``png/``, ``maps/`` and ``overlays/`` keep the image's extension (:func:`export_name`), so only
+    unsafe names fail there; ``yolo/labels/`` pairs a label with its image by the name without its extension (as
+    YOLO tools look it up), so ``a.png`` beside ``a.jpg`` is refused with ``--format yolo``."""
+    kinds = {"png": lambda n: export_name(n, ".png").as_posix()}
+    if "yolo" in formats:
+        kinds["yolo"] = lambda n: f"labels/{_relative_posix(n)}.txt"
+    for kind, name_of in kinds.items():
+        seen: dict[str, str] = {}
+        for n in names:
+            try:
+                target = name_of(n)
+            except ValueError as e:
+                raise ValueError(f"cannot export {n!r}: {e}") from e
+            if target in seen:
+                raise ValueError(f"{seen[target]} and {n} would both be written as {kind}/{target}: rename one"
+                                 + (" (YOLO pairs labels with images by the name without its extension), or "
+                                    "leave out --format yolo" if kind == "yolo" else ""))
+            seen[target] = n
+
+
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` (not following links to folders), relative to it."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            yield (Path(dirpath) / name).relative_to(folder)
+
+
+def _written_by_run(where: str, rel: Path, names: set[str], stems: set[str]) -> bool:
+    """Whether ``<where>/<rel>`` is a file a run writes for one of the images ``names`` (see :func:`remove_run`)."""
+    posix = rel.as_posix()
+    if TMP_NAME.match(rel.name):
+        return True
+    if where in ("png", "overlays", "maps"):
+        suffix = ".npz" if where == "maps" else ".png"
+        stem = posix[:-len(suffix)]  # this version's names keep the image's extension; earlier ones replaced it
+        return posix.endswith(suffix) and (stem in names or stem in stems)
+    if where == "yolo":  # labels/[train|val/]<stem>.txt, images/[train|val/]<name> (linked or copied images)
+        top, _, rest = posix.partition("/")
+        split, _, inner = rest.partition("/")
+        candidates = [rest, inner] if split in YOLO_SPLITS else [rest]
+        return posix == "data.yaml" or (top == "labels" and any(c.endswith(".txt") and c[:-4] in stems
+                                                                 for c in candidates)) \
+            or (top == "images" and any(c in names for c in candidates))
+    return where == "sheets" and len(rel.parts) == 1 and SHEET_NAME.match(rel.name) is not None
+
+
+def remove_run(out: Path, names: Iterable[str]) -> None:
+    """Remove what a run wrote in ``out`` and nothing else: the files of ``RUN_FILES``; in ``RUN_DIRS`` only the
+    files named after the images ``names`` (``png/<name>.png``, ``overlays/<name>.png``, ``maps/<name>.npz``,
+    ``yolo/labels/[train|val/]<name without suffix>.txt``, ``yolo/images/[train|val/]<name>``), ``yolo/data.yaml``,
+    the report's ``sheets/NNN_*.png`` and leftover temporary files; then the folders that are left empty."""
+    names = set(names)
+    stems = {_relative_posix(n) for n in names}
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    remove_stale_tmp(out)
+    for where in RUN_DIRS:
+        folder = out / where
+        if not folder.is_dir():
+            continue
+        for rel in list(_walk_files(folder)):
+            if _written_by_run(where, rel, names, stems):
+                (folder / rel).unlink(missing_ok=True)
+        for dirpath, _, _ in sorted(os.walk(folder), key=lambda d: -len(d[0])):
+            with contextlib.suppress(OSError):
+                Path(dirpath).rmdir()  # only empty folders go
+
+
+def _relative_posix(name: str) -> str:
+    return str(PurePosixPath(export_name(name, "").as_posix()).with_suffix(""))
+
+
+def remove_stale_tmp(out: Path) -> int:
+    """Remove the temporary files (``TMP_NAME``) a killed run left in ``out`` and its ``RUN_DIRS``; their count."""
+    n = 0
+    folders = [out] + [out / d for d in RUN_DIRS if (out / d).is_dir()]
+    for folder in folders:
+        rels = [Path(p.name) for p in out.iterdir() if p.is_file()] if folder == out else _walk_files(folder)
+        for rel in list(rels):
+            if TMP_NAME.match(rel.name):
+                (folder / rel).unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: bool,
+                names: Iterable[str] = ()) -> Manifest:
+    """Open ``out``'s manifest for appending: new, resumed (the header must match on ``RESUME_KEYS``; leftover
+    temporary files are removed) or, with ``overwrite``, emptied first of what the earlier run wrote (its records'
+    and ``names``' files, see :func:`remove_run`). A folder holding a run is refused without either flag, and so
+    is a non-empty folder holding none (:func:`check_out`)."""
     manifest = Manifest(out / "manifest.jsonl")
+    check_out(out)
     if manifest.path.exists():
         if overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            for name in RUN_DIRS:
-                shutil.rmtree(out / name, ignore_errors=True)
+            remove_run(out, itertools.chain(_recorded_names(manifest), names))
         elif not resume:
             raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or --overwrite to "
                                   "start again")
@@ -72,28 +192,48 @@ def prepare_out(out: Path, header: dict[str, Any], *, resume: bool, overwrite: b
             if diff:
                 raise ValueError(f"cannot resume {out}: its run differs in {', '.join(diff)} "
                                  "(use --overwrite to start again)")
+            remove_stale_tmp(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest.open(header)
     return manifest
 
 
+def _recorded_names(manifest: Manifest) -> list[str]:
+    """The file names a manifest records, as far as it can be read (a damaged one is being overwritten)."""
+    names: list[str] = []
+    with contextlib.suppress(ValueError):
+        names.extend(r["file_name"] for r in manifest.records() if isinstance(r.get("file_name"), str))
+    return names
+
+
+def run_records(manifest: Manifest) -> Iterator[dict]:
+    """The manifest's records, streamed, each checked to be a run record (an int ``index`` and a ``status`` of
+    ``STATUSES``); another raises ValueError naming the file and line."""
+    for line, r in enumerate(manifest.records(), start=2):
+        index = r.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or r.get("status") not in STATUSES:
+            raise ValueError(f"{manifest.path}, line {line}: not a run record (needs an index and a status): "
+                             f"{json.dumps(r)[:80]}; pass --overwrite to start the run again")
+        yield r
+
+
 def done_indices(manifest: Manifest) -> set[int]:
     """Indices of the images the manifest holds a record for."""
-    return {r["index"] for r in manifest.records()}
+    return {r["index"] for r in run_records(manifest)}
 
 
 def _in_order(manifest: Manifest) -> Callable[[], Iterator[dict]]:
     """Records by increasing index, first copy of an index wins. Streamed when the file is in order (as ``run``
     writes it); otherwise the records are sorted in memory."""
     last = -1
-    for r in manifest.records():
+    for r in run_records(manifest):
         if r["index"] <= last:
             by_index: dict[int, dict] = {}
-            for q in manifest.records():
+            for q in run_records(manifest):
                 by_index.setdefault(q["index"], q)
             return lambda: iter([by_index[i] for i in sorted(by_index)])
         last = r["index"]
-    return manifest.records
+    return lambda: run_records(manifest)
 
 
 def records(manifests: Iterable[Manifest], statuses: tuple[str, ...]) -> Callable[[], Iterator[dict]]:

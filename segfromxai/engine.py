@@ -7,30 +7,36 @@ write, so a killed run resumes where it stopped. :mod:`segfromxai.engine_ray` ru
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from .artifacts import save_artifacts
+from .dataset import check_export_names, done_indices, finish, prepare_out, remove_run
 from .fileio import atomic_write
-from .dataset import done_indices, finish, prepare_out
 from .fit import prepare
 from .images import ImageLoadError, find_images, load_image
 from .masks import encode
 from .model import LoadedModel
 from .pipeline import Clock, Labelled, label_batch, seed_everything
 from .recipe import Recipe
+from .recipe_checks import check_recipe_for_model
 from .targets import Targets
 
 
 def shard_of(rel_path: str, num_shards: int) -> int:
     """The shard of an image: a stable hash (SHA-1) of its relative path, modulo ``num_shards``."""
-    return int.from_bytes(hashlib.sha1(rel_path.encode("utf-8")).digest()[:8], "big") % num_shards
+    raw = os.fsencode(rel_path)  # the name's bytes, also when they are not UTF-8 (surrogate escapes)
+    return int.from_bytes(hashlib.sha1(raw).digest()[:8], "big") % num_shards
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,19 @@ class ChunkLoader(torch.utils.data.Dataset):
             loaded.append((i, self.rels[i], im, t))
         x = self.preprocess.batch([im for _, _, im, _ in loaded]) if loaded else None
         return records, loaded, x
+
+
+def die_with_parent(parent: int, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: on Linux, ask the kernel to kill this worker when its parent dies (also by
+    SIGKILL, which gives the parent no chance to stop its workers); exit at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _as_is(item: Any) -> Any:
@@ -125,13 +144,21 @@ def process_chunk(model: LoadedModel, recipe: Recipe, out: Path, item: tuple, to
 
 @dataclass
 class Job:
-    """A planned run: its manifest (open for appending), the chunks still to do, and their loader."""
+    """A planned run: its manifest (open for appending), the chunks still to do, and their loader.
+
+    ``fresh``: the run folder held no run before, so a run that fails before its first chunk is written removes
+    its files again (:func:`discard`), and the folder itself when the run made it (``made_out``); ``names``:
+    every image's relative path; ``warnings``: counts for ``run.json`` (e.g. ``labels_without_image``)."""
 
     manifest: Any
     chunks: list[list[int]]
     done: set[int]
     loader: ChunkLoader
     total: int
+    fresh: bool = False
+    made_out: bool = False
+    names: list[str] = field(default_factory=list)
+    warnings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pending(self) -> int:
@@ -140,26 +167,57 @@ class Job:
 
 def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedModel, targets: Targets,
              batch_size: int, limit: int | None, resume: bool, overwrite: bool, seed: int,
-             shard: tuple[int, int] | None) -> Job:
-    """Find the images (this shard's), prepare ``out`` (see :func:`segfromxai.dataset.prepare_out`) and cut the
-    images not done yet into chunks of ``batch_size`` consecutive files."""
+             shard: tuple[int, int] | None, formats: tuple[str, ...] = ()) -> Job:
+    """Check the recipe against the model and the exports' file names, find the images (this shard's), prepare
+    ``out`` (see :func:`segfromxai.dataset.prepare_out`) and cut the images not done yet into chunks of
+    ``batch_size`` consecutive files. Nothing is written before the checks pass."""
     seed_everything(seed)
-    paths = find_images(images)[:limit]
-    rels = [p.name if p == Path(images) else p.relative_to(images).as_posix() for p in paths]
+    check_recipe_for_model(model, recipe)
+    root = Path(images)
+    found = find_images(images)
+    every = [p.name if p == root else p.relative_to(root).as_posix() for p in found]
+    paths, rels = found[:limit], every[:limit]
     prepare([recipe], model, targets, rels)  # recipe x model fit, a headless model's categories
     targets.check(rels, model.classes)
+    check_export_names(rels, formats)
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     mine = [i for i in range(len(paths)) if shard is None or shard_of(rels[i], shard[1]) == shard[0]]
     header = {"recipe": recipe.digest(), "images": str(Path(images).resolve()), "model": model.source,
               "targets": targets.to_dict(), "shard": list(shard) if shard else None, "classes": list(model.classes),
               "resolved": recipe.to_dict()}
-    manifest = prepare_out(out, header, resume=resume, overwrite=overwrite)
+    fresh, made_out = not (out / "manifest.jsonl").exists(), not out.exists()
+    manifest = prepare_out(out, header, resume=resume, overwrite=overwrite, names=rels)
     done = done_indices(manifest)
     chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
     chunks = [c for c in chunks if any(i not in done for i in c)]
     loader = ChunkLoader(chunks, paths, rels, targets, list(model.classes), model.preprocess)
-    return Job(manifest, chunks, done, loader, len(mine))
+    unlabelled = targets.without_image(every)
+    warnings = {"labels_without_image": len(unlabelled), "labels_without_image_first": unlabelled[:20]}
+    return Job(manifest, chunks, done, loader, len(mine), fresh and not done, made_out, rels,
+               warnings if unlabelled else {})
+
+
+def discard(out: Path, job: Job) -> None:
+    """Remove a fresh run that failed before its first chunk was written: its files, and ``out`` if the run made it
+    (and it is empty)."""
+    job.manifest.close()
+    remove_run(out, job.names)
+    if job.made_out:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+@contextlib.contextmanager
+def discarded_on_failure(out: Path, job: Job) -> Iterator[None]:
+    """Leave the block as it is; when it raises and the run is fresh with no record written yet, :func:`discard`
+    the run first, so a failure before the first chunk leaves no run folder behind."""
+    try:
+        yield
+    except BaseException:
+        if job.fresh and next(job.manifest.records(), None) is None:
+            discard(out, job)
+        raise
 
 
 def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
@@ -171,6 +229,7 @@ def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tup
     summary["processed_now"] = processed
     summary.update(engine)
     summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
+    summary["warnings"] = job.warnings
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -199,13 +258,14 @@ def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedMod
     """
     out = Path(out)
     job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
-                   resume=resume, overwrite=overwrite, seed=seed, shard=shard)
+                   resume=resume, overwrite=overwrite, seed=seed, shard=shard, formats=formats)
     clock, processed = Clock(), 0
     if progress is not None:
         progress(job.total - job.pending, job.total)
     loader = torch.utils.data.DataLoader(job.loader, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         prefetch_factor=2 if workers else None, persistent_workers=False)
-    with job.manifest:
+                                         prefetch_factor=2 if workers else None, persistent_workers=False,
+                                         worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+    with job.manifest, discarded_on_failure(out, job):
         items = iter(loader)
         for chunk in job.chunks:
             with clock("load"):

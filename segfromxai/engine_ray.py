@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import close_run, plan_run, process_chunk
+from .engine import close_run, discarded_on_failure, plan_run, process_chunk
 from .pipeline import Clock
 from .recipe import Recipe
 from .targets import Targets
@@ -65,7 +65,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
 
     out = Path(out)
     job = plan_run(recipe, images, out, model=model, targets=targets, batch_size=batch_size, limit=limit,
-                   resume=resume, overwrite=overwrite, seed=seed, shard=shard)
+                   resume=resume, overwrite=overwrite, seed=seed, shard=shard, formats=formats)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -75,7 +75,7 @@ def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, 
     clock, actors, processed, pending, nxt = Clock(), Clock(), 0, {}, 0
     if progress is not None:
         progress(job.total - job.pending, job.total)
-    with job.manifest:
+    with job.manifest, discarded_on_failure(out, job):
         if job.chunks:
             ds = ray.data.from_items([{"chunk": k} for k in range(len(job.chunks))])
             ds = ds.map_batches(_Labeller, batch_size=1, concurrency=pool,

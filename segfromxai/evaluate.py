@@ -1,9 +1,11 @@
 """Evaluation: predicted masks against reference masks (ground truth, or a student segmenter's masks).
 
 A *mask source* is a COCO instances file, or a folder of PNG label maps (uint8: 0 background, k = category id,
-255 = ignore, as ``segfromxai run --format png`` writes them). Images are matched by file name: the relative path
-without its suffix, else the bare file name when that is unique in the reference; a predicted image with no match
-is an error that lists the unmatched names. Reference images with no prediction entry are listed in the result
+255 = ignore, as ``segfromxai run --format png`` writes them). Images are matched by file name: the same relative
+path; else one side's path with its last suffix removed equal to the other's whole path (``run --format png``
+writes ``a.jpg.png`` for ``a.jpg``); else the relative paths without their suffixes (one or, for such an export
+name, two); else the bare file name when that is unique in the reference; a predicted image with no match is an
+error that lists the unmatched names. Reference images with no prediction entry are listed in the result
 (``missing_in_pred``) and left out of the numbers: ``run`` writes every image it labelled, with or without a mask,
 so these are the images it failed on or skipped.
 
@@ -11,8 +13,9 @@ Class-agnostic numbers compare the union of all masks of an image; per-category 
 union of the masks of one category (categories matched by name when both sides name them, else by id). Each
 metric is given as the mean over images (``per_image_mean``, NaN images skipped, ``n`` counted) and pooled over
 all pixels of the dataset (``pooled``); see :mod:`segfromxai.metrics`. Pixels a PNG reference marks 255 are
-ignored. ``ap`` is COCOeval's segm AP@[.5:.95] with categories, ``ap_agnostic`` the same with ``useCats=0``; both
-need COCO files on both sides (instances and scores) and are NaN otherwise.
+ignored. ``ap`` is COCOeval's segm AP@[.5:.95] with categories (matched by name), ``ap_agnostic`` the same with
+every category of both sides mapped to one; both need COCO files on both sides (instances and scores) and are NaN
+otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .coco import export_name
 from .fileio import atomic_write
 from .metrics import METRICS, Counts, confusion, summarise
 
@@ -87,6 +91,11 @@ def load_source(path: str | Path) -> MaskSource:
 
     try:
         coco = _quiet(COCO, str(path))
+    except AssertionError as e:  # pycocotools asserts that the file holds a dict
+        sibling = path.with_name("pseudo_labels.json")
+        hint = f" (use {sibling})" if sibling.is_file() and sibling != path else ""
+        raise ValueError(f"{path}: a JSON list (e.g. a COCO results file), not a COCO instances file with images "
+                         f"and annotations{hint}") from e
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a COCO instances file ({e})") from e
     files = {img["file_name"]: img["id"] for img in coco.dataset.get("images", [])}
@@ -101,15 +110,17 @@ def _key(name: str) -> str:
 def match_names(names: list[str] | Any, ref: MaskSource) -> tuple[list[tuple[str, str]], list[str]]:
     """Pairs (predicted file name, reference file) and the reference files no name matches (see the module
     docstring for the rule). Raises ValueError listing the names with no reference."""
-    by_key = {_key(f): f for f in ref.files}
+    by_key: dict[str, list[str]] = {}
     by_base: dict[str, list[str]] = {}
     for f in ref.files:
+        by_key.setdefault(_key(f), []).append(f)
         by_base.setdefault(PurePosixPath(_key(f)).name, []).append(f)
     pairs, unmatched = [], []
     for f in sorted(names):
-        hit = by_key.get(_key(f))
-        if hit is None and len(by_base.get(PurePosixPath(_key(f)).name, [])) == 1:
-            hit = by_base[PurePosixPath(_key(f)).name][0]
+        bare = _key(_key(f))  # an export name without both suffixes: png/a.jpg.png -> a
+        tries = ([f], [_key(f)], by_key.get(f, []), by_key.get(_key(f), []), by_key.get(bare, []),
+                 by_base.get(PurePosixPath(_key(f)).name, []), by_base.get(PurePosixPath(bare).name, []))
+        hit = next((c[0] for c in tries if len(c) == 1 and c[0] in ref.files), None)
         (pairs.append((f, hit)) if hit is not None else unmatched.append(f))
     if unmatched:
         shown = ", ".join(unmatched[:20]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 20 else "")
@@ -136,13 +147,35 @@ def union(masks: dict[int, np.ndarray], size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def one_category(coco: Any) -> Any:
+    """A copy of a COCO ground truth with every annotation in one category (id 1), for class-agnostic AP."""
+    from pycocotools.coco import COCO
+
+    agnostic = COCO()
+    agnostic.dataset = {**coco.dataset, "categories": [{"id": 1, "name": "object"}],
+                        "annotations": [{**a, "category_id": 1} for a in coco.dataset.get("annotations", [])]}
+    _quiet(agnostic.createIndex)
+    return agnostic
+
+
+def _coco_ap(gt: Any, results: list[dict], img_ids: list[int]) -> float:
+    from pycocotools.cocoeval import COCOeval
+
+    ev = COCOeval(gt, _quiet(gt.loadRes, [dict(r) for r in results]), "segm")  # loadRes adds keys to each dict
+    ev.params.imgIds = img_ids
+    _quiet(ev.evaluate)
+    _quiet(ev.accumulate)
+    _quiet(ev.summarize)
+    return float(ev.stats[0]) if ev.stats[0] >= 0 else math.nan
+
+
 def average_precision(pred: MaskSource, ref: MaskSource, pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """COCOeval segm AP@[.5:.95] with categories (``ap``) and without (``ap_agnostic``); NaN unless both are COCO."""
+    """COCOeval segm AP@[.5:.95] with categories (``ap``; predicted categories matched to the reference's by name)
+    and class-agnostic (``ap_agnostic``: every category of both sides mapped to one, so it does not depend on the
+    names agreeing); NaN unless both sources are COCO."""
     nan = {"ap": math.nan, "ap_agnostic": math.nan}
     if pred.kind != "coco" or ref.kind != "coco" or not ref.coco.dataset.get("annotations"):
         return nan
-    from pycocotools.cocoeval import COCOeval
-
     by_name = {n: k for k, n in ref.names.items()}
     results = []
     for p, r in pairs:
@@ -152,17 +185,9 @@ def average_precision(pred: MaskSource, ref: MaskSource, pairs: list[tuple[str, 
                             "score": float(ann.get("score", 1.0))})
     if not results:
         return {"ap": 0.0, "ap_agnostic": 0.0}
-    dt = _quiet(ref.coco.loadRes, results)
-    out = {}
-    for key, use_cats in (("ap", 1), ("ap_agnostic", 0)):
-        ev = COCOeval(ref.coco, dt, "segm")
-        ev.params.imgIds = sorted(ref.files[r] for _, r in pairs)
-        ev.params.useCats = use_cats
-        _quiet(ev.evaluate)
-        _quiet(ev.accumulate)
-        _quiet(ev.summarize)
-        out[key] = float(ev.stats[0]) if ev.stats[0] >= 0 else math.nan
-    return out
+    img_ids = sorted(ref.files[r] for _, r in pairs)
+    return {"ap": _coco_ap(ref.coco, results, img_ids),
+            "ap_agnostic": _coco_ap(one_category(ref.coco), [{**d, "category_id": 1} for d in results], img_ids)}
 
 
 AGNOSTIC = "object"
@@ -359,7 +384,7 @@ def _sheet(rows: dict[str, dict], sources: dict[str, MaskSource | None], images:
         with contextlib.suppress(ImageLoadError, FileNotFoundError):
             image = load_image(images / name)
     heat = None
-    npz = (maps / name).with_suffix(".npz") if maps is not None else None
+    npz = maps / export_name(name, ".npz") if maps is not None else None
     if npz is not None and npz.exists():
         with np.load(npz) as z:
             heat = z["fused"]

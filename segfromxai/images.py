@@ -166,7 +166,8 @@ def find_images(root: str | os.PathLike[str]) -> list[pathlib.Path]:
         Regular files whose suffix, lower-cased, is in :data:`IMAGE_EXTENSIONS`, sorted by
         their POSIX path relative to ``root``. Files and folders whose name starts with
         ``'.'`` are skipped (below ``root``; ``root`` itself may be hidden). Symbolic links
-        to files are listed; symbolic links to folders are not followed.
+        to files are listed, and so are broken ones (their target is missing), so that
+        :func:`load_image` records them as failures; symbolic links to folders are not followed.
 
     Raises
     ------
@@ -186,7 +187,7 @@ def find_images(root: str | os.PathLike[str]) -> list[pathlib.Path]:
             if _is_hidden(name) or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             path = base / name
-            if path.is_file():
+            if path.is_file() or (path.is_symlink() and not path.exists()):  # a broken link is recorded as failed
                 found.append((path.relative_to(root).as_posix(), path))
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
@@ -286,7 +287,9 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
             raise ImageLoadError(path, "empty file")
         handle = open(path, "rb")
     except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
+        broken = path.is_symlink()
+        raise ImageLoadError(path, "broken symbolic link (its target is missing)" if broken else "file not found"
+                             ) from None
     except PermissionError:
         raise ImageLoadError(path, "cannot read file (permission denied)") from None
     except ImageLoadError:

@@ -176,10 +176,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         from safetensors import safe_open
 
         sd, meta = {}, {}
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            for k in f.keys():
-                sd[k] = f.get_tensor(k)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on truncated or bad files
+            raise ValueError(f"cannot read checkpoint {path} as a safetensors file (truncated or not safetensors): "
+                             f"{e}") from e
         return sd, meta
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -203,7 +207,16 @@ def head_keys(module: nn.Module) -> list[str]:
 
 
 def checkpoint_num_classes(module: nn.Module, sd: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes of the head stored in ``sd`` (None when it stores no head)."""
+    """Number of classes of the head stored in ``sd`` (None when it stores no head).
+
+    The head is found by timm's ``pretrained_cfg['classifier']`` name in ``sd`` itself, so a model built without a
+    head (``num_classes=0``, e.g. the DINOv2 ViTs) still reads the class count of a checkpoint that has one.
+    """
+    cls = getattr(module, "pretrained_cfg", {}).get("classifier") or "head"
+    for name in [cls] if isinstance(cls, str) else list(cls):
+        w = sd.get(f"{name}.weight")
+        if w is not None and w.ndim >= 2:
+            return int(w.shape[0])
     for k in head_keys(module):
         if k.endswith("weight") and k in sd:
             return int(sd[k].shape[0])
@@ -238,6 +251,8 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], module: nn.Module, *,
 def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], *, source: str, strict: bool = True) -> None:
     """Load ``sd`` into ``module``, casting dtypes; a misfit raises ValueError naming missing/unexpected/mis-shaped keys."""
     target = module.state_dict()
+    # BatchNorm's step counter is not a weight: torch fills it in for old checkpoints, and so do we
+    sd = {**{k: v for k, v in target.items() if k.endswith("num_batches_tracked") and k not in sd}, **sd}
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
@@ -272,6 +287,21 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or ValueError when torch does not know it or this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r}; valid: cpu, cuda, cuda:N, mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {str(device)!r}: MPS is not available here (use --device cpu)")
+    return dev
+
+
 # ------------------------------------------------------------------------------------------------ model cards
 def write_card(path: str | Path, card: dict[str, Any]) -> Path:
     """Write a model card (JSON) atomically; ``card['weights']`` is a path relative to the card's folder."""
@@ -288,8 +318,12 @@ def read_card(path: str | Path) -> dict[str, Any]:
         path = path / CARD_NAME
     if not path.is_file():
         raise FileNotFoundError(f"model card not found: {path}")
-    card = json.loads(path.read_text())
-    if card.get("format") != CARD_FORMAT:
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"model card {path} is not a JSON file: {e}") from e
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        card = card if isinstance(card, dict) else {}
         raise ValueError(f"{path} is not a segfromxai model card (format {card.get('format')!r}, "
                          f"expected {CARD_FORMAT!r})")
     for key in ("timm_name", "classes", "preprocess", "weights"):
@@ -302,11 +336,27 @@ def _is_card(path: Path) -> bool:
     return path.is_dir() or path.suffix == ".json"
 
 
+def card_weights(card_path: str | Path, card: dict[str, Any]) -> Path:
+    """The card's weights file: confined to the card's folder (no absolute path, no ``..``, no link out of it) and,
+    when the card gives ``weights_sha256``, checked against it. Raises ValueError otherwise."""
+    folder = Path(card_path).parent.resolve()
+    weights = (folder / str(card["weights"])).resolve()
+    if not weights.is_relative_to(folder):
+        raise ValueError(f"model card {card_path}: weights {card['weights']!r} lie outside the card's folder {folder}")
+    if not weights.is_file():
+        raise FileNotFoundError(f"model card {card_path}: weights file not found: {weights}")
+    expected = card.get("weights_sha256")
+    if expected is not None and sha256(weights) != str(expected).lower():
+        raise ValueError(f"model card {card_path}: {weights.name} does not match the card's weights_sha256 "
+                         "(changed or corrupt weights)")
+    return weights
+
+
 def load_card_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
     path = Path(path)
     card_path = path / CARD_NAME if path.is_dir() else path
     card = read_card(card_path)
-    weights = card_path.parent / card["weights"]
+    weights = card_weights(card_path, card)
     kwargs = dict(card.get("timm_kwargs", {}))
     module, kwargs = create(card["timm_name"], **kwargs)
     sd, _ = read_state_dict(weights)
@@ -336,6 +386,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     -------
     LoadedModel, in eval mode on ``device``.
     """
+    device = check_device(device)
     if checkpoint is not None and _is_card(Path(checkpoint)):
         loaded = load_card_model(checkpoint, device=device)
         if classes is not None:

@@ -7,8 +7,9 @@ or ImageFolder-style class folders. :func:`accuracy_table` scores top-1 predicti
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,13 +18,55 @@ if TYPE_CHECKING:
     from .pipeline import Prediction
 
 
+def label_key(file_name: str) -> str:
+    """A labels-file name as the run names images: POSIX, relative, ``./`` and doubled slashes removed."""
+    return PurePosixPath(file_name.strip()).as_posix()
+
+
 def read_labels_csv(path: str | Path) -> dict[str, str]:
-    """``file_name,label`` rows as a dict (file names relative to the image folder, POSIX separators)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"file_name", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path} must have the header 'file_name,label'")
-        return {r["file_name"]: r["label"] for r in reader}
+    """``file_name,label`` rows as a dict (file names relative to the image folder, POSIX separators).
+
+    The file is UTF-8 text (a byte-order mark is accepted) with the header ``file_name,label`` (other columns are
+    ignored); names are normalised with :func:`label_key` (``./a.png`` is ``a.png``). A name given twice with the
+    same label counts once; with different labels it is an error. Raises ValueError naming the file and, where it
+    applies, the line: not UTF-8, empty, no header, a row without a name or label, conflicting rows.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"labels file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None:
+        raise ValueError(f"labels file {path} is empty; expected the header 'file_name,label' and one row per image")
+    if not {"file_name", "label"} <= {(n or "").strip() for n in reader.fieldnames}:
+        raise ValueError(f"labels file {path} must start with the header 'file_name,label', got "
+                         f"{','.join(n or '' for n in reader.fieldnames)!r}")
+    reader.fieldnames = [(n or "").strip() for n in reader.fieldnames]
+    out: dict[str, tuple[str, int]] = {}
+    for r in reader:
+        name, label = (r.get("file_name") or "").strip(), (r.get("label") or "").strip()
+        if not name or not label:
+            raise ValueError(f"labels file {path}, line {reader.line_num}: a row needs a file_name and a label")
+        key = label_key(name)
+        if key in out and out[key][0] != label:
+            raise ValueError(f"labels file {path}: {key} has two labels, {out[key][0]!r} (line {out[key][1]}) and "
+                             f"{label!r} (line {reader.line_num}); give one label per image")
+        out.setdefault(key, (label, reader.line_num))
+    return {k: v for k, (v, _) in out.items()}
+
+
+def write_predictions_csv(path: str | Path, preds: list[Prediction], classes: list[str]) -> None:
+    """Write ``file_name,label,confidence`` rows (the csv module quotes names with commas or quotes), atomically, as
+    UTF-8; :func:`read_labels_csv` reads the file back as labels."""
+    from .coco import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["file_name", "label", "confidence"])
+        w.writerows([p.rel_path, classes[p.label], f"{p.confidence:.6f}"] for p in preds)
 
 
 def accuracy_table(preds: list[Prediction], classes: list[str], labels: dict[str, str]) -> list[dict]:
@@ -73,6 +116,11 @@ class Targets:
         if bad:
             raise ValueError(f"labels that are not classes of the model: {', '.join(bad)}; "
                              f"classes: {', '.join(classes)}")
+
+    def without_image(self, rel_paths: list[str]) -> list[str]:
+        """The labels-file names that match none of ``rel_paths`` (sorted; empty unless the source is a CSV)."""
+        found = set(rel_paths)
+        return sorted(k for k in (self.labels or {}) if k not in found)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "n_labels": len(self.labels or {})}

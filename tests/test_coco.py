@@ -249,7 +249,7 @@ def _png_records():
 
 def test_export_png(tmp_path):
     assert coco.export_png(tmp_path / "out", _png_records()) == 2
-    one = cv2.imread(str(tmp_path / "out/x/y/one.png"), cv2.IMREAD_UNCHANGED)
+    one = cv2.imread(str(tmp_path / "out/x/y/one.jpg.png"), cv2.IMREAD_UNCHANGED)
     assert one.dtype == np.uint8 and one.shape == (6, 8)
     expected = np.zeros((6, 8), np.uint8)
     expected[0:3, 0:4] = 1
@@ -257,14 +257,14 @@ def test_export_png(tmp_path):
     expected[4:6, 5:8] = 2  # same-class overlap stays 2
     expected[2, 3] = 255  # the only cat/dog overlap
     np.testing.assert_array_equal(one, expected)
-    two = cv2.imread(str(tmp_path / "out/two.png"), cv2.IMREAD_UNCHANGED)
+    two = cv2.imread(str(tmp_path / "out/two.png.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(two, np.zeros((3, 4), np.uint8))
     assert _leftovers(tmp_path) == []
 
 
 def test_export_png_highest_score_wins(tmp_path):
     coco.export_png(tmp_path, _png_records(), ignore_overlap=False)
-    one = np.asarray(Image.open(tmp_path / "x/y/one.png"))
+    one = np.asarray(Image.open(tmp_path / "x/y/one.jpg.png"))
     assert one[2, 3] == 1  # cat scores 0.9 > dog 0.5
     assert 255 not in one
 
@@ -279,9 +279,21 @@ def test_export_png_rejects(tmp_path):
     with pytest.raises(ValueError, match="relative"):
         coco.export_png(tmp_path / "o", recs)
     recs = _png_records()
-    recs[1]["image"]["file_name"] = "x/y/one.png"
+    recs[1]["image"]["file_name"] = "x/y/one.jpg"
     with pytest.raises(ValueError, match="same label file"):
         coco.export_png(tmp_path / "p", recs)
+
+
+def test_export_collision_a_png_beside_a_jpg_and_a_backslash_name_get_their_own_files(tmp_path):
+    recs = _png_records()
+    recs[1]["image"]["file_name"] = "x/y/one.png"  # beside x/y/one.jpg
+    assert coco.export_png(tmp_path / "p", recs) == 2
+    assert sorted(p.name for p in (tmp_path / "p/x/y").iterdir()) == ["one.jpg.png", "one.png.png"]
+    recs = _png_records()
+    recs[0]["image"]["file_name"], recs[1]["image"]["file_name"] = "sub/b.png", "sub\\b.png"
+    assert coco.export_png(tmp_path / "q", recs) == 2
+    assert (tmp_path / "q/sub/b.png.png").is_file() and (tmp_path / "q/sub\\b.png.png").is_file()
+    assert coco.export_name("sub/a.jpg", ".npz").as_posix() == "sub/a.jpg.npz"
 
 
 def test_export_yolo(tmp_path):

@@ -1,0 +1,70 @@
+"""Checks of a recipe against the model it runs on, made as soon as the model is known and before any image is read.
+
+:mod:`segfromxai.recipe` validates what a recipe says on its own (names, keys, value ranges); what depends on the
+model is checked here: a ViT-only explainer on a CNN, a ``layer`` the model does not have, a ``start_layer`` or a
+``[features] block`` outside the model's blocks. ``run`` (:func:`segfromxai.engine.plan_run`) and ``compare`` call
+:func:`check_recipe_for_model` before they touch the output folder or the images.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Sequence
+
+from torch import nn
+
+from .explainers import EXPLAINERS
+from .model import LoadedModel, is_vit
+from . import pipeline  # the module, not a name from it: pipeline's __getattr__ would import engine, which imports us
+from .recipe import Recipe
+
+
+def _check_layer(modules: dict[str, nn.Module], where: str, layer: object) -> None:
+    if isinstance(layer, str) and layer in modules:
+        return
+    close = difflib.get_close_matches(str(layer), [m for m in modules if m], n=5, cutoff=0.5)
+    hint = f"; did you mean: {', '.join(close)}" if close else "; see model.named_modules() for the names"
+    raise ValueError(f"{where}: the model has no layer {layer!r}{hint}")
+
+
+def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
+    """Raise ValueError (naming the recipe, its section and the key) when ``recipe`` cannot run on ``model``.
+
+    Checked: ViT-only explainers need a Vision Transformer; every layer an explainer or the refiner's features
+    read exists in ``model.module.named_modules()``; ``start_layer`` lies in ``[0, depth)``; ``[features] block``
+    lies in ``[-depth, depth)``.
+    """
+    module = model.module
+    vit = is_vit(module)
+    modules = dict(module.named_modules())
+    where = f"recipe {recipe.name!r}"
+    vit_only = [n for n in recipe.explainers if EXPLAINERS[n].vit_only]
+    if vit_only and not vit:
+        fits = ", ".join(sorted(n for n, e in EXPLAINERS.items() if not e.vit_only))
+        raise ValueError(f"{where}: {', '.join(vit_only)} need a Vision Transformer and {model.timm_name} "
+                         f"({type(module).__name__}) is not one; explainers for it: {fits}")
+    for name, params in recipe.explainers.items():
+        section = f"{where}, [explainers.{name}]"
+        try:
+            resolved = EXPLAINERS[name].resolve(name, params)
+            needs = EXPLAINERS[name].needs(module, resolved)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise ValueError(f"{section}: {e}") from e
+        for layer in needs.layers:
+            _check_layer(modules, f"{section} layer", layer)
+        start = resolved.get("start_layer")
+        if start is not None and vit and not (isinstance(start, int) and 0 <= start < len(module.blocks)):
+            raise ValueError(f"{section}: start_layer must lie in [0, {len(module.blocks)}) for this model "
+                             f"({len(module.blocks)} blocks), got {start!r}")
+    try:
+        layers = pipeline.needed_layers(model, recipe)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}, [features]: {e}") from e
+    for layer in layers:
+        _check_layer(modules, f"{where}, [features]", layer)
+
+
+def check_recipes_for_model(model: LoadedModel, recipes: Sequence[Recipe]) -> None:
+    """:func:`check_recipe_for_model` for each recipe."""
+    for recipe in recipes:
+        check_recipe_for_model(model, recipe)
