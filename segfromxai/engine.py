@@ -159,6 +159,16 @@ def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedMode
     return Job(manifest, chunks, done, loader, len(mine))
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (``VmHWM`` in /proc/self/status), MiB; None where there is none."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    return None if line is None else round(int(line.split()[1]) / 1024, 1)
+
+
 def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
               engine: dict[str, Any]) -> dict[str, Any]:
     """Write the dataset files from the manifest and ``run.json``; return the summary."""
@@ -168,6 +178,7 @@ def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tup
     summary["processed_now"] = processed
     summary.update(engine)
     summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
+    summary["peak_rss_mb"] = peak_rss_mb()  # of this process (the driver, on Ray)
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)
     return summary
