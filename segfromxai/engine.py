@@ -185,7 +185,7 @@ def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tup
 
 
 def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
-        batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
+        batch_size: int = 2, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
         overwrite: bool = False, seed: int = 0, shard: tuple[int, int] | None = None, workers: int = 0,
         progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Label every image under ``images`` with ``recipe`` and write the dataset to ``out``.
