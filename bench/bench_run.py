@@ -96,8 +96,9 @@ def main() -> None:
     print(f"{'baseline fwd+bwd (+load)':30}{base_s:9.2f}{n / base_s:10.2f}{1.0:12.2f}")
     for name, r in runs.items():
         first = "-" if r["rss_first_chunk"] is None else f"{r['rss_first_chunk']:.0f}"
+        chunks = f"{first} / {r['rss_last_chunk']:.0f}"
         print(f"{'run ' + name + ' (' + str(r['masks']) + ' masks)':30}{r['seconds']:9.2f}{n / r['seconds']:10.2f}"
-              f"{r['seconds'] / base_s:12.2f}{r['peak_rss_mb']:13.0f}{first + ' / ' + format(r['rss_last_chunk'], '.0f'):>20}")
+              f"{r['seconds'] / base_s:12.2f}{r['peak_rss_mb']:13.0f}{chunks:>20}")
     for name, r in runs.items():
         total = sum(r["stages"].values())
         shares = ", ".join(f"{stage} {100 * s / total:.0f} %" for stage, s in sorted(r["stages"].items(),
