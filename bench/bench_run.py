@@ -1,26 +1,32 @@
-"""Images per second of a labelling run (default recipe, embedded model), with the share of time per stage, against
-the bare forward+backward passes of the same images measured in the same run.
+"""Labelling runs (default recipe and Grad-CAM alone, embedded model) against the bare forward+backward passes of the
+same images measured in the same run: seconds, ratio to the baseline, peak resident memory, share of time per stage.
 
-    .venv/bin/python bench/bench_run.py [--recipe default] [--batch-size 32] [--copies 2] [--threads 2]
+    .venv/bin/python bench/bench_run.py [--recipes default vitmix/gradcam] [--batch-size N] [--copies 1] [--threads 2]
 
-The images are the 32 samples in data/samples/images, linked ``--copies`` times into a temporary folder. The run
-is :func:`segfromxai.pipeline.run` writing to a temporary folder; the baseline loads and preprocesses the same
-images and runs one forward pass plus a backward pass of the summed top-1 logits to the input, batch by batch.
+The images are the 32 samples in data/samples/images, linked ``--copies`` times into a temporary folder. Each run is
+:func:`segfromxai.engine.run` (load, explain, fuse, cut, encode, write) at ``--batch-size`` (default: the run's own
+default) in a fresh process, so its peak RSS (VmHWM) is the run's, model included; the resident memory after the first
+and after the last chunk shows whether it stays flat. The baseline loads and preprocesses the same images and runs one
+forward pass plus a backward pass of the summed top-1 logits to the input, batch by batch, in this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from segfromxai.engine import peak_rss_mb, run
 from segfromxai.images import find_images, load_image
 from segfromxai.model import data_dir, load_model
-from segfromxai.engine import run
 from segfromxai.recipe import load_recipe
 
 
@@ -33,16 +39,46 @@ def baseline(model, paths: list[Path], batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def rss_mb() -> float:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def child(recipe_name: str, folder: str, out: str, batch_size: int) -> None:
+    """One run in this (fresh) process; prints its figures as one JSON line."""
+    model = load_model()
+    rss: list[float] = []
+    t0 = time.perf_counter()
+    summary = run(load_recipe(recipe_name), folder, out, model=model, batch_size=batch_size,
+                  progress=lambda advance, total: rss.append(rss_mb()))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "stages": summary["seconds"], "peak_rss_mb": peak_rss_mb(),
+                      "rss_first_chunk": rss[1] if len(rss) > 1 else None, "rss_last_chunk": rss[-1],
+                      "masks": summary["counts"]["annotations"]}))
+
+
+def run_child(recipe: str, folder: Path, out: Path, batch_size: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--child", recipe, str(folder), str(out), str(batch_size), str(threads)]
+    got = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if got.returncode:
+        raise RuntimeError(f"run of {recipe!r} failed:\n{got.stderr[-3000:]}")
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="default")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--recipes", nargs="+", default=["default", "vitmix/gradcam"])
+    ap.add_argument("--batch-size", type=int, default=inspect.signature(run).parameters["batch_size"].default)
+    ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        torch.set_num_threads(int(args.child[4]))
+        child(args.child[0], args.child[1], args.child[2], int(args.child[3]))
+        return
     torch.set_num_threads(args.threads)
     model = load_model()
-    recipe = load_recipe(args.recipe)
     samples = find_images(data_dir() / "samples" / "images")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
@@ -52,19 +88,22 @@ def main() -> None:
                 os.symlink(p.resolve(), folder / f"{c}_{p.name}")
         paths = find_images(folder)
         base_s = baseline(model, paths, args.batch_size)
-        t0 = time.perf_counter()
-        summary = run(recipe, folder, Path(tmp) / "out", model=model, batch_size=args.batch_size)
-        run_s = time.perf_counter() - t0
+        runs = {r: run_child(r, folder, Path(tmp) / f"out{k}", args.batch_size, args.threads)
+                for k, r in enumerate(args.recipes)}
     n = len(paths)
-    print(f"recipe {recipe.name!r}, {n} images of data/samples, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {summary['counts']['annotations']} masks")
-    print(f"{'':28}{'seconds':>9}{'images/s':>10}{'x baseline':>12}")
-    print(f"{'baseline fwd+bwd (+load)':28}{base_s:9.2f}{n / base_s:10.2f}{1.0:12.2f}")
-    print(f"{'segfromxai run (all files)':28}{run_s:9.2f}{n / run_s:10.2f}{run_s / base_s:12.2f}")
-    total = sum(summary["seconds"].values())
-    print("share of the run's time per stage:")
-    for stage, s in sorted(summary["seconds"].items(), key=lambda kv: -kv[1]):
-        print(f"  {stage:12}{s:8.2f} s{100 * s / total:7.1f} %")
+    print(f"{n} images of data/samples, batch {args.batch_size}, {args.threads} threads; each run in a fresh process")
+    print(f"{'':30}{'seconds':>9}{'images/s':>10}{'x baseline':>12}{'peak RSS MB':>13}{'RSS 1st/last chunk':>20}")
+    print(f"{'baseline fwd+bwd (+load)':30}{base_s:9.2f}{n / base_s:10.2f}{1.0:12.2f}")
+    for name, r in runs.items():
+        first = "-" if r["rss_first_chunk"] is None else f"{r['rss_first_chunk']:.0f}"
+        chunks = f"{first} / {r['rss_last_chunk']:.0f}"
+        print(f"{'run ' + name + ' (' + str(r['masks']) + ' masks)':30}{r['seconds']:9.2f}{n / r['seconds']:10.2f}"
+              f"{r['seconds'] / base_s:12.2f}{r['peak_rss_mb']:13.0f}{chunks:>20}")
+    for name, r in runs.items():
+        total = sum(r["stages"].values())
+        shares = ", ".join(f"{stage} {100 * s / total:.0f} %" for stage, s in sorted(r["stages"].items(),
+                                                                                    key=lambda kv: -kv[1]))
+        print(f"share of the {name!r} run's time per stage: {shares}")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,16 @@ def discarded_on_failure(out: Path, job: Job) -> Iterator[None]:
         raise
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (``VmHWM`` in /proc/self/status), MiB; None where there is none."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    return None if line is None else round(int(line.split()[1]) / 1024, 1)
+
+
 def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tuple[str, ...],
               engine: dict[str, Any], skip_empty: bool = False) -> dict[str, Any]:
     """Write the dataset files from the manifest and ``run.json``; return the summary."""
@@ -230,13 +240,14 @@ def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tup
     summary.update(engine)
     summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
     summary["warnings"] = job.warnings
+    summary["peak_rss_mb"] = peak_rss_mb()  # of this process (the driver, on Ray)
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
 def run(recipe: Recipe, images: str | Path, out: str | Path, *, model: LoadedModel, targets: Targets = Targets(),
-        batch_size: int = 32, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
+        batch_size: int = 2, limit: int | None = None, formats: tuple[str, ...] = ("coco",), resume: bool = False,
         overwrite: bool = False, seed: int = 0, shard: tuple[int, int] | None = None, workers: int = 0,
         progress: Callable[[int, int], None] | None = None, skip_empty: bool = False) -> dict[str, Any]:
     """Label every image under ``images`` with ``recipe`` and write the dataset to ``out``.

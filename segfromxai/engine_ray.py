@@ -53,7 +53,7 @@ class _Labeller:
 
 
 def run_ray(recipe: Recipe, images: str | Path, out: str | Path, *, model: Any, model_args: dict[str, Any],
-            targets: Targets = Targets(), batch_size: int = 32, limit: int | None = None,
+            targets: Targets = Targets(), batch_size: int = 2, limit: int | None = None,
             formats: tuple[str, ...] = ("coco",), resume: bool = False, overwrite: bool = False, seed: int = 0,
             shard: tuple[int, int] | None = None, address: str | None = None, actors: int | None = None,
             cpus_per_actor: float = 0.9, progress: Callable[[int, int], None] | None = None,

@@ -72,6 +72,7 @@ def test_run_writes_a_coco_dataset_that_pycocotools_and_torchvision_read(tmp_pat
     assert summary["counts"]["found"] == 15 and summary["counts"]["failed"] == 3
     assert summary["counts"]["labelled"] + summary["counts"]["no_mask"] == 12
     assert {"load", "explain", "fuse", "refine", "write"} <= set(summary["seconds"])
+    assert summary["peak_rss_mb"] > 100  # the process's VmHWM (torch alone is more)
 
     from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 

@@ -91,7 +91,7 @@ def lrp(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
     and rows are not re-normalised.
     """
     cfg = LRPConfig(params["rule"], float(params["epsilon"]), params["attention"], params["layernorm"], "onehot")
-    rel_a = lrp_pass(ps, cfg, record_attention=True).attention
+    rel_a = lrp_pass(ps, cfg, record_attention=True, pixels=False).attention
     w = [g * r[0] for g, r in zip(ps.attention_grads, rel_a)]
     return _weighted_rollout(ps, w, _check_start(ps, params["start_layer"]))
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..model import is_vit, token_grid
 from ..params import Param, check, declared
-from .hooks import Captured, capture
+from .hooks import Captured, capture, grad_from
 
 
 @dataclass(frozen=True)
@@ -208,11 +208,27 @@ def _needs(model: nn.Module, resolved: dict[str, dict[str, Any]], registry: Mapp
     return needs
 
 
+def _first_graph_block(model: nn.Module, needs: Needs) -> nn.Module | None:
+    """The first ViT block a backward must reach (the input gradient, or a layer outside the blocks: None, all)."""
+    blocks = getattr(model, "blocks", None)
+    if needs.input_grad or not isinstance(blocks, nn.Sequential):
+        return None
+    first = [0] if needs.attention_grad else []
+    for name in needs.layers:
+        parts = name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            return None
+        first.append(int(parts[1]))
+    return blocks[min(first)] if first else None
+
+
 def _shared_pass(model: nn.Module, x: torch.Tensor, target: Any, needs: Needs, record: tuple[str, ...]) -> Pass:
-    """The one forward (and, if needed, backward) pass with hooks; the hooks are gone when it returns."""
+    """The one forward (and, if needed, backward) pass with hooks; the hooks are gone when it returns. Autograd
+    records only from the first block the backward reaches (:func:`_first_graph_block`)."""
     layers = tuple(dict.fromkeys(needs.layers + tuple(record)))
-    with torch.enable_grad() if needs.backward else torch.no_grad():
-        with capture(model, layers=layers, attention=needs.attention, blocks=needs.blocks) as got:
+    with grad_from(_first_graph_block(model, needs)) if needs.backward else torch.no_grad():
+        with capture(model, layers=layers, attention=needs.attention, blocks=needs.blocks,
+                     internals=needs.blocks) as got:
             x_in = x.requires_grad_(True) if needs.input_grad else x
             logits = model(x_in)
             t = _targets(target, logits)
@@ -229,6 +245,7 @@ def _shared_pass(model: nn.Module, x: torch.Tensor, target: Any, needs: Needs, r
         got.outputs = {k: v.detach() for k, v in got.outputs.items()}
         got.attention = [a.detach() for a in got.attention]
         got.block_io = [(i.detach(), o.detach()) for i, o in got.block_io]
+        got.internals = [{k: v.detach() for k, v in rec.items()} for rec in got.internals]
     return ps
 
 

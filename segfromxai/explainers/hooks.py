@@ -21,6 +21,13 @@ class Captured:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     attention: list[torch.Tensor] = field(default_factory=list)
     block_io: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    internals: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+# Where each of a timm pre-norm Block's internals is read (``Captured.internals``): (sub-module, "in" or "out").
+INTERNALS = {"x": ("", "in"), "out": ("", "out"), "n1": ("norm1", "out"), "qkv": ("attn.qkv", "out"),
+             "a": ("attn.attn_drop", "out"), "o": ("attn.proj", "in"), "p": ("attn.proj", "out"),
+             "x1": ("norm2", "in"), "n2": ("norm2", "out"), "h": ("mlp.fc1", "out"), "m": ("mlp.fc2", "out")}
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
@@ -59,9 +66,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _internal_hooks(model: nn.Module, got: Captured) -> list:
+    """Forward hooks that fill ``got.internals[i]`` with block i's tensors of :data:`INTERNALS` (first forward only);
+    a sub-module a block lacks is skipped (the LRP engine then finds the record incomplete and says why)."""
+    handles = []
+    got.internals = [{} for _ in model.blocks]
+    for blk, rec in zip(model.blocks, got.internals):
+        for key, (path, side) in INTERNALS.items():
+            mod = blk
+            for part in filter(None, path.split(".")):
+                mod = getattr(mod, part, None)
+            if isinstance(mod, nn.Module):
+                handles.append(mod.register_forward_hook(_recorder(rec, key, side)))
+    return handles
+
+
+def _recorder(rec: dict[str, torch.Tensor], key: str, side: str):
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if key not in rec:
+            rec[key] = args[0] if side == "in" else out
+
+    return hook
+
+
 @contextmanager
 def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool = False,
-            blocks: bool = False) -> Iterator[Captured]:
+            blocks: bool = False, internals: bool = False) -> Iterator[Captured]:
     """Record module outputs, softmax attention maps and block (input, output) pairs during forward passes.
 
     Parameters
@@ -72,6 +102,9 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
     attention : record each block's attention probabilities (B, heads, N, N); the fused kernel is switched off
         per attention module inside the context (it hides the probabilities) and restored on exit.
     blocks : record each transformer block's (input tokens, output tokens).
+    internals : record each block's internals (:data:`INTERNALS`: input, norms, qkv, attention probabilities,
+        projection input and output, MLP pre-activation and output, block output) of the first forward, for the LRP
+        engine to reuse instead of recomputing them; switches the fused attention off like ``attention``.
     """
     got = Captured()
     handles = []
@@ -83,9 +116,14 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
                     lambda m, i, o, name=name: None if name in got.outputs else got.outputs.__setitem__(name, o)))
             if attention:
                 for attn in attention_modules(model):
-                    fused.append((attn, attn.fused_attn))
-                    attn.fused_attn = False
                     handles.append(attn.attn_drop.register_forward_hook(lambda m, i, o: got.attention.append(o)))
+            if attention or internals:  # (a block without a timm Attention fails in the LRP engine, which names it)
+                for attn in (getattr(blk, "attn", None) for blk in getattr(model, "blocks", ())):
+                    if hasattr(attn, "fused_attn"):
+                        fused.append((attn, attn.fused_attn))
+                        attn.fused_attn = False
+            if internals:
+                handles.extend(_internal_hooks(model, got))
             if blocks:
                 for blk in model.blocks:
                     handles.append(blk.register_forward_hook(lambda m, i, o: got.block_io.append((i[0], o))))
@@ -95,6 +133,30 @@ def capture(model: nn.Module, *, layers: tuple[str, ...] = (), attention: bool =
                 h.remove()
             for attn, flag in fused:
                 attn.fused_attn = flag
+
+
+@contextmanager
+def grad_from(module: nn.Module | None) -> Iterator[None]:
+    """Autograd records the forward only from ``module`` on (``None``: from the start), so that a backward to a late
+    layer does not keep the whole network's activations alive.
+
+    The forward runs under ``torch.no_grad`` and a pre-hook on ``module`` switches gradient recording on when the
+    forward reaches it; the grad mode in force before the context and the hook are restored on exit (also on error).
+    """
+    if module is None:
+        with torch.enable_grad():
+            yield
+        return
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        torch.set_grad_enabled(True)
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        handle.remove()
 
 
 @dataclass

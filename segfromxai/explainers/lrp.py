@@ -14,9 +14,12 @@ inputs; relevances of a split are summed), the MLP (GELU passes relevance unchan
 input with the other input as the weights and the shared denominator; the passes' relevances are summed where the
 inputs meet (the qkv linear), as the absLRP paper prescribes.
 
-Block internals are recomputed from the captured block inputs, one block at a time from the top (memory stays at
-one block), and checked against the model's own forward; a block layout this engine does not know (post-norm,
-gated or SwiGLU MLPs, q/k norms, attention pooling) raises ``NotImplementedError`` naming it.
+Block internals (norms, qkv, attention probabilities, projection, MLP pre-activation) are those the shared forward
+recorded (``capture(internals=True)``), checked cheaply against each other and the model's modules, or, when a pass
+has only the block inputs, recomputed one block at a time and checked against the model's own forward; a block
+layout this engine does not know (post-norm, gated or SwiGLU MLPs, q/k norms, attention pooling) raises
+``NotImplementedError`` naming it. Cost per linear layer, in matmuls of the forward's size: epsilon 1, abslrp 2,
+alpha1beta0 3 (per pass), against the forward's 1 and the gradient's 1.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from ..params import Positive
 from .core import Explainer, Needs, Pass, Sign, signed
+from .hooks import INTERNALS
 
 Fn = Callable[[torch.Tensor, int], torch.Tensor]
 RULES = ("epsilon", "alpha1beta0", "abslrp")
@@ -68,10 +72,10 @@ class LRPConfig:
 
 @dataclass
 class LRPResult:
-    """Relevance at the (preprocessed) input pixels (passes, B, 3, H, W) and, when recorded, at each block's
-    attention probabilities (passes, B, heads, N, N)."""
+    """Relevance at the (preprocessed) input pixels (passes, B, 3, H, W; None when not asked for) and, when
+    recorded, at each block's attention probabilities (passes, B, heads, N, N)."""
 
-    input: torch.Tensor
+    input: torch.Tensor | None
     attention: list[torch.Tensor] | None
 
 
@@ -80,13 +84,23 @@ def _part(w: torch.Tensor, part: int) -> torch.Tensor:
     return w if part == 0 else (w.clamp(min=0) if part > 0 else w.clamp(max=0))
 
 
-def _scale(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn) -> torch.Tensor:
-    """s = R_z / denominator of the rule."""
+def _den(cfg: LRPConfig, z: torch.Tensor, positive: torch.Tensor | None) -> torch.Tensor:
+    """The rule's denominator for the output z of an operation; ``positive``: the sum of its positive
+    contributions (alpha1beta0 only)."""
     if cfg.rule == "epsilon":
-        return r / (z + cfg.epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
-    if cfg.rule == "alpha1beta0":
-        return r / (fwd(x.clamp(min=0), 1) + fwd(x.clamp(max=0), -1) + cfg.epsilon)
-    return r / (z.abs() + cfg.epsilon)
+        return torch.where(z >= 0, z + cfg.epsilon, z - cfg.epsilon)
+    return positive + cfg.epsilon if cfg.rule == "alpha1beta0" else z.abs() + cfg.epsilon
+
+
+def _num(cfg: LRPConfig, c: torch.Tensor) -> torch.Tensor:
+    """The part of a contribution c that the rule's numerator keeps (epsilon: all of it; the others: c+)."""
+    return c if cfg.rule == "epsilon" else c.clamp(min=0)
+
+
+def _scale(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn) -> torch.Tensor:
+    """s = R_z / denominator of the rule (``fwd(v, part)``: the map with the weights' part applied to v)."""
+    positive = fwd(x.clamp(min=0), 1) + fwd(x.clamp(max=0), -1) if cfg.rule == "alpha1beta0" else None
+    return r / _den(cfg, z, positive)
 
 
 def _apply(cfg: LRPConfig, x: torch.Tensor, s: torch.Tensor, bwd: Fn, *, nonneg: bool = False) -> torch.Tensor:
@@ -105,24 +119,43 @@ def _rule(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd
 
 
 def _linear(cfg: LRPConfig, lin: nn.Linear, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    w = lin.weight
-    return _rule(cfg, x, z, r, lambda v, p: F.linear(v, _part(w, p)), lambda s, p: s @ _part(w, p))
+    return _dense(cfg, lin.weight, lin.bias, x, z, r)
+
+
+def _dense(cfg: LRPConfig, w: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, z: torch.Tensor,
+           r: torch.Tensor) -> torch.Tensor:
+    """Relevance of x for z = x W^T + bias, with z from the forward (not recomputed).
+
+    x+ W+^T s + x- W-^T s is x * (W+^T s where x > 0, else W-^T s), the two transposes one matmul with W+ and W-
+    side by side; alpha1beta0's denominator sum_i (w_ji x_i)+ is (z - bias + |W| |x|) / 2, one matmul.
+    """
+    positive = None
+    if cfg.rule == "alpha1beta0":
+        zb = z if bias is None else z - bias
+        positive = (zb + F.linear(x.abs(), w.abs())).clamp(min=0) * 0.5
+    s = r / _den(cfg, z, positive)
+    if cfg.rule == "epsilon":
+        return x * (s @ w)
+    return _split(x, s @ torch.cat([w.clamp(min=0), w.clamp(max=0)], 1))
+
+
+def _split(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """x+ * u[..., :d] + x- * u[..., d:] for x (..., d): the two parts' transposes side by side in u (..., 2d)."""
+    d = x.shape[-1]
+    return x * torch.where(x > 0, u[..., :d], u[..., d:])
 
 
 def _diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """z = a * x + b element-wise."""
-    fn = lambda v, p: _part(a, p) * v  # noqa: E731  (symmetric: forward and transpose are the same)
-    return _rule(cfg, x, z, r, fn, fn)
+    """z = a * x + b element-wise: each output has one contribution c = a x, so R_x = R_z * num(c) / den."""
+    c = _num(cfg, a * x)
+    return r * (c / _den(cfg, z, c))
 
 
 def _add(cfg: LRPConfig, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, r: torch.Tensor):
     """z = a + b as one operation with two inputs (identity weights): the shared denominator splits R_z."""
-    if cfg.rule == "alpha1beta0":  # the positive contributions of both inputs
-        s = r / (a.clamp(min=0) + b.clamp(min=0) + cfg.epsilon)
-    else:
-        s = _scale(cfg, a, z, r, None)
-    ident = lambda v, p: v if p >= 0 else torch.zeros_like(v)  # noqa: E731
-    return _apply(cfg, a, s, ident), _apply(cfg, b, s, ident)
+    na, nb = _num(cfg, a), _num(cfg, b)
+    den = _den(cfg, z, na + nb if cfg.rule == "alpha1beta0" else None)  # alpha1beta0: both inputs' positive parts
+    return r * (na / den), r * (nb / den)
 
 
 def _layer_scale(cfg: LRPConfig, ls: nn.Module, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -134,29 +167,32 @@ def _layer_scale(cfg: LRPConfig, ls: nn.Module, x: torch.Tensor, z: torch.Tensor
 
 
 def _layernorm(cfg: LRPConfig, ln: nn.Module, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Relevance of a LayerNorm's input; sigma (and with "detach" the mean) treated as constants."""
+    """Relevance of a LayerNorm's input; sigma (and with "detach" the mean) treated as constants.
+
+    y = gamma u + beta with u = C x / sigma, C = I - 11^T/D ("center": C+ = (1 - 1/D) I, C- = its off-diagonal
+    part), or u = x / sigma - mu / sigma ("detach"). The factors that depend on the forward alone are computed once
+    and applied to every pass.
+    """
     if isinstance(ln, nn.Identity):
         return r
     if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
         raise NotImplementedError(f"LRP does not know the normalisation {type(ln).__name__}")
     d = x.shape[-1]
-    mu = x.mean(-1, keepdim=True)
     sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
-    u = (x - mu) / sigma
-    gamma = ln.weight if ln.weight is not None else torch.ones(d, dtype=x.dtype, device=x.device)
-    beta = ln.bias if ln.bias is not None else torch.zeros_like(gamma)
-    r_u = _diag(cfg, gamma, u, gamma * u + beta, r)
+    u = (x - x.mean(-1, keepdim=True)) / sigma
+    gu = u if ln.weight is None else ln.weight * u
+    c = _num(cfg, gu)
+    f = c / _den(cfg, gu if ln.bias is None else gu + ln.bias, c)  # R_u = R_y * f
     if cfg.layernorm == "detach":
-        return _diag(cfg, 1 / sigma, x, u, r_u)
-
-    def center(v: torch.Tensor, p: int) -> torch.Tensor:  # (I - 11^T/D)/sigma and its parts; symmetric
-        if p == 0:
-            return (v - v.mean(-1, keepdim=True)) / sigma
-        if p > 0:
-            return v * ((1 - 1 / d) / sigma)
-        return (v - v.sum(-1, keepdim=True)) / (d * sigma)
-
-    return _rule(cfg, x, u, r_u, center, center)
+        cx = _num(cfg, x / sigma)
+        return r * (f * (cx / _den(cfg, u, cx)))
+    if cfg.rule == "epsilon":  # R_x = x * C^T s / sigma
+        s = r * (f / _den(cfg, u, None))
+        return (s - s.mean(-1, keepdim=True)) * (x / sigma)
+    xp, xn = x.clamp(min=0) / sigma, x.clamp(max=0) / (d * sigma)
+    positive = xp * (1 - 1 / d) + (xn - xn.sum(-1, keepdim=True))  # C+ x+ + C- x-, over sigma
+    s = r * (f / _den(cfg, u, positive))
+    return s * (xp * (1 - 1 / d) + xn) - s.sum(-1, keepdim=True) * xn  # x+ C+^T s + x- C-^T s, over sigma
 
 
 def _conv_input(cfg: LRPConfig, conv: nn.Conv2d, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -196,52 +232,110 @@ def _check_block(i: int, blk: nn.Module) -> None:
         raise NotImplementedError(f"LRP: block {i} has a gated attention or a normalised MLP")
 
 
-def _block(cfg: LRPConfig, i: int, blk: nn.Module, x: torch.Tensor, out: torch.Tensor, r_out: torch.Tensor,
-           record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Relevance at a block's input tokens (and at its attention probabilities when ``record``)."""
-    _check_block(i, blk)
+def _recompute(blk: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A block's internals (the keys of ``INTERNALS``) recomputed from its input x."""
     attn, mlp = blk.attn, blk.mlp
     b, n, _ = x.shape
-    heads, hd = attn.num_heads, attn.head_dim
-    n1 = blk.norm1(x)
-    qkv = attn.qkv(n1)
-    q, k, v = qkv.reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    t = {"x": x, "n1": blk.norm1(x)}
+    t["qkv"] = attn.qkv(t["n1"])
+    q, k, v = t["qkv"].reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    t["a"] = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    t["o"] = (t["a"] @ v).transpose(1, 2).reshape(b, n, -1)
+    t["p"] = attn.proj(t["o"])
+    t["x1"] = x + blk.ls1(t["p"])
+    t["n2"] = blk.norm2(t["x1"])
+    t["h"] = mlp.fc1(t["n2"])
+    t["m"] = mlp.fc2(mlp.act(t["h"]))
+    t["out"] = t["x1"] + blk.ls2(t["m"])
+    return t
+
+
+def _check_internals(i: int, blk: nn.Module, t: dict[str, torch.Tensor]) -> None:
+    """The recorded internals of block i fit together as this engine assumes, checked on the first and the last
+    token's rows (cheap; a layout that differs differs there too)."""
+    attn, mlp = blk.attn, blk.mlp
+    b, n, _ = t["x"].shape
+    q, k, v = t["qkv"].reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    rows = torch.tensor([0, n - 1], device=q.device)
+    x1, p, m = (t[key].index_select(1, rows) for key in ("x1", "p", "m"))
+    again = {"n1": blk.norm1(t["x"].index_select(1, rows)), "qkv": attn.qkv(t["n1"].index_select(1, rows)),
+             "a": ((q.index_select(2, rows) * attn.scale) @ k.transpose(-2, -1)).softmax(-1),
+             "o": (t["a"].index_select(2, rows) @ v).transpose(1, 2).reshape(b, 2, -1),
+             "p": attn.proj(t["o"].index_select(1, rows)), "x1": t["x"].index_select(1, rows) + blk.ls1(p),
+             "n2": blk.norm2(x1), "h": mlp.fc1(t["n2"].index_select(1, rows)),
+             "m": mlp.fc2(mlp.act(t["h"].index_select(1, rows))), "out": x1 + blk.ls2(m)}
+    for key, got in again.items():
+        _check(f"{key} of block {i}", got, t[key].index_select(2 if key == "a" else 1, rows))
+
+
+def _internals(ps: Pass, i: int) -> dict[str, torch.Tensor]:
+    """Block i's internals: those the shared forward recorded (checked), or recomputed from its captured input."""
+    blk, got = ps.model.blocks[i], ps.captured
+    _check_block(i, blk)
+    t = got.internals[i] if i < len(got.internals) else {}
+    if set(INTERNALS) <= set(t):
+        _check_internals(i, blk, t)
+        return t
+    t = _recompute(blk, got.block_io[i][0])
+    _check(f"output of block {i}", t["out"], got.block_io[i][1])
+    return t
+
+
+def _query_key(cfg: LRPConfig, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, r_a: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relevance of q and k (..., heads, N, hd) from that at the attention probabilities: the softmax (denominator
+    detached) passes it unchanged to the logits S = (scale q) k^T, one pass per input, sharing the denominator."""
     sq, sk = q * attn.scale, k * attn.scale
-    s_logits = sq @ k.transpose(-2, -1)
-    a = s_logits.softmax(-1)
-    o = (a @ v).transpose(1, 2).reshape(b, n, heads * hd)
-    p = attn.proj(o)
-    p1 = blk.ls1(p)
-    x1 = x + p1
-    n2 = blk.norm2(x1)
-    h = mlp.fc1(n2)
-    m = mlp.fc2(mlp.act(h))
-    m1 = blk.ls2(m)
-    _check(f"output of block {i}", x1 + m1, out)
+    logits = sq @ k.transpose(-2, -1)
+    positive = None
+    if cfg.rule == "alpha1beta0":  # sum_d (q_d sk_d)+ = (S + |q| |sk|^T) / 2
+        positive = (logits + q.abs() @ sk.abs().transpose(-2, -1)).clamp(min=0) * 0.5
+    s = r_a / _den(cfg, logits, positive)
+    if cfg.rule == "epsilon":
+        return q * (s @ sk), k * (s.transpose(-2, -1) @ sq)
+    both = lambda w: torch.cat([w.clamp(min=0), w.clamp(max=0)], -1)  # noqa: E731
+    return _split(q, s @ both(sk)), _split(k, s.transpose(-2, -1) @ both(sq))
 
-    r_x1, r_m1 = _add(cfg, x1, m1, x1 + m1, r_out)
-    r_g = _linear(cfg, mlp.fc2, mlp.act(h), m, _layer_scale(cfg, blk.ls2, m, m1, r_m1))
-    r_x1 = r_x1 + _layernorm(cfg, blk.norm2, x1, _linear(cfg, mlp.fc1, n2, h, r_g))
-    r_x, r_p1 = _add(cfg, x, p1, x1, r_x1)
-    r_o = _linear(cfg, attn.proj, o, p, _layer_scale(cfg, blk.ls1, p, p1, r_p1))
-    r_out_heads = r_o.reshape(*r_o.shape[:-1], heads, hd).transpose(-3, -2)
 
+def _attention(cfg: LRPConfig, attn: nn.Module, t: dict[str, torch.Tensor], r_o: torch.Tensor, record: bool,
+               to_qk: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Relevance at the qkv output (..., N, 3C), or at its value part only (..., N, C) when no relevance goes to q
+    and k (constant attention, or not ``to_qk``); and at the attention probabilities when ``record``."""
+    b, n, c = t["o"].shape
+    heads, hd = attn.num_heads, attn.head_dim
+    q, k, v = t["qkv"].reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    a, r = t["a"], r_o.reshape(*r_o.shape[:-1], heads, hd).transpose(-3, -2)
     # O = A V: a pass for V (weights A >= 0) and one for A (weights V), sharing the denominator.
-    s = _scale(cfg, v, a @ v, r_out_heads, lambda t, part: _part(a, part) @ t)
-    r_v = _apply(cfg, v, s, lambda t, part: _part(a, part).transpose(-2, -1) @ t, nonneg=True)
-    r_a = None
-    if record or cfg.attention == "full":
-        r_a = _apply(cfg, a, s, lambda t, part: t @ _part(v, part).transpose(-2, -1), nonneg=True)
-    if cfg.attention == "full":  # softmax (denominator detached) passes R unchanged; then S = (scale q) k^T
-        s2 = _scale(cfg, q, s_logits, r_a, lambda t, part: t @ _part(sk, part).transpose(-2, -1))
-        r_q = _apply(cfg, q, s2, lambda t, part: t @ _part(sk, part))
-        r_k = _apply(cfg, k, s2, lambda t, part: t.transpose(-2, -1) @ _part(sq, part))
-    else:
-        r_q = r_k = torch.zeros_like(q)
-    r_q, r_k = r_q.expand_as(r_v), r_k.expand_as(r_v)
-    r_qkv = torch.stack([r_q, r_k, r_v], -4).movedim(-2, -4).flatten(-3)  # (..., 3, h, N, d) -> (..., N, 3C)
-    r_x = r_x + _layernorm(cfg, blk.norm1, x, _linear(cfg, attn.qkv, n1, qkv, r_qkv))
-    return r_x, (r_a if record else None)
+    vp = _num(cfg, v)  # A >= 0: a contribution a v is positive where v is
+    positive = a @ vp if cfg.rule == "alpha1beta0" else None
+    s = r / _den(cfg, t["o"].reshape(b, n, heads, hd).transpose(1, 2), positive)
+    tokens = lambda u: u.transpose(-3, -2).flatten(-2)  # noqa: E731  (..., heads, N, hd) -> (..., N, C)
+    r_v = tokens(vp * (a.transpose(-2, -1) @ s))
+    to_qk = to_qk and cfg.attention == "full"
+    r_a = a * (s @ vp.transpose(-2, -1)) if record or to_qk else None
+    if not to_qk:
+        return r_v, r_a
+    r_q, r_k = _query_key(cfg, attn, q, k, r_a)
+    return torch.cat([tokens(r_q), tokens(r_k), r_v], -1), r_a
+
+
+def _block(cfg: LRPConfig, blk: nn.Module, t: dict[str, torch.Tensor], r_out: torch.Tensor, record: bool,
+           to_input: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Relevance at a block's input tokens (None unless ``to_input``) and at its attention probabilities (when
+    ``record``), from the block's internals ``t`` and the relevance at its output."""
+    attn, mlp = blk.attn, blk.mlp
+    p1, m1 = blk.ls1(t["p"]), blk.ls2(t["m"])
+    r_x1, r_m1 = _add(cfg, t["x1"], m1, t["out"], r_out)
+    r_g = _linear(cfg, mlp.fc2, mlp.act(t["h"]), t["m"], _layer_scale(cfg, blk.ls2, t["m"], m1, r_m1))
+    r_x1 = r_x1 + _layernorm(cfg, blk.norm2, t["x1"], _linear(cfg, mlp.fc1, t["n2"], t["h"], r_g))
+    r_x, r_p1 = _add(cfg, t["x"], p1, t["x1"], r_x1)
+    r_o = _linear(cfg, attn.proj, t["o"], t["p"], _layer_scale(cfg, blk.ls1, t["p"], p1, r_p1))
+    r_qkv, r_a = _attention(cfg, attn, t, r_o, record, to_input)
+    if not to_input:
+        return None, r_a
+    w, bias, width = attn.qkv.weight, attn.qkv.bias, r_qkv.shape[-1]  # width C: the value rows only
+    r_n1 = _dense(cfg, w[-width:], None if bias is None else bias[-width:], t["n1"], t["qkv"][..., -width:], r_qkv)
+    return r_x + _layernorm(cfg, blk.norm1, t["x"], r_n1), r_a
 
 
 def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.Tensor,
@@ -314,7 +408,7 @@ def _unit(r: torch.Tensor) -> torch.Tensor:
     return r / (r.abs().flatten(2).sum(-1).clamp_min(1e-30).reshape(*r.shape[:2], *[1] * (r.ndim - 2)))
 
 
-def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRPResult:
+def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False, pixels: bool = True) -> LRPResult:
     """Run (or reuse, from ``ps.cache``) one LRP pass for the batch of ``ps``.
 
     Relevance tensors carry a leading pass dimension: one pass, or two for the contrastive start (the target
@@ -322,9 +416,14 @@ def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRP
     can exceed 1 at every layer), so its relevance is rescaled to unit L1 norm per pass and image after each
     block when the start is contrastive (the abslrp explainer); each pass is linear in its start, so this changes
     no map, it only prevents overflow. Other starts keep the rule's own magnitudes (``lrp``'s roll-out needs them).
+
+    The blocks' internals come from the shared forward (``ps.captured.internals``) when it recorded them, else
+    they are recomputed from the captured block inputs. ``pixels=False`` stops at the first block's attention
+    probabilities (``LRPResult.input`` is then None): enough for ``record_attention``.
     """
     hit = ps.cache.get(cfg)
-    if hit is not None and (hit.attention is not None or not record_attention):
+    if (hit is not None and (hit.attention is not None or not record_attention)
+            and (hit.input is not None or not pixels)):
         return hit
     model, io = ps.model, ps.captured.block_io
     with torch.no_grad():
@@ -332,9 +431,9 @@ def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False) -> LRP
         recorded = []
         for i in range(len(model.blocks) - 1, -1, -1):
             r = _unit(r) if cfg.start == "contrastive" else r
-            r, r_a = _block(cfg, i, model.blocks[i], io[i][0], io[i][1], r, record_attention)
+            r, r_a = _block(cfg, model.blocks[i], _internals(ps, i), r, record_attention, pixels or i > 0)
             recorded.append(r_a)
-        r_x = _embedding(cfg, model, ps.x, io[0][0], r)
+        r_x = _embedding(cfg, model, ps.x, io[0][0], r) if pixels else None
     res = LRPResult(r_x, recorded[::-1] if record_attention else None)
     ps.cache[cfg] = res
     return res
