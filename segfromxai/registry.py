@@ -9,6 +9,7 @@ def registries() -> dict[str, list[str]]:
     from .faithfulness import MAP_METRICS
     from .metrics import METRICS
     from .refine import REFINERS
+    from .student import HEADS
     from .threshold import THRESHOLDS
 
     return {
@@ -17,4 +18,5 @@ def registries() -> dict[str, list[str]]:
         "refiners": sorted(REFINERS),
         "metrics": sorted(METRICS),
         "map metrics": sorted(MAP_METRICS),
+        "student heads": sorted(HEADS),
     }
