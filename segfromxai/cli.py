@@ -436,6 +436,61 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
         click.echo(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")
 
 
+@main.command("student")
+@click.option("--train", "train_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="a run folder: the student learns its pseudo_labels.json on the images it labelled")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="images to predict (the training folder: only a held-out share, see --val-fraction)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
+@click.option("--pseudo", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a run folder over --images: its pseudo-labels join the table (pseudo vs GT, pseudo vs student)")
+@click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
+              help="ground truth of --images (COCO file or PNG label folder): print and write the table")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="training rounds: round 1 on the pseudo-labels, each later one on the student's own labels")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="share held out (by a hash of file names) when --images is the training folder")
+@click.option("--score-train", is_flag=True, help="with --images the training folder: train on every image and "
+              "predict every image (scores then include images the student trained on)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--head", default="linear", show_default=True,
+              help="the trainable head on the frozen trunk's tokens (`segfromxai list`: student heads)")
+@click.option("--mode", type=click.Choice(["auto", "binary", "classes"]), default="auto", show_default=True,
+              help="foreground vs background, or one channel per category (auto: classes when images hold several)")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-area", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="drop training images whose mask covers more than this share of the image (e.g. 0.5)")
+@click.option("--min-score", type=click.FloatRange(min=0), default=None,
+              help="drop training masks scored below this")
+@click.option("--confident", type=click.FloatRange(0, 1), default=None,
+              help="self-training: keep only pixels whose top probability reaches this (others ignored)")
+@model_options
+def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, gt: Path | None, rounds: int,
+                val_fraction: float, score_train: bool, seed: int, head: str, mode: str, epochs: int, lr: float,
+                batch_size: int, max_area: float | None, min_score: float | None, confident: float | None,
+                model_name: str | None, checkpoint: Path | None, device: str) -> None:
+    """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
+    --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
+    from .student import StudentConfig, train_student
+
+    try:
+        config = StudentConfig(head=head, mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                               max_area=max_area, min_score=min_score, rounds=rounds, confident=confident,
+                               val_fraction=val_fraction, holdout=not score_train)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    model = _load(model_name, checkpoint, device)
+    try:
+        summary = train_student(train_run, images, out, model=model, config=config, gt=gt, pseudo=pseudo,
+                                progress=sys.stderr.isatty(), log=click.echo)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    held = " (held out of training)" if summary["held_out"] else ""
+    click.echo(f"{summary['n_predicted']} images predicted{held} -> {out / 'student_labels.json'}")
+
+
 def _entry() -> None:  # pragma: no cover - `python -m segfromxai`
     main(prog_name="segfromxai")
 

@@ -10,6 +10,7 @@ def registries() -> dict[str, list[str]]:
     from .faithfulness import MAP_METRICS
     from .metrics import METRICS
     from .refine import REFINERS
+    from .student import HEADS
     from .threshold import THRESHOLDS
 
     return {
@@ -19,4 +20,5 @@ def registries() -> dict[str, list[str]]:
         "boundaries": sorted(BOUNDARIES),
         "metrics": sorted(METRICS),
         "map metrics": sorted(MAP_METRICS),
+        "student heads": sorted(HEADS),
     }

@@ -1,0 +1,225 @@
+"""Student segmenter: a tiny run end to end (train, predict, evaluate), self-training, the held-out split, label
+filters, checkpoints, resume after an interruption and after SIGKILL, determinism, and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from segfromxai import masks as mask_ops
+from segfromxai.cli import main
+from segfromxai.student import (HEADS, StudentConfig, Tokens, held_out, load_checkpoint, load_student,
+                                pseudo_targets, save_checkpoint, split, train_head, train_student)
+
+FAST = dict(epochs=3, batch_size=8, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_card):
+    from segfromxai.model import load_model
+
+    return load_model(checkpoint=tiny_card)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, synth_images, tmp_path_factory):
+    """The default recipe run with the tiny ViT over the twelve synth images."""
+    from segfromxai.engine import run
+    from segfromxai.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("run")
+    run(load_recipe("default"), synth_images / "images", out, model=tiny_model, batch_size=4)
+    return out
+
+
+def _anns(path: Path) -> list[tuple]:
+    doc = json.loads(path.read_text())
+    names = {i["id"]: i["file_name"] for i in doc["images"]}
+    return [(names[a["image_id"]], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))
+            for a in doc["annotations"]]
+
+
+def test_held_out_is_a_stable_hash_of_the_name_with_the_requested_share():
+    name = "sub/img_001.png"
+    h = int(hashlib.sha1(name.encode()).hexdigest()[:16], 16) / 2**64  # slow reference
+    assert held_out(name, h + 1e-9) and not held_out(name, h - 1e-9)
+    share = np.mean([held_out(f"{i:05d}.png", 0.2) for i in range(2000)])
+    assert 0.17 < share < 0.23
+
+
+def test_split_holds_out_only_when_predicting_the_training_folder(synth_images, tmp_path):
+    names = sorted(p.name for p in (synth_images / "images").iterdir())
+    cfg = StudentConfig(val_fraction=0.3)
+    sp = split(names, synth_images / "images", synth_images / "images", cfg)
+    assert sp.held_out and sp.test and not set(sp.test) & set(sp.train)
+    assert sorted(sp.test + sp.train) == names
+    other = split(names, tmp_path, synth_images / "images", cfg)
+    assert not other.held_out and other.train == names and other.test == names
+    asked = split(names, synth_images / "images", synth_images / "images", StudentConfig(holdout=False))
+    assert not asked.held_out and asked.test == names
+
+
+def test_pseudo_targets_filters_large_and_low_score_masks():
+    size = (10, 10)
+    small = np.zeros(size, bool)
+    small[2:5, 2:5] = True
+    big = np.ones(size, bool)
+    big[0] = False  # 90% of the image
+    anns = {"a.png": [{"category_id": 2, "segmentation": mask_ops.encode(small), "score": 0.9}],
+            "b.png": [{"category_id": 1, "segmentation": mask_ops.encode(big), "score": 0.9}],
+            "c.png": [{"category_id": 1, "segmentation": mask_ops.encode(small), "score": 0.1}],
+            "d.png": []}
+    sizes = {n: size for n in anns}
+    channel = {1: 1, 2: 2}
+    t, keep = pseudo_targets(anns, sizes, list(anns), (5, 5), channel, max_area=0.5, min_score=0.5)
+    assert keep.tolist() == [True, False, False, False]
+    expected = np.zeros((5, 5), np.uint8)
+    expected[1:3, 1:3] = 2  # nearest resampling of rows/cols 2..4 at scale 2
+    assert np.array_equal(t[0], expected)
+    _, keep = pseudo_targets(anns, sizes, list(anns), (5, 5), channel)
+    assert keep.tolist() == [True, True, True, False]
+
+
+def _toy_tokens(n: int = 6, g: int = 4, d: int = 3) -> tuple[Tokens, np.ndarray]:
+    """Tokens whose first feature says foreground (+1) or background (-1): a linear probe can learn it exactly."""
+    rng = np.random.default_rng(0)
+    fg = rng.random((n, g, g)) > 0.5
+    grid = np.concatenate([np.where(fg, 1.0, -1.0)[..., None], rng.normal(0, 0.1, (n, g, g, d - 1))], -1)
+    views = np.stack([grid, grid[:, :, ::-1]], 1)
+    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(views, dtype=torch.float16),
+                    np.zeros((n, 0), np.float32))
+    return tokens, fg.astype(np.uint8)
+
+
+def test_linear_probe_learns_a_linearly_separable_known_answer():
+    from segfromxai.student import view_probs
+
+    tokens, target = _toy_tokens()
+    head = train_head(tokens, target, np.ones(len(target), bool), 2, StudentConfig(epochs=40, lr=0.1, batch_size=4))
+    with torch.no_grad():
+        pred = view_probs(head, tokens.grid, (4, 4)).argmax(1).numpy()
+    assert np.array_equal(pred, target)
+
+
+def test_checkpoint_round_trip_restores_head_and_optimiser(tmp_path):
+    tokens, target = _toy_tokens()
+    cfg = StudentConfig(epochs=2, lr=0.1, batch_size=4)
+    head = train_head(tokens, target, np.ones(len(target), bool), 2, cfg, checkpoint=tmp_path / "c.safetensors",
+                      key="k")
+    fresh = HEADS["linear"](3, 2)
+    opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    assert load_checkpoint(tmp_path / "c.safetensors", fresh, opt, "other") == 0
+    assert load_checkpoint(tmp_path / "c.safetensors", fresh, opt, "k") == 2
+    for a, b in zip(head.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    save_checkpoint(tmp_path / "d.safetensors", fresh, opt, 2, "k")
+    again = HEADS["linear"](3, 2)
+    opt2 = torch.optim.AdamW(again.parameters(), lr=0.1)
+    load_checkpoint(tmp_path / "d.safetensors", again, opt2, "k")
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+
+
+def test_tiny_student_end_to_end_trains_predicts_and_scores(tiny_model, tiny_run, synth_images, tmp_path):
+    from pycocotools.coco import COCO
+
+    cfg = StudentConfig(val_fraction=0.4, rounds=2, **FAST)
+    logs = []
+    summary = train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg,
+                            gt=synth_images / "annotations.json", log=logs.append)
+    assert summary["held_out"] and [r["round"] for r in summary["rounds"]] == [1, 2]
+    coco = COCO(str(tmp_path / "student_labels.json"))
+    predicted = sorted(i["file_name"] for i in coco.dataset["images"])
+    assert predicted and all(held_out(n, 0.4) for n in predicted)
+    run_cats = json.loads((tiny_run / "pseudo_labels.json").read_text())["categories"]
+    assert coco.dataset["categories"] == run_cats
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["comparisons"]) == {"pseudo vs GT", "student vs GT", "pseudo vs student"}
+    assert metrics["comparisons"]["student vs GT"]["n_images"] == len(predicted)
+    assert metrics["comparisons"]["pseudo vs GT"]["n_images"] == len(predicted)  # scored on the same images
+    assert len(logs) == 2 and "student vs GT" in logs[0] and "round 2" in logs[1]
+    card = json.loads((tmp_path / "round_2" / "card.json").read_text())
+    assert card["format"] == "segfromxai-model-card/1" and card["round"] == 2
+    model, head, _ = load_student(tmp_path / "round_2")
+    assert isinstance(head, HEADS["linear"](1, 1).__class__)
+
+
+def test_same_run_twice_gives_the_same_masks(tiny_model, tiny_run, synth_images, tmp_path):
+    cfg = StudentConfig(val_fraction=0.4, **FAST)
+    for name in ("a", "b"):
+        train_student(tiny_run, synth_images / "images", tmp_path / name, model=tiny_model, config=cfg)
+    a, b = _anns(tmp_path / "a" / "student_labels.json"), _anns(tmp_path / "b" / "student_labels.json")
+    assert a == b
+
+
+def test_resume_after_an_interruption_ends_with_the_same_masks(tiny_model, tiny_run, synth_images, tmp_path):
+    cfg = StudentConfig(val_fraction=0.4, rounds=2, **FAST)
+    images = synth_images / "images"
+    train_student(tiny_run, images, tmp_path / "ref", model=tiny_model, config=cfg)
+
+    def stop(round_: int, epoch: int) -> None:
+        if (round_, epoch) == (2, 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(tiny_run, images, tmp_path / "cut", model=tiny_model, config=cfg, on_epoch=stop)
+    assert (tmp_path / "cut" / "round_1" / "card.json").is_file()
+    assert (tmp_path / "cut" / "round_2" / "checkpoint.safetensors").is_file()
+    seen = []
+    train_student(tiny_run, images, tmp_path / "cut", model=tiny_model, config=cfg,
+                  on_epoch=lambda r, e: seen.append((r, e)))
+    assert seen == [(2, 3)]  # round 1 reloaded, round 2 continued after its last checkpoint
+    assert _anns(tmp_path / "ref" / "student_labels.json") == _anns(tmp_path / "cut" / "student_labels.json")
+
+
+def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp_path):
+    cfg = dict(val_fraction=0.4, **FAST)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from segfromxai.model import load_model
+        from segfromxai.student import StudentConfig, train_student
+
+        def kill(round_, epoch):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        train_student({str(tiny_run)!r}, {str(synth_images / 'images')!r}, {str(tmp_path / 'cut')!r},
+                      model=load_model(checkpoint={str(tiny_card)!r}), config=StudentConfig(**{cfg!r}), on_epoch=kill)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert (tmp_path / "cut" / "round_1" / "checkpoint.safetensors").is_file()
+    seen = []
+    train_student(tiny_run, synth_images / "images", tmp_path / "cut", model=tiny_model,
+                  config=StudentConfig(**cfg), on_epoch=lambda r, e: seen.append(e))
+    train_student(tiny_run, synth_images / "images", tmp_path / "ref", model=tiny_model, config=StudentConfig(**cfg))
+    assert seen == [3]
+    assert _anns(tmp_path / "ref" / "student_labels.json") == _anns(tmp_path / "cut" / "student_labels.json")
+
+
+def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_images, tmp_path):
+    res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
+                                    "--out", str(tmp_path), "--gt", str(synth_images / "annotations.json"),
+                                    "--rounds", "2", "--epochs", "2", "--val-fraction", "0.4", "--max-area", "0.9",
+                                    "--checkpoint", str(tiny_card)])
+    assert res.exit_code == 0, res.output
+    assert "round 1" in res.output and "round 2" in res.output and "student vs GT" in res.output
+    assert (tmp_path / "student_labels.json").is_file() and (tmp_path / "metrics.json").is_file()
+
+
+def test_cli_student_names_the_valid_heads(tiny_card, tiny_run, synth_images, tmp_path):
+    res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
+                                    "--out", str(tmp_path), "--head", "unet", "--checkpoint", str(tiny_card)])
+    assert res.exit_code != 0 and all(h in res.output for h in HEADS)
