@@ -235,7 +235,7 @@ def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
     with atomic_write(out / "per_image.csv") as f:
         w = csv.DictWriter(f, fieldnames=["file_name", "recipe", "iou", "precision", "recall", "pa"])
         w.writeheader()
-        w.writerows(result["per_image"])
+        w.writerows(result.get("per_image", []))
     points = [(r["recipe"], r["s_per_image"], r["iou"]) for r in result["rows"]]
     with atomic_write(out / "compare.svg") as f:
         f.write(scatter_svg(points, title=f"IoU against seconds per image ({result['n_images']} images)"))

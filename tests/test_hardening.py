@@ -112,7 +112,8 @@ def test_overwrite_removes_only_what_the_run_wrote(tmp_path, images, tiny):
         p.write_bytes(b"user")
     first = sorted(p.name for p in images.glob("*.png"))[0]
     linked = out / "yolo" / "images" / "train" / first  # an image a YOLO export linked or copied
-    linked.parent.mkdir(parents=True)
+    linked.parent.mkdir(parents=True, exist_ok=True)
+    linked.unlink(missing_ok=True)  # the export may have hard-linked it: never write through to the original
     linked.write_bytes(b"run")
     mine.append(out / "yolo" / "images" / "train" / "mine.jpg")
     mine[-1].write_bytes(b"user")

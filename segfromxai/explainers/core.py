@@ -216,8 +216,8 @@ def _first_graph_block(model: nn.Module, needs: Needs) -> nn.Module | None:
     first = [0] if needs.attention_grad else []
     for name in needs.layers:
         parts = name.split(".")
-        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
-            return None
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit() or int(parts[1]) >= len(blocks):
+            return None  # (a block the model lacks: the capture names the layer)
         first.append(int(parts[1]))
     return blocks[min(first)] if first else None
 
