@@ -31,7 +31,7 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
     """Raise ValueError (naming the recipe, its section and the key) when ``recipe`` cannot run on ``model``.
 
     Checked: ViT-only explainers need a Vision Transformer; every layer an explainer or the refiner's features
-    read exists in ``model.module.named_modules()``; ``start_layer`` lies in ``[0, depth)``; ``[features] block``
+    read exists in ``model.module.named_modules()``; ``start_layer`` lies in ``[-depth, depth)`` (as the attention explainers take it); ``[features] block``
     lies in ``[-depth, depth)``.
     """
     module = model.module
@@ -52,10 +52,10 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
             raise ValueError(f"{section}: {e}") from e
         for layer in needs.layers:
             _check_layer(modules, f"{section} layer", layer)
-        start = resolved.get("start_layer")
-        if start is not None and vit and not (isinstance(start, int) and 0 <= start < len(module.blocks)):
-            raise ValueError(f"{section}: start_layer must lie in [0, {len(module.blocks)}) for this model "
-                             f"({len(module.blocks)} blocks), got {start!r}")
+        start, depth = resolved.get("start_layer"), len(getattr(module, "blocks", ()))
+        if start is not None and vit and not (isinstance(start, int) and -depth <= start < depth):
+            raise ValueError(f"{section}: start_layer must lie in [-{depth}, {depth}) for this model "
+                             f"({depth} blocks; negative counts from the end), got {start!r}")
     try:
         layers = pipeline.needed_layers(model, recipe)
     except (ValueError, TypeError) as e:

@@ -264,12 +264,17 @@ def test_checkpoint_without_batchnorm_num_batches_tracked_is_accepted(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ recipe vs model
+def test_a_negative_start_layer_the_explainer_takes_passes_the_model_check(tiny):
+    check_recipe_for_model(tiny, parse_recipe({"explainers": {"rollout": {"start_layer": -1}}}))
+
+
 @pytest.mark.parametrize("data, message", [
     ({"explainers": {"gradcam": {"layer": "blocks.99.norm1"}}}, r"\[explainers.gradcam\] layer: the model has no "
                                                                 "layer 'blocks.99.norm1'; did you mean"),
     ({"explainers": {"gradcam": {}}, "refine": {"method": "ncut"}, "features": {"block": 99}},
      r"\[features\]: block 99 out of range for a model with 2 blocks"),
-    ({"explainers": {"rollout": {"start_layer": 5}}}, r"start_layer must lie in \[0, 2\)"),
+    ({"explainers": {"rollout": {"start_layer": 5}}}, r"start_layer must lie in \[-2, 2\)"),
+    ({"explainers": {"rollout": {"start_layer": -3}}}, r"start_layer must lie in \[-2, 2\)"),
 ])
 def test_model_dependent_recipe_values_fail_before_any_image(tmp_path, tiny, data, message):
     recipe = parse_recipe(data)
