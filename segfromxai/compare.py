@@ -39,7 +39,7 @@ from .evaluate import load_source, match_names, union
 from .explainers.hooks import count_forwards, eval_mode
 from .explainers.core import explain_pass
 from .faithfulness import deletion_auc
-from .fit import is_headless, prepare
+from .fit import fit_classes, is_headless
 from .gae import gae
 from .engine import ChunkLoader, batch_target
 from .images import find_images
@@ -164,12 +164,12 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     """
     if not recipes:
         raise ValueError("no recipes to compare")
-    check_recipes_for_model(model, recipes)
     seed_everything(seed)
+    check_recipes_for_model(model, recipes)  # before any image is read
     images = Path(images)
     paths = find_images(images)[:limit]
     rels = [p.name if p == images else p.relative_to(images).as_posix() for p in paths]
-    prepare(recipes, model, targets, rels)  # recipe x model fit, a headless model's categories
+    fit_classes(model, targets, rels)  # a headless model's categories
     targets.check(rels, model.classes)
     ref = load_source(gt)
     pairs = dict(match_names(rels, ref)[0])

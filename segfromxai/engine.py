@@ -23,13 +23,13 @@ import torch
 from .artifacts import save_artifacts
 from .dataset import check_export_names, done_indices, finish, prepare_out, remove_run
 from .fileio import atomic_write
-from .fit import prepare
+from .fit import fit_classes
 from .images import ImageLoadError, find_images, load_image
 from .masks import encode
 from .model import LoadedModel
 from .pipeline import Clock, Labelled, label_batch, seed_everything
 from .recipe import Recipe
-from .recipe_checks import check_recipe_for_model
+from .recipe_checks import check_recipes_for_model
 from .targets import Targets
 
 
@@ -172,12 +172,12 @@ def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedMode
     ``out`` (see :func:`segfromxai.dataset.prepare_out`) and cut the images not done yet into chunks of
     ``batch_size`` consecutive files. Nothing is written before the checks pass."""
     seed_everything(seed)
-    check_recipe_for_model(model, recipe)
+    check_recipes_for_model(model, [recipe])  # before the images or the folder are touched
     root = Path(images)
     found = find_images(images)
     every = [p.name if p == root else p.relative_to(root).as_posix() for p in found]
     paths, rels = found[:limit], every[:limit]
-    prepare([recipe], model, targets, rels)  # recipe x model fit, a headless model's categories
+    fit_classes(model, targets, rels)  # a headless model's categories
     targets.check(rels, model.classes)
     check_export_names(rels, formats)
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):

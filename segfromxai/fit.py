@@ -36,9 +36,9 @@ def recipe_misfit(recipe: Recipe, module: nn.Module) -> str | None:
     """Why ``recipe`` cannot run on ``module`` (one sentence naming the cause), or ``None`` when it can."""
     vit_only = [n for n in recipe.explainers if EXPLAINERS[n].vit_only]
     if vit_only and not is_vit(module):
-        return (f"recipe {recipe.name!r}: {', '.join(vit_only)} need a Vision Transformer, and the model "
-                f"({type(module).__name__}) is a CNN; use explainers that work on any model (e.g. gradcam; the recipe "
-                f"default-cnn) or a ViT")
+        fits = ", ".join(sorted(n for n, e in EXPLAINERS.items() if not e.vit_only))
+        return (f"recipe {recipe.name!r}: {', '.join(vit_only)} need a Vision Transformer and the model "
+                f"({type(module).__name__}) is not one; explainers for it: {fits} (e.g. the recipe default-cnn)")
     classy = [n for n in recipe.explainers if EXPLAINERS[n].needs_class]
     if classy and is_headless(module):
         agnostic = sorted(n for n, e in EXPLAINERS.items() if not e.needs_class)
@@ -62,10 +62,3 @@ def fit_classes(model: LoadedModel, targets: Targets, rel_paths: Sequence[str]) 
         return
     names = sorted({n for n in map(targets.name, rel_paths) if n is not None})
     model.classes = names or [HEADLESS_CLASS]
-
-
-def prepare(recipes: Sequence[Recipe], model: LoadedModel, targets: Targets, rel_paths: Sequence[str]) -> None:
-    """The model-dependent checks of a run or comparison, before any image is read: :func:`check_fit`, then
-    :func:`fit_classes`."""
-    check_fit(recipes, model)
-    fit_classes(model, targets, rel_paths)

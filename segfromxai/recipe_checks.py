@@ -14,6 +14,7 @@ from typing import Sequence
 from torch import nn
 
 from .explainers import EXPLAINERS
+from .fit import recipe_misfit
 from .model import LoadedModel, is_vit
 from . import pipeline  # the module, not a name from it: pipeline's __getattr__ would import engine, which imports us
 from .recipe import Recipe
@@ -30,7 +31,8 @@ def _check_layer(modules: dict[str, nn.Module], where: str, layer: object) -> No
 def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
     """Raise ValueError (naming the recipe, its section and the key) when ``recipe`` cannot run on ``model``.
 
-    Checked: ViT-only explainers need a Vision Transformer; every layer an explainer or the refiner's features
+    Checked: :func:`segfromxai.fit.recipe_misfit` (ViT-only explainers need a Vision Transformer, explainers that
+    need a class need a head); every layer an explainer or the refiner's features
     read exists in ``model.module.named_modules()``; ``start_layer`` lies in ``[-depth, depth)`` (as the attention explainers take it); ``[features] block``
     lies in ``[-depth, depth)``.
     """
@@ -38,11 +40,9 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
     vit = is_vit(module)
     modules = dict(module.named_modules())
     where = f"recipe {recipe.name!r}"
-    vit_only = [n for n in recipe.explainers if EXPLAINERS[n].vit_only]
-    if vit_only and not vit:
-        fits = ", ".join(sorted(n for n, e in EXPLAINERS.items() if not e.vit_only))
-        raise ValueError(f"{where}: {', '.join(vit_only)} need a Vision Transformer and {model.timm_name} "
-                         f"({type(module).__name__}) is not one; explainers for it: {fits}")
+    misfit = recipe_misfit(recipe, module)  # a ViT-only explainer on a CNN, a class on a headless model
+    if misfit:
+        raise ValueError(misfit)
     for name, params in recipe.explainers.items():
         section = f"{where}, [explainers.{name}]"
         try:
