@@ -85,11 +85,11 @@ def _part(w: torch.Tensor, part: int) -> torch.Tensor:
 
 
 def _den(cfg: LRPConfig, z: torch.Tensor, positive: torch.Tensor | None) -> torch.Tensor:
-    """The rule's denominator for the output z of an operation; ``positive``: the sum of its positive
+    """The rule's denominator for the output z of an operation (a new tensor); ``positive``: the sum of its positive
     contributions (alpha1beta0 only)."""
     if cfg.rule == "epsilon":
-        return torch.where(z >= 0, z + cfg.epsilon, z - cfg.epsilon)
-    return positive + cfg.epsilon if cfg.rule == "alpha1beta0" else z.abs() + cfg.epsilon
+        return torch.where(z >= 0, z.new_tensor(cfg.epsilon), z.new_tensor(-cfg.epsilon)).add_(z)
+    return positive + cfg.epsilon if cfg.rule == "alpha1beta0" else z.abs().add_(cfg.epsilon)
 
 
 def _num(cfg: LRPConfig, c: torch.Tensor) -> torch.Tensor:
@@ -131,18 +131,17 @@ def _dense(cfg: LRPConfig, w: torch.Tensor, bias: torch.Tensor | None, x: torch.
     """
     positive = None
     if cfg.rule == "alpha1beta0":
-        zb = z if bias is None else z - bias
-        positive = (zb + F.linear(x.abs(), w.abs())).clamp(min=0) * 0.5
+        positive = F.linear(x.abs(), w.abs(), None if bias is None else -bias).add_(z).clamp_(min=0).mul_(0.5)
     s = r / _den(cfg, z, positive)
     if cfg.rule == "epsilon":
-        return x * (s @ w)
+        return (s @ w).mul_(x)
     return _split(x, s @ torch.cat([w.clamp(min=0), w.clamp(max=0)], 1))
 
 
 def _split(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """x+ * u[..., :d] + x- * u[..., d:] for x (..., d): the two parts' transposes side by side in u (..., 2d)."""
     d = x.shape[-1]
-    return x * torch.where(x > 0, u[..., :d], u[..., d:])
+    return torch.where(x > 0, u[..., :d], u[..., d:]).mul_(x)
 
 
 def _diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -281,99 +280,134 @@ def _internals(ps: Pass, i: int) -> dict[str, torch.Tensor]:
     return t
 
 
+def _pmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b where one operand may carry a leading pass dimension that the other lacks: one matmul per pass into one
+    output (broadcasting would copy the other operand once per pass)."""
+    if a.ndim == b.ndim:
+        return a @ b
+    many = a if a.ndim > b.ndim else b
+    batch = torch.broadcast_shapes(a.shape[many is a:-2], b.shape[many is b:-2])
+    out = many.new_empty(many.shape[0], *batch, a.shape[-2], b.shape[-1])
+    for i in range(many.shape[0]):
+        torch.matmul(a[i] if many is a else a, b[i] if many is b else b, out=out[i])
+    return out
+
+
 def _query_key(cfg: LRPConfig, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, r_a: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relevance of q and k (..., heads, N, hd) from that at the attention probabilities: the softmax (denominator
-    detached) passes it unchanged to the logits S = (scale q) k^T, one pass per input, sharing the denominator."""
+    """Relevance of q (..., heads, n, hd) and k (..., heads, N, hd) from that at the attention probabilities of q's
+    n rows: the softmax (denominator detached) passes it unchanged to the logits S = (scale q) k^T, one pass per
+    input, sharing the denominator."""
     sq, sk = q * attn.scale, k * attn.scale
     logits = sq @ k.transpose(-2, -1)
     positive = None
     if cfg.rule == "alpha1beta0":  # sum_d (q_d sk_d)+ = (S + |q| |sk|^T) / 2
-        positive = (logits + q.abs() @ sk.abs().transpose(-2, -1)).clamp(min=0) * 0.5
+        positive = (q.abs() @ sk.abs().transpose(-2, -1)).add_(logits).clamp_(min=0).mul_(0.5)
     s = r_a / _den(cfg, logits, positive)
     if cfg.rule == "epsilon":
-        return q * (s @ sk), k * (s.transpose(-2, -1) @ sq)
+        return _pmm(s, sk).mul_(q), _pmm(s.transpose(-2, -1), sq).mul_(k)
     both = lambda w: torch.cat([w.clamp(min=0), w.clamp(max=0)], -1)  # noqa: E731
-    return _split(q, s @ both(sk)), _split(k, s.transpose(-2, -1) @ both(sq))
+    return _split(q, _pmm(s, both(sk))), _split(k, _pmm(s.transpose(-2, -1), both(sq)))
 
 
 def _attention(cfg: LRPConfig, attn: nn.Module, t: dict[str, torch.Tensor], r_o: torch.Tensor, record: bool,
-               to_qk: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               to_qk: bool, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Relevance at the qkv output (..., N, 3C), or at its value part only (..., N, C) when no relevance goes to q
-    and k (constant attention, or not ``to_qk``); and at the attention probabilities when ``record``."""
+    and k (constant attention, or not ``to_qk``); and at the attention probabilities when ``record``. ``r_o``: the
+    relevance at the attention output's token ``rows`` (the others hold none)."""
     b, n, c = t["o"].shape
     heads, hd = attn.num_heads, attn.head_dim
     q, k, v = t["qkv"].reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    a, r = t["a"], r_o.reshape(*r_o.shape[:-1], heads, hd).transpose(-3, -2)
+    a, q, o = t["a"][:, :, rows], q[:, :, rows], t["o"][:, rows]
+    r = r_o.reshape(*r_o.shape[:-1], heads, hd).transpose(-3, -2)
     # O = A V: a pass for V (weights A >= 0) and one for A (weights V), sharing the denominator.
     vp = _num(cfg, v)  # A >= 0: a contribution a v is positive where v is
     positive = a @ vp if cfg.rule == "alpha1beta0" else None
-    s = r / _den(cfg, t["o"].reshape(b, n, heads, hd).transpose(1, 2), positive)
+    s = r / _den(cfg, o.reshape(b, -1, heads, hd).transpose(1, 2), positive)
     tokens = lambda u: u.transpose(-3, -2).flatten(-2)  # noqa: E731  (..., heads, N, hd) -> (..., N, C)
-    r_v = tokens(vp * (a.transpose(-2, -1) @ s))
+    r_v = tokens(_pmm(a.transpose(-2, -1), s).mul_(vp))
     to_qk = to_qk and cfg.attention == "full"
-    r_a = a * (s @ vp.transpose(-2, -1)) if record or to_qk else None
-    if not to_qk:
-        return r_v, r_a
-    r_q, r_k = _query_key(cfg, attn, q, k, r_a)
-    return torch.cat([tokens(r_q), tokens(r_k), r_v], -1), r_a
+    r_a = _pmm(s, vp.transpose(-2, -1)).mul_(a) if record or to_qk else None
+    if to_qk:
+        r_q, r_k = _query_key(cfg, attn, q, k, r_a)
+        r_v = torch.cat([_scatter(tokens(r_q), rows, n), tokens(r_k), r_v], -1)
+    return r_v, None if r_a is None else _scatter(r_a, rows, n)
+
+
+def _scatter(r: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
+    """Relevance (..., len(rows), D) of some token rows as (..., n, D), zero in the other rows."""
+    if rows == slice(None):
+        return r
+    out = r.new_zeros(*r.shape[:-2], n, r.shape[-1])
+    out[..., rows, :] = r
+    return out
+
+
+_ROW_KEYS = ("x", "x1", "n2", "h", "m", "out", "p", "o")
 
 
 def _block(cfg: LRPConfig, blk: nn.Module, t: dict[str, torch.Tensor], r_out: torch.Tensor, record: bool,
-           to_input: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+           to_input: bool, rows: slice = slice(None)) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Relevance at a block's input tokens (None unless ``to_input``) and at its attention probabilities (when
-    ``record``), from the block's internals ``t`` and the relevance at its output."""
-    attn, mlp = blk.attn, blk.mlp
-    p1, m1 = blk.ls1(t["p"]), blk.ls2(t["m"])
-    r_x1, r_m1 = _add(cfg, t["x1"], m1, t["out"], r_out)
-    r_g = _linear(cfg, mlp.fc2, mlp.act(t["h"]), t["m"], _layer_scale(cfg, blk.ls2, t["m"], m1, r_m1))
-    r_x1 = r_x1 + _layernorm(cfg, blk.norm2, t["x1"], _linear(cfg, mlp.fc1, t["n2"], t["h"], r_g))
-    r_x, r_p1 = _add(cfg, t["x"], p1, t["x1"], r_x1)
-    r_o = _linear(cfg, attn.proj, t["o"], t["p"], _layer_scale(cfg, blk.ls1, t["p"], p1, r_p1))
-    r_qkv, r_a = _attention(cfg, attn, t, r_o, record, to_input)
+    ``record``), from the block's internals ``t`` and the relevance at its output, (passes, B, len(rows), C): only
+    the token ``rows`` hold relevance there (the class token below a head that reads it alone), so the MLP and the
+    attention's output projection run on those rows only."""
+    attn, mlp, n = blk.attn, blk.mlp, t["x"].shape[1]
+    tr = {**t, **{key: t[key][:, rows] for key in _ROW_KEYS}}
+    p1, m1 = blk.ls1(tr["p"]), blk.ls2(tr["m"])
+    r_x1, r_m1 = _add(cfg, tr["x1"], m1, tr["out"], r_out)
+    r_g = _linear(cfg, mlp.fc2, mlp.act(tr["h"]), tr["m"], _layer_scale(cfg, blk.ls2, tr["m"], m1, r_m1))
+    r_x1 = r_x1 + _layernorm(cfg, blk.norm2, tr["x1"], _linear(cfg, mlp.fc1, tr["n2"], tr["h"], r_g))
+    r_x, r_p1 = _add(cfg, tr["x"], p1, tr["x1"], r_x1)
+    r_o = _linear(cfg, attn.proj, tr["o"], tr["p"], _layer_scale(cfg, blk.ls1, tr["p"], p1, r_p1))
+    r_qkv, r_a = _attention(cfg, attn, t, r_o, record, to_input, rows)
     if not to_input:
         return None, r_a
     w, bias, width = attn.qkv.weight, attn.qkv.bias, r_qkv.shape[-1]  # width C: the value rows only
     r_n1 = _dense(cfg, w[-width:], None if bias is None else bias[-width:], t["n1"], t["qkv"][..., -width:], r_qkv)
-    return r_x + _layernorm(cfg, blk.norm1, t["x"], r_n1), r_a
+    return _layernorm(cfg, blk.norm1, t["x"], r_n1).add_(_scatter(r_x, rows, n)), r_a
 
 
 def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.Tensor,
-          r_y: torch.Tensor) -> torch.Tensor:
-    """Relevance at the last block's output tokens."""
+          r_y: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Relevance at the last block's output tokens, (passes, B, len(rows), C), and the token ``rows`` that hold it
+    (the others hold none: the class token under a class-token head)."""
     if getattr(model, "attn_pool", None) is not None:
         raise NotImplementedError("LRP does not support attention pooling ('map') heads")
     if not isinstance(model.head, nn.Linear):
         raise NotImplementedError(f"LRP needs a Linear classifier head, got {type(model.head).__name__}")
-    t = model.norm(tokens)
     pool, npt = model.global_pool, model.num_prefix_tokens
-    r_t = t.new_zeros(r_y.shape[:1] + t.shape)
     if isinstance(getattr(model, "head_dist", None), nn.Linear):  # DeiT distilled: y = (head(t0) + head_dist(t1)) / 2
+        rows = slice(0, 2)
+        t = model.norm(tokens[:, rows])
         y0, y1 = model.head(t[:, 0]), model.head_dist(t[:, 1])
         _check("logits", (y0 + y1) / 2, logits)
         r0, r1 = _add(cfg, y0 / 2, y1 / 2, logits, r_y)
-        r_t[:, :, 0] = _linear(cfg, model.head, t[:, 0], y0, _diag(cfg, torch.full_like(y0[:1], 0.5), y0, y0 / 2, r0))
-        r_t[:, :, 1] = _linear(cfg, model.head_dist, t[:, 1], y1, _diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))
-        return _layernorm(cfg, model.norm, tokens, r_t)
+        r_t = torch.stack([
+            _linear(cfg, model.head, t[:, 0], y0, _diag(cfg, torch.full_like(y0[:1], 0.5), y0, y0 / 2, r0)),
+            _linear(cfg, model.head_dist, t[:, 1], y1, _diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))], 2)
+        return _layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
     if pool == "token":
-        pooled = t[:, 0]
+        rows = slice(0, 1)
     elif pool == "avg":
         first = 0 if getattr(model, "pool_include_prefix", False) else npt
-        pooled = t[:, first:].mean(1)
+        rows = slice(first, None) if first else slice(None)
     else:
         raise NotImplementedError(f"LRP supports global_pool 'token' or 'avg', not {pool!r}")
+    t = model.norm(tokens[:, rows])
+    pooled = t[:, 0] if pool == "token" else t.mean(1)
     f = model.fc_norm(pooled)
     y = model.head(f)
     _check("logits", y, logits)
     r_pooled = _layernorm(cfg, model.fc_norm, pooled, _linear(cfg, model.head, f, y, r_y))
     if pool == "token":
-        r_t[:, :, 0] = r_pooled
+        r_t = r_pooled[:, :, None]
     else:
-        cnt = t.shape[1] - first
+        cnt = t.shape[1]
         mean = lambda v, p: v.mean(1) * (p >= 0)  # noqa: E731  (1/cnt >= 0: no negative part)
         spread = lambda s, p: (s[..., None, :] * ((p >= 0) / cnt)).expand(*s.shape[:-1], cnt, s.shape[-1])  # noqa: E731
-        r_t[:, :, first:] = _rule(cfg, t[:, first:], pooled, r_pooled, mean, spread)
-    return _layernorm(cfg, model.norm, tokens, r_t)
+        r_t = _rule(cfg, t, pooled, r_pooled, mean, spread)
+    return _layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
 
 
 def _embedding(cfg: LRPConfig, model: nn.Module, x: torch.Tensor, block0_in: torch.Tensor,
@@ -427,11 +461,12 @@ def lrp_pass(ps: Pass, cfg: LRPConfig, *, record_attention: bool = False, pixels
         return hit
     model, io = ps.model, ps.captured.block_io
     with torch.no_grad():
-        r = _head(cfg, model, io[-1][1], ps.logits, _start(cfg, ps.logits, ps.target))
-        recorded = []
-        for i in range(len(model.blocks) - 1, -1, -1):
+        r, rows = _head(cfg, model, io[-1][1], ps.logits, _start(cfg, ps.logits, ps.target))
+        recorded, last = [], len(model.blocks) - 1
+        for i in range(last, -1, -1):
             r = _unit(r) if cfg.start == "contrastive" else r
-            r, r_a = _block(cfg, model.blocks[i], _internals(ps, i), r, record_attention, pixels or i > 0)
+            r, r_a = _block(cfg, model.blocks[i], _internals(ps, i), r, record_attention, pixels or i > 0,
+                            rows if i == last else slice(None))
             recorded.append(r_a)
         r_x = _embedding(cfg, model, ps.x, io[0][0], r) if pixels else None
     res = LRPResult(r_x, recorded[::-1] if record_attention else None)
