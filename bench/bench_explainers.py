@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_explainers.py [--batches 1 32] [--rounds 3] [--threads 2] [--methods lrp abslrp]
         [--models embedded] [--clock cpu] [--reference ../main]
 
+``--methods`` takes registered names, or several joined by ``+`` (``gradcam+lrp``: one call, as a recipe runs them).
+
 Models: the embedded ViT (ViT-S/14 at 196 px) and timm's vit_small_patch16_224 with random weights. The baseline
 is one forward pass plus the backward pass of the summed target logits to the input (what any gradient method
 needs at least); a second baseline, ``loss.backward()`` with weight gradients, is printed beside it. Also: the set
@@ -103,10 +105,10 @@ def models(which: list[str]):
 
 def calls_of(model, x, methods: list[str], reference) -> dict[str, callable]:
     calls = {"baseline": bare(model, x), "weights": bare_with_weights(model, x)}
-    for m in methods:
-        calls[m] = lambda m=m: explain(model, x, [m])
+    for m in methods:  # "gradcam+lrp": several methods in one call
+        calls[m] = lambda m=m: explain(model, x, m.split("+"))
         if reference is not None:
-            calls[f"{m} (reference)"] = lambda m=m: reference(model, x, [m])
+            calls[f"{m} (reference)"] = lambda m=m: reference(model, x, m.split("+"))
     calls["{" + ", ".join(SET) + "}"] = lambda: explain(model, x, SET)
     return calls
 

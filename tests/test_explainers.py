@@ -103,6 +103,35 @@ def test_parameters_match_reference(method, params):
     torch.testing.assert_close(got / scale, ref / scale, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lrp_epsilon", "lrp_alpha1beta0", "abslrp"])
+def test_pixel_lrp_on_an_input_the_patches_do_not_cover(method):
+    """36 px with 8 px patches: the last 4 rows and columns reach no patch and get no relevance (the patch
+    convolution's relevance is computed as a dense layer on the patches)."""
+    model = tiny(img_size=36).double()
+    x = batch(model).double()
+    target = torch.tensor([2, 0])
+    got = explain(model, x, [method], target=target)[method].double()
+    ref = reference_maps(model, x, target, method)
+    assert got.shape == (2, 36, 36) and not got[:, 32:].any() and not got[:, :, 32:].any()
+    scale = ref.abs().amax() + 1e-30
+    torch.testing.assert_close(got / scale, ref / scale, rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_lrp_through_an_overlapping_patch_convolution():
+    """A patch convolution whose windows overlap (kernel 12, stride 8, padding 2) takes the general transposed
+    convolution, not the dense form of non-overlapping patches."""
+    model = tiny().double()
+    torch.manual_seed(3)
+    model.patch_embed.proj = torch.nn.Conv2d(3, model.embed_dim, 12, stride=8, padding=2).double()
+    x = batch(model).double()
+    target = torch.tensor([1, 4])
+    for method in ("lrp_epsilon", "abslrp"):
+        got = explain(model, x, [method], target=target)[method].double()
+        ref = reference_maps(model, x, target, method)
+        scale = ref.abs().amax() + 1e-30
+        torch.testing.assert_close(got / scale, ref / scale, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["cls", "avgpool", "registers", "nonsquare"])
 def test_lrp_epsilon_conserves_relevance(variant):
     """With every bias (and position embedding and prefix token) zero, input relevance sums to the target logit."""

@@ -194,7 +194,27 @@ def _layernorm(cfg: LRPConfig, ln: nn.Module, x: torch.Tensor, r: torch.Tensor) 
     return s * (xp * (1 - 1 / d) + xn) - s.sum(-1, keepdim=True) * xn  # x+ C+^T s + x- C-^T s, over sigma
 
 
+def _patches(cfg: LRPConfig, conv: nn.Conv2d, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A patchifying convolution (stride = kernel, no padding, no dilation, one group) as the dense layer it is, on
+    the unfolded patches; pixels that no patch covers get no relevance."""
+    (b, c, h, w), (kh, kw), (gh, gw) = x.shape, conv.kernel_size, z.shape[-2:]
+    xp = x[..., :gh * kh, :gw * kw].reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
+    rp = _dense(cfg, conv.weight.reshape(conv.out_channels, -1), conv.bias, xp, z.flatten(2).transpose(1, 2),
+                r.flatten(-2).transpose(-1, -2))
+    lead = rp.shape[:-2]
+    rp = rp.reshape(*lead, gh, gw, c, kh, kw).movedim(-3, -5).movedim(-2, -3).reshape(*lead, c, gh * kh, gw * kw)
+    if (gh * kh, gw * kw) == (h, w):
+        return rp
+    out = rp.new_zeros(*lead, c, h, w)
+    out[..., :gh * kh, :gw * kw] = rp
+    return out
+
+
 def _conv_input(cfg: LRPConfig, conv: nn.Conv2d, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Relevance at the input of the patch-embedding convolution from that at its output (..., C, gh, gw)."""
+    if (tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ("valid", (0, 0))
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
+        return _patches(cfg, conv, x, z, r)
     if isinstance(conv.padding, str) and conv.padding != "valid":
         raise NotImplementedError(f"LRP does not support padding={conv.padding!r} in the patch embedding")
     pad = 0 if isinstance(conv.padding, str) else conv.padding
