@@ -3,6 +3,10 @@ same images measured in the same run: seconds, ratio to the baseline, peak resid
 
     .venv/bin/python bench/bench_run.py [--recipes default vitmix/gradcam] [--batch-size N] [--copies 1] [--threads 2]
 
+Ratios are printed for wall seconds and, in brackets, for CPU seconds (the process's, children's DataLoader workers
+not counted: keep the default 0 workers); with one thread on a machine other jobs share, the CPU ratio is the steadier.
+The baseline is timed before and after the runs and the better of the two counts.
+
 The images are the 32 samples in data/samples/images, linked ``--copies`` times into a temporary folder. Each run is
 :func:`segfromxai.engine.run` (load, explain, fuse, cut, encode, write) at ``--batch-size`` (default: the run's own
 default) in a fresh process, so its peak RSS (VmHWM) is the run's, model included; the resident memory after the first
@@ -30,13 +34,14 @@ from segfromxai.model import data_dir, load_model
 from segfromxai.recipe import load_recipe
 
 
-def baseline(model, paths: list[Path], batch_size: int) -> float:
-    t0 = time.perf_counter()
+def baseline(model, paths: list[Path], batch_size: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of loading the images and one forward+backward to the input, batch by batch."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(paths), batch_size):
         x = model.preprocess.batch([load_image(p) for p in paths[i:i + batch_size]]).requires_grad_(True)
         y = model.module(x)
         torch.autograd.grad(y.gather(1, y.argmax(1, keepdim=True)).sum(), x)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def rss_mb() -> float:
@@ -48,10 +53,11 @@ def child(recipe_name: str, folder: str, out: str, batch_size: int) -> None:
     """One run in this (fresh) process; prints its figures as one JSON line."""
     model = load_model()
     rss: list[float] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = run(load_recipe(recipe_name), folder, out, model=model, batch_size=batch_size,
                   progress=lambda advance, total: rss.append(rss_mb()))
-    print(json.dumps({"seconds": time.perf_counter() - t0, "stages": summary["seconds"], "peak_rss_mb": peak_rss_mb(),
+    print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                      "stages": summary["seconds"], "peak_rss_mb": peak_rss_mb(),
                       "rss_first_chunk": rss[1] if len(rss) > 1 else None, "rss_last_chunk": rss[-1],
                       "masks": summary["counts"]["annotations"]}))
 
@@ -87,18 +93,23 @@ def main() -> None:
             for p in samples:
                 os.symlink(p.resolve(), folder / f"{c}_{p.name}")
         paths = find_images(folder)
-        base_s = baseline(model, paths, args.batch_size)
+        before = baseline(model, paths, args.batch_size)
         runs = {r: run_child(r, folder, Path(tmp) / f"out{k}", args.batch_size, args.threads)
                 for k, r in enumerate(args.recipes)}
+        after = baseline(model, paths, args.batch_size)
+    # the better of before and after the runs: on a shared machine the load drifts
+    base_s, base_cpu = min(before[0], after[0]), min(before[1], after[1])
     n = len(paths)
-    print(f"{n} images of data/samples, batch {args.batch_size}, {args.threads} threads; each run in a fresh process")
-    print(f"{'':30}{'seconds':>9}{'images/s':>10}{'x baseline':>12}{'peak RSS MB':>13}{'RSS 1st/last chunk':>20}")
-    print(f"{'baseline fwd+bwd (+load)':30}{base_s:9.2f}{n / base_s:10.2f}{1.0:12.2f}")
+    print(f"{n} images of data/samples, batch {args.batch_size}, {args.threads} threads; each run in a fresh process; "
+          "x baseline: wall seconds (CPU seconds) over the baseline's")
+    print(f"{'':34}{'seconds':>9}{'images/s':>10}{'x baseline':>16}{'peak RSS MB':>13}{'RSS 1st/last chunk':>20}")
+    print(f"{'baseline fwd+bwd (+load)':34}{base_s:9.2f}{n / base_s:10.2f}{'1.00 (1.00)':>16}")
     for name, r in runs.items():
         first = "-" if r["rss_first_chunk"] is None else f"{r['rss_first_chunk']:.0f}"
         chunks = f"{first} / {r['rss_last_chunk']:.0f}"
-        print(f"{'run ' + name + ' (' + str(r['masks']) + ' masks)':30}{r['seconds']:9.2f}{n / r['seconds']:10.2f}"
-              f"{r['seconds'] / base_s:12.2f}{r['peak_rss_mb']:13.0f}{chunks:>20}")
+        ratio = f"{r['seconds'] / base_s:.2f} ({r['cpu_seconds'] / base_cpu:.2f})"
+        print(f"{'run ' + name + ' (' + str(r['masks']) + ' masks)':34}{r['seconds']:9.2f}{n / r['seconds']:10.2f}"
+              f"{ratio:>16}{r['peak_rss_mb']:13.0f}{chunks:>20}")
     for name, r in runs.items():
         total = sum(r["stages"].values())
         shares = ", ".join(f"{stage} {100 * s / total:.0f} %" for stage, s in sorted(r["stages"].items(),
