@@ -87,8 +87,8 @@ def _part(w: torch.Tensor, part: int) -> torch.Tensor:
 def _den(cfg: LRPConfig, z: torch.Tensor, positive: torch.Tensor | None) -> torch.Tensor:
     """The rule's denominator for the output z of an operation (a new tensor); ``positive``: the sum of its positive
     contributions (alpha1beta0 only)."""
-    if cfg.rule == "epsilon":
-        return torch.where(z >= 0, z.new_tensor(cfg.epsilon), z.new_tensor(-cfg.epsilon)).add_(z)
+    if cfg.rule == "epsilon":  # z + eps sign(z), sign(+-0) = +1: z + 0.0 turns -0.0 into +0.0 (copysign is cheap)
+        return torch.copysign(z.new_tensor(cfg.epsilon), z + 0.0).add_(z)
     return positive + cfg.epsilon if cfg.rule == "alpha1beta0" else z.abs().add_(cfg.epsilon)
 
 
@@ -126,7 +126,7 @@ def _dense(cfg: LRPConfig, w: torch.Tensor, bias: torch.Tensor | None, x: torch.
            r: torch.Tensor) -> torch.Tensor:
     """Relevance of x for z = x W^T + bias, with z from the forward (not recomputed).
 
-    x+ W+^T s + x- W-^T s is x * (W+^T s where x > 0, else W-^T s), the two transposes one matmul with W+ and W-
+    x+ W+^T s + x- W-^T s: the two transposes are one matmul with W+ and W-
     side by side; alpha1beta0's denominator sum_i (w_ji x_i)+ is (z - bias + |W| |x|) / 2, one matmul.
     """
     positive = None
@@ -141,7 +141,7 @@ def _dense(cfg: LRPConfig, w: torch.Tensor, bias: torch.Tensor | None, x: torch.
 def _split(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """x+ * u[..., :d] + x- * u[..., d:] for x (..., d): the two parts' transposes side by side in u (..., 2d)."""
     d = x.shape[-1]
-    return torch.where(x > 0, u[..., :d], u[..., d:]).mul_(x)
+    return (u[..., :d] * x.clamp(min=0)).addcmul_(u[..., d:], x.clamp(max=0))  # cheaper than a where on x > 0
 
 
 def _diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,9 @@ def _layernorm(cfg: LRPConfig, ln: nn.Module, x: torch.Tensor, r: torch.Tensor) 
     if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
         raise NotImplementedError(f"LRP does not know the normalisation {type(ln).__name__}")
     d = x.shape[-1]
-    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
-    u = (x - x.mean(-1, keepdim=True)) / sigma
+    u = x - x.mean(-1, keepdim=True)
+    sigma = u.square().mean(-1, keepdim=True).add_(ln.eps).sqrt_()  # (two passes: much faster than Tensor.var on CPU)
+    u = u.div_(sigma)
     gu = u if ln.weight is None else ln.weight * u
     c = _num(cfg, gu)
     f = c / _den(cfg, gu if ln.bias is None else gu + ln.bias, c)  # R_u = R_y * f
