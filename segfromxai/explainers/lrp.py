@@ -126,8 +126,8 @@ def _dense(cfg: LRPConfig, w: torch.Tensor, bias: torch.Tensor | None, x: torch.
            r: torch.Tensor) -> torch.Tensor:
     """Relevance of x for z = x W^T + bias, with z from the forward (not recomputed).
 
-    x+ W+^T s + x- W-^T s: the two transposes are one matmul with W+ and W-
-    side by side; alpha1beta0's denominator sum_i (w_ji x_i)+ is (z - bias + |W| |x|) / 2, one matmul.
+    x+ W+^T s + x- W-^T s: the two transposes are one matmul with W+ and W- side by side; alpha1beta0's
+    denominator sum_i (w_ji x_i)+ is (z - bias + |W| |x|) / 2, one matmul.
     """
     positive = None
     if cfg.rule == "alpha1beta0":
