@@ -495,7 +495,7 @@ def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, g
     try:
         summary = train_student(train_run, images, out, model=model, config=config, gt=gt, pseudo=pseudo,
                                 progress=sys.stderr.isatty(), log=click.echo,
-                                cache=token_cache if token_cache is not None else "tokens")
+                                cache=token_cache.resolve() if token_cache is not None else "tokens")
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     held = " (held out of training)" if summary["held_out"] else ""

@@ -209,14 +209,16 @@ def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp
     assert _anns(tmp_path / "ref" / "student_labels.json") == _anns(tmp_path / "cut" / "student_labels.json")
 
 
-def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_images, tmp_path):
+def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
-                                    "--out", str(tmp_path), "--gt", str(synth_images / "annotations.json"),
+                                    "--out", "out", "--gt", str(synth_images / "annotations.json"),
                                     "--rounds", "2", "--epochs", "2", "--val-fraction", "0.4", "--max-area", "0.9",
-                                    "--checkpoint", str(tiny_card)])
+                                    "--token-cache", "tok", "--checkpoint", str(tiny_card)])
     assert res.exit_code == 0, res.output
     assert "round 1" in res.output and "round 2" in res.output and "student vs GT" in res.output
-    assert (tmp_path / "student_labels.json").is_file() and (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "out" / "student_labels.json").is_file() and (tmp_path / "out" / "metrics.json").is_file()
+    assert len(list((tmp_path / "tok").glob("*.safetensors"))) == 2  # a relative cache is relative to the cwd
 
 
 def test_cli_student_names_the_valid_heads(tiny_card, tiny_run, synth_images, tmp_path):
