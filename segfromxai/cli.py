@@ -470,7 +470,7 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
               "boundaries; default: the training run's recipe's method and parameters; none: off)")
 @click.option("--soft", default="probs", show_default=True,
               help="the boundary method's soft map: probs (the student's own) or ramp (one token around its mask)")
-@click.option("--img-size", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--img-size", type=click.IntRange(min=0), default=392, show_default=True,
               help="the trunk's input side in pixels (0: the classifier's own; 392 gives a ViT-S/14 28 x 28 tokens)")
 @click.option("--token-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the trunk's cached tokens, reused by later jobs on the same images [default: OUT/tokens]")

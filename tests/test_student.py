@@ -22,7 +22,7 @@ from segfromxai.cli import main
 from segfromxai.student import (HEADS, StudentConfig, Tokens, held_out, load_checkpoint, load_student,
                                 pseudo_targets, save_checkpoint, split, train_head, train_student)
 
-FAST = dict(epochs=3, batch_size=8, lr=0.05)
+FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,8 @@ def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_image
     assert "round 1" in res.output and "round 2" in res.output and "student vs GT" in res.output
     assert (tmp_path / "out" / "student_labels.json").is_file() and (tmp_path / "out" / "metrics.json").is_file()
     assert len(list((tmp_path / "tok").glob("*.safetensors"))) == 2  # a relative cache is relative to the cwd
+    card = json.loads((tmp_path / "out" / "round_2" / "card.json").read_text())
+    assert card["input_size"] == [392, 392]  # the default trunk input
 
 
 def test_cli_student_names_the_valid_heads(tiny_card, tiny_run, synth_images, tmp_path):
@@ -281,7 +283,7 @@ def test_trunk_at_a_larger_input_gives_a_finer_grid_and_the_classifiers_own_clas
     assert tuple(native.grid.shape[2:4]) == (4, 4) and tuple(big.grid.shape[2:4]) == (8, 8)
     assert np.allclose(big.probs, native.probs, atol=1e-6)  # the class run explains, at the classifier's size
     assert student_trunk(tiny_model, 32).module is tiny_model.module
-    cfg = StudentConfig(val_fraction=0.4, img_size=64, **FAST)
+    cfg = StudentConfig(val_fraction=0.4, **{**FAST, "img_size": 64})
     train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg)
     card = json.loads((tmp_path / "round_1" / "card.json").read_text())
     assert card["input_size"] == [64, 64] and card["config"]["img_size"] == 64
