@@ -48,6 +48,22 @@ def eigvec_side(y: np.ndarray, split: float, idx: np.ndarray, shape: tuple[int, 
     return fg
 
 
+def corner_veto(hi: np.ndarray, fg_hi: bool, idx: np.ndarray, shape: tuple[int, int]) -> bool:
+    """MaskCut's corner rule applied to a side chosen by the explanation: whether ``y > split`` (``hi``, bool over the
+    cut's tokens; ``idx`` maps them to the (fh, fw) grid) is the foreground, given that the explanation chose it
+    (``fg_hi``). The choice is reversed when the chosen side holds two or more of the grid's four corners and the
+    other side fewer than two (an object seldom fills the corners of the frame; a background that the explanation
+    favours, e.g. around a large object whose inside the classifier does not look at, often does). A side holding
+    corners the other side also holds keeps the explanation's choice.
+    """
+    fg, bg = np.zeros(shape[0] * shape[1], dtype=bool), np.zeros(shape[0] * shape[1], dtype=bool)
+    fg[idx[hi if fg_hi else ~hi]] = True
+    bg[idx[~hi if fg_hi else hi]] = True
+    if corners_held(fg.reshape(shape)) >= 2 and corners_held(bg.reshape(shape)) < 2:
+        return not fg_hi
+    return fg_hi
+
+
 def seed_component(side: np.ndarray, strength: np.ndarray) -> np.ndarray:
     """The 4-connected component of bool ``side`` (fh, fw) that holds its strongest token (largest ``strength``,
     float (fh, fw), first in raster order on ties): TokenCut's object. Empty ``side`` gives an empty mask."""

@@ -200,8 +200,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
          solver: Literal["lanczos", "dense"] = "lanczos", foreground: Literal["mass", "mean", "eigvec", "corners"] = "mass",
          components: Literal["overlap", "largest", "all", "seed"] = "overlap",
          combine: Literal["none", "intersection", "union"] = "none", instances: PositiveInt = 1,
-         min_area: Fraction = 0.0, max_overlap: Fraction = 0.5, tau_quantile: Fraction | None = None
-         ) -> list[np.ndarray]:
+         min_area: Fraction = 0.0, max_overlap: Fraction = 0.5, tau_quantile: Fraction | None = None,
+         corner_veto: bool = False) -> list[np.ndarray]:
     """Normalized-cut refinement on the classifier's token features, guided by the explanation.
 
     TokenCut (Wang et al. 2022, CVPR) bipartitions the token graph of :func:`affinity` with :func:`ncut_bipartition`;
@@ -213,7 +213,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     1. Bipartition the remaining tokens: ``y > split`` versus the rest, ``split = mean(y)``.
     2. Foreground = the side with more explanation mass (``foreground="mass"``: the sum of the fused map over
        it) or the higher mean explanation (``"mean"``: mass per token, which does not favour the larger side);
-       on a tie the side with fewer tokens; on a tie of both the side ``y > split``. It must overlap the
+       on a tie the side with fewer tokens; on a tie of both the side ``y > split``. With ``corner_veto``,
+       MaskCut's corner rule then overrules the explanation: a chosen side holding two or more grid corners,
+       opposite one holding fewer, is reversed (:func:`segfromxai.cutrules.corner_veto`). It must overlap the
        thresholded explanation on the feature grid, else this cut gives no instance.
        A graph with no cut (every pair of remaining tokens joined, or none) has no unique Fiedler vector; the
        first instance is then the :func:`none` mask (the thresholded explanation) and the search stops.
@@ -266,6 +268,10 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     tau_quantile : float in [0, 1], optional
         Set ``tau`` per image to this quantile of the off-diagonal similarities instead
         (:func:`segfromxai.cutrules.similarity_quantile`), for backbones whose keys are near-parallel.
+    corner_veto : bool
+        With ``foreground`` ``"mass"`` or ``"mean"``: reverse the explanation's side when it holds two or more grid
+        corners and the other side fewer (step 2). Measured on synth: the explanation of a large object often
+        favours the background around it (README: Boundary).
 
     Returns
     -------
@@ -306,6 +312,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         fg_hi = (foreground_is_high(y, prior[idx], rule=foreground) if explained else
                  bool(np.array_equal(cutrules.eigvec_side(y, split, idx, (fh, fw), corners=foreground == "corners"),
                                      hi)))
+        if explained and corner_veto:
+            fg_hi = cutrules.corner_veto(hi, fg_hi, idx, (fh, fw))
         side = np.zeros(n, dtype=bool)
         side[idx[hi if fg_hi else ~hi]] = True
         side = side.reshape(fh, fw)

@@ -67,6 +67,24 @@ def test_a_coarse_square_snaps_to_the_image_edge(method):
     assert iou(out[0], square) > 0.95, iou(out[0], square)
 
 
+def test_grabcut_opens_a_ring_that_the_cut_filled_and_hole_filling_would_close_again():
+    """Why the default keeps holes open: a bright ring on a dark ground, refined as the filled disc (a token grid
+    cannot see the hole). GrabCut's colour models carve the hole; ``masks.clean(fill_holes=True)`` would undo it."""
+    from segfromxai.masks import clean
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:224, :224]
+    r = np.hypot(yy - 112, xx - 112)
+    ring = (r < 80) & (r >= 40)
+    image = np.where(ring[..., None], rng.normal(200, 4, (224, 224, 3)), rng.normal(50, 4, (224, 224, 3)))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    disc = r < 86
+    (out,) = refine_boundary([disc], image, (16.0, 16.0), "grabcut", {"iterations": 2})
+    assert iou(disc, ring) < 0.8 and iou(out, ring) > 0.95, iou(out, ring)
+    assert iou(clean([out], fill_holes=False)[0], ring) > 0.95
+    assert iou(clean([out], fill_holes=True)[0], ring) < 0.8
+
+
 def test_none_is_the_identity():
     image, _, coarse = square_scene()
     assert refine_boundary([coarse], image, (16.0, 16.0), "none")[0].tolist() == coarse.tolist()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from segfromxai.cutrules import corners_held, eigvec_side, seed_component, similarity_quantile
+from segfromxai.cutrules import corner_veto, corners_held, eigvec_side, seed_component, similarity_quantile
 from segfromxai.refine import ncut
 
 
@@ -27,6 +27,20 @@ def test_eigvec_side_holds_the_largest_magnitude_entry_and_maskcut_reverses_corn
     assert eigvec_side(y, float(y.mean()), np.arange(4), (2, 2), corners=False).tolist() == [True, True, True, False]
     assert eigvec_side(y, float(y.mean()), np.arange(4), (2, 2), corners=True).tolist() == [False, False, False, True]
     assert corners_held(np.ones((3, 3), bool)) == 4 and corners_held(np.eye(3, dtype=bool)) == 2
+
+
+def test_corner_veto_reverses_only_a_chosen_side_holding_two_corners_against_fewer():
+    grid = (3, 3)
+    ring = np.ones(9, bool)
+    ring[4] = False  # y > split on the frame: every corner
+    assert corner_veto(ring, True, np.arange(9), grid) is False  # the frame was chosen: reversed to the centre
+    assert corner_veto(ring, False, np.arange(9), grid) is False  # the centre was chosen: kept
+    half = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0], bool)  # two corners on each side: the explanation's choice stands
+    assert corner_veto(half, True, np.arange(9), grid) is True and corner_veto(half, False, np.arange(9), grid) is False
+    # later cuts see only the remaining tokens: removed corners count for neither side
+    idx = np.array([1, 2, 3, 5, 7, 8])
+    hi = np.array([True, True, False, False, False, True])  # tokens 1, 2, 8: corners 2 and 8 on the high side
+    assert corner_veto(hi, True, idx, grid) is False and corner_veto(hi, False, idx, grid) is False
 
 
 def test_seed_component_keeps_the_component_of_the_strongest_token():

@@ -129,6 +129,19 @@ def test_fused_high_outside_makes_the_outside_foreground():
     assert out[:5].all() and out[-5:].all() and 0.8 * outside.sum() < out.sum() < outside.sum()
 
 
+def test_corner_veto_reverses_an_explained_side_that_holds_the_corners():
+    """A map higher on the frame around the block chooses the outside (all four corners); MaskCut's corner rule
+    overrules it, and leaves a choice that holds no corner alone. The reversed side must still overlap the
+    thresholded map (here ``> 0.5``: everything), as any chosen side must."""
+    outside = np.where(BLOCK, 0.6, 0.9).astype(np.float32)
+    inside = np.where(BLOCK, 0.9, 0.1).astype(np.float32)
+    for rule in ("mass", "mean"):
+        kw = dict(size=(5, 5), features=CENTRE, foreground=rule)
+        assert [m.tolist() for m in ncut(outside, outside > 0.5, **kw)] == [(~BLOCK).tolist()]
+        assert [m.tolist() for m in ncut(outside, outside > 0.5, corner_veto=True, **kw)] == [BLOCK.tolist()]
+        assert [m.tolist() for m in ncut(inside, inside > 0.5, corner_veto=True, **kw)] == [BLOCK.tolist()]
+
+
 def test_upsampling_keeps_aspect_ratio():
     fused = np.where(BLOCK, 0.9, 0.1).astype(np.float32)
     for refiner in REFINERS.values():

@@ -1,0 +1,140 @@
+"""Sweep the post-explanation stages (refine, boundary) of a recipe over a cached explain pass.
+
+Labelling is dominated by the explain pass and the feature backbone's forward; the stages after them are cheap. So
+this script runs a recipe's shared pass and feature forward once per image set (``cache``), keeps the fused maps,
+token features, images and the ground-truth union, and then scores many variants of the later stages on that
+cache (``sweep``), exactly as :func:`segfromxai.pipeline.label_image` chains them. Scores are per-image means of
+the class-agnostic union of an image's masks against the ground-truth union (IoU, precision, recall), as
+``segfromxai compare`` reports them.
+
+    python scripts/sweep_stages.py cache --recipe default --images S/images --gt S/annotations.json --out c.pkl
+    python scripts/sweep_stages.py sweep c.pkl --variants variants.toml
+
+A variants file is TOML: each table is a variant, its keys ``refine``, ``boundary``, ``masks`` are dicts merged
+over the recipe's sections (``boundary.method`` switches the method), e.g.::
+
+    [guided-level-0.6]
+    boundary = {method = "guided", level = 0.6}
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segfromxai.compare import _gt_union
+from segfromxai.engine import ChunkLoader, batch_target
+from segfromxai.evaluate import load_source, match_names
+from segfromxai.images import find_images
+from segfromxai.metrics import confusion
+from segfromxai.model import load_model
+from segfromxai.pipeline import feature_maps, fuse_recipe, label_image, shared_pass, _maps_of, explain_calls
+from segfromxai.recipe import Stage, load_recipe
+from segfromxai.targets import Targets
+
+
+def cache(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    model = load_model(args.model, args.checkpoint)
+    images = Path(args.images)
+    paths = find_images(images)[:args.limit]
+    rels = [p.relative_to(images).as_posix() for p in paths]
+    ref = load_source(args.gt)
+    pairs = dict(match_names(rels, ref)[0])
+    chunks = [list(range(k, min(k + args.batch_size, len(paths)))) for k in range(0, len(paths), args.batch_size)]
+    loader = ChunkLoader(chunks, paths, rels, Targets(), list(model.classes), model.preprocess)
+    items = []
+    for k in range(len(loader)):
+        _, loaded, x = loader[k]
+        ims = [im for _, _, im, _ in loaded]
+        passes = shared_pass(model, [recipe], x, batch_target([t for *_, t in loaded], x.device))
+        feats = feature_maps(model, [recipe], x, passes[0], ims)
+        fkey = tuple(sorted(recipe.features.items()))
+        fused = fuse_recipe(model, recipe, _maps_of(recipe, explain_calls([recipe]), passes))
+        for j, (_, rel, im, _) in enumerate(loaded):
+            gt, ignore = _gt_union(ref, pairs[rel])
+            items.append({"rel": rel, "image": im, "fused": fused[j],
+                          "features": None if fkey not in feats else feats[fkey][j].astype(np.float32),
+                          "gt": gt, "ignore": ignore})
+        print(f"cached {len(items)}/{len(paths)}", file=sys.stderr, flush=True)
+    with open(args.out, "wb") as f:
+        pickle.dump({"recipe": recipe, "items": items}, f)
+
+
+def variant_recipe(recipe, spec: dict):
+    r = recipe
+    for section in ("refine", "boundary", "threshold"):
+        if section in spec:
+            given = dict(spec[section])
+            stage: Stage = getattr(r, section)
+            method = given.pop("method", stage.method)
+            params = {**(stage.params if method == stage.method else {}), **given}
+            r = replace(r, **{section: Stage(method, params)})
+    if "masks" in spec:
+        r = replace(r, masks={**r.masks, **spec["masks"]})
+    return r
+
+
+def score(recipe, items: list[dict]) -> dict[str, list[float]]:
+    out = {"iou": [], "precision": [], "recall": []}
+    for it in items:
+        size = it["image"].shape[:2]
+        ms = label_image(it["fused"], size, recipe, it["features"], it["image"])
+        pred = np.zeros(size, bool)
+        for m in ms:
+            pred |= m
+        tp, fp, fn, _ = confusion(pred, it["gt"], it["ignore"])
+        out["iou"].append(tp / max(tp + fp + fn, 1))
+        out["precision"].append(tp / (tp + fp) if tp + fp else float("nan"))
+        out["recall"].append(tp / (tp + fn) if tp + fn else float("nan"))
+    return out
+
+
+def sweep(args: argparse.Namespace) -> None:
+    variants = tomllib.loads(Path(args.variants).read_text())
+    caches = [pickle.loads(Path(c).read_bytes()) for c in args.caches]
+    head = "variant".ljust(28) + "".join(f"{Path(c).stem[:22]:>24}" for c in args.caches)
+    print(head)
+    for name, spec in {"recipe": {}, **variants}.items():
+        cells, per = [], []
+        for c in caches:
+            s = score(variant_recipe(c["recipe"], spec), c["items"])
+            cells.append(f"{np.nanmean(s['iou']):.3f}/{np.nanmean(s['precision']):.3f}/{np.nanmean(s['recall']):.3f}")
+            per.append(s["iou"])
+        print(name.ljust(28) + "".join(f"{x:>24}" for x in cells), flush=True)
+        if args.per_image:
+            for c, ious in zip(caches, per):
+                print("   ", " ".join(f"{v:.2f}" for v in ious))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cache")
+    c.add_argument("--recipe", default="default")
+    c.add_argument("--images", required=True)
+    c.add_argument("--gt", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--model", default=None)
+    c.add_argument("--checkpoint", default=None)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("sweep")
+    s.add_argument("caches", nargs="+")
+    s.add_argument("--variants", required=True)
+    s.add_argument("--per-image", action="store_true")
+    args = p.parse_args()
+    cache(args) if args.cmd == "cache" else sweep(args)
+
+
+if __name__ == "__main__":
+    main()
