@@ -237,20 +237,20 @@ def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_
                                                                                        synth_images, tmp_path):
     from segfromxai.boundary import BOUNDARIES
 
-    recipe = json.loads((tiny_run / "run.json").read_text())["recipe"]
-    assert recipe["boundary"]["method"] == "guided" and "guided" in BOUNDARIES
+    method = json.loads((tiny_run / "run.json").read_text())["recipe"]["boundary"]["method"]
+    assert method != "none" and method in BOUNDARIES  # the default recipe has a boundary stage
     cfg = StudentConfig(val_fraction=0.4, **FAST)
     images = synth_images / "images"
     train_student(tiny_run, images, tmp_path, model=tiny_model, config=cfg, gt=synth_images / "annotations.json")
-    guided = _anns(tmp_path / "student_labels.json")
-    assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {"guided"}
+    snapped = _anns(tmp_path / "student_labels.json")
+    assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {method}
     assert (tmp_path / "report.html").is_file() and list((tmp_path / "sheets").glob("*.png"))
     seen = []
     off = StudentConfig(val_fraction=0.4, boundary="none", **FAST)
     train_student(tiny_run, images, tmp_path, model=tiny_model, config=off, on_epoch=lambda r, e: seen.append(e))
     assert seen == []  # the boundary does not change the head: round 1 is reloaded, not retrained
     assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {"none"}
-    assert _anns(tmp_path / "student_labels.json") != guided
+    assert _anns(tmp_path / "student_labels.json") != snapped
 
 
 def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(tiny_model, tiny_run, synth_images,
