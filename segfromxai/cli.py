@@ -468,7 +468,7 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
               help="self-training: keep only pixels whose top probability reaches this (others ignored)")
 @click.option("--boundary", default=None, help="boundary method for the student's masks (`segfromxai list`: "
               "boundaries; default: the training run's recipe's method and parameters; none: off)")
-@click.option("--soft", default="probs", show_default=True,
+@click.option("--soft", default="ramp", show_default=True,
               help="the boundary method's soft map: probs (the student's own) or ramp (one token around its mask)")
 @click.option("--img-size", type=click.IntRange(min=0), default=392, show_default=True,
               help="the trunk's input side in pixels (0: the classifier's own; 392 gives a ViT-S/14 28 x 28 tokens)")

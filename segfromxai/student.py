@@ -328,7 +328,7 @@ class StudentConfig:
     val_fraction: float = 0.2
     holdout: bool = True
     boundary: str | None = None
-    soft: str = "probs"
+    soft: str = "ramp"
     img_size: int = 392
 
     def __post_init__(self) -> None:
@@ -447,7 +447,7 @@ class Labeller:
     provenance: dict[str, Any] = field(default_factory=dict)
     boundary: str = "none"
     boundary_params: dict[str, Any] = field(default_factory=dict)
-    soft: str = "probs"
+    soft: str = "ramp"
 
 
 def annotations_of(probs: np.ndarray, class_probs: np.ndarray, lab: Labeller, *, image: np.ndarray | None = None,
