@@ -466,11 +466,20 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
               help="drop training masks scored below this")
 @click.option("--confident", type=click.FloatRange(0, 1), default=None,
               help="self-training: keep only pixels whose top probability reaches this (others ignored)")
+@click.option("--boundary", default=None, help="boundary method for the student's masks (`segfromxai list`: "
+              "boundaries; default: the training run's recipe's method and parameters; none: off)")
+@click.option("--soft", default="ramp", show_default=True,
+              help="the boundary method's soft map: probs (the student's own) or ramp (one token around its mask)")
+@click.option("--img-size", type=click.IntRange(min=0), default=392, show_default=True,
+              help="the trunk's input side in pixels (0: the classifier's own; 392 gives a ViT-S/14 28 x 28 tokens)")
+@click.option("--token-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for the trunk's cached tokens, reused by later jobs on the same images [default: OUT/tokens]")
 @model_options
 def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, gt: Path | None, rounds: int,
                 val_fraction: float, score_train: bool, seed: int, head: str, mode: str, epochs: int, lr: float,
                 batch_size: int, max_area: float | None, min_score: float | None, confident: float | None,
-                model_name: str | None, checkpoint: Path | None, device: str) -> None:
+                boundary: str | None, soft: str, img_size: int, token_cache: Path | None, model_name: str | None,
+                checkpoint: Path | None, device: str) -> None:
     """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
     --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
     from .student import StudentConfig, train_student
@@ -478,13 +487,15 @@ def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, g
     try:
         config = StudentConfig(head=head, mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                max_area=max_area, min_score=min_score, rounds=rounds, confident=confident,
-                               val_fraction=val_fraction, holdout=not score_train)
+                               val_fraction=val_fraction, holdout=not score_train, boundary=boundary, soft=soft,
+                               img_size=img_size)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     model = _load(model_name, checkpoint, device)
     try:
         summary = train_student(train_run, images, out, model=model, config=config, gt=gt, pseudo=pseudo,
-                                progress=sys.stderr.isatty(), log=click.echo)
+                                progress=sys.stderr.isatty(), log=click.echo,
+                                cache=token_cache.resolve() if token_cache is not None else "tokens")
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     held = " (held out of training)" if summary["held_out"] else ""

@@ -11,6 +11,7 @@ def registries() -> dict[str, list[str]]:
     from .metrics import METRICS
     from .refine import REFINERS
     from .student import HEADS
+    from .student_masks import SOFT_MAPS
     from .threshold import THRESHOLDS
 
     return {
@@ -21,4 +22,5 @@ def registries() -> dict[str, list[str]]:
         "metrics": sorted(METRICS),
         "map metrics": sorted(MAP_METRICS),
         "student heads": sorted(HEADS),
+        "student soft maps": sorted(SOFT_MAPS),
     }

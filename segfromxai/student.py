@@ -40,13 +40,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import masks as mask_ops
+from .boundary import BOUNDARIES
 from .coco import write_coco
+from .features import Backbone, load_backbone
 from .fileio import atomic_write
 from .images import find_images, load_image
 from .manifest import Manifest
 from .model import LoadedModel, is_vit, tokens_to_grid, write_card
+from .student_masks import SOFT_MAPS, channel_masks
 
 IGNORE = 255
+UNTRAINED = ("rounds", "boundary", "soft")  # settings that do not change a round's head (its checkpoint key)
 MODES = ("auto", "binary", "classes")
 
 
@@ -73,10 +77,12 @@ class RunSource:
     coco: Path
     categories: list[dict]
     mask_params: dict[str, Any]
+    boundary: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
 
 
 def read_run(folder: str | Path) -> RunSource:
-    """Read a ``run`` output folder: ``pseudo_labels.json`` and the image folder named in its manifest header."""
+    """Read a ``run`` output folder: ``pseudo_labels.json`` (with the resolved recipe in its ``info``, as in
+    ``run.json``) and the image folder named in its manifest header."""
     folder = Path(folder)
     coco, manifest = folder / "pseudo_labels.json", folder / "manifest.jsonl"
     if not coco.is_file():
@@ -86,7 +92,8 @@ def read_run(folder: str | Path) -> RunSource:
         raise ValueError(f"{folder}: its manifest.jsonl does not name the image folder")
     doc = json.loads(coco.read_text())
     recipe = doc.get("info", {}).get("recipe", {})
-    return RunSource(folder, Path(header["images"]), coco, list(doc["categories"]), dict(recipe.get("masks", {})))
+    return RunSource(folder, Path(header["images"]), coco, list(doc["categories"]), dict(recipe.get("masks", {})),
+                     dict(recipe.get("boundary", {"method": "none"})))
 
 
 def held_out(name: str, fraction: float) -> bool:
@@ -108,13 +115,15 @@ class Tokens:
     """Frozen trunk outputs of a set of images.
 
     ``grid``: float16 (N, V, gh, gw, D), view 1 (when V = 2) the left-right mirror; ``probs``: float32 (N, C) the
-    trunk classifier's class probabilities (C = 0 without a classifier head); ``sizes``: (H, W) of each image.
+    trunk classifier's class probabilities (C = 0 without a classifier head); ``sizes``: (H, W) of each image;
+    ``root``: the folder of the images (the boundary stage's guides), None when not known.
     """
 
     names: list[str]
     sizes: list[tuple[int, int]]
     grid: torch.Tensor
     probs: np.ndarray
+    root: Path | None = None
 
 
 def trunk_tokens(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,27 +137,78 @@ def trunk_tokens(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return grid, probs
 
 
+def student_trunk(model: LoadedModel, img_size: int = 0) -> Backbone:
+    """The student's frozen trunk: the classifier itself (``img_size`` 0 or its own input size), or the classifier
+    rebuilt at ``img_size`` x ``img_size`` with its position embedding resampled
+    (:func:`segfromxai.features.load_backbone`; a ViT-S/14 at 392 px gives a 28 x 28 token grid)."""
+    if img_size and model.preprocess.size != (img_size, img_size):
+        return load_backbone(model, {"model": "classifier", "img_size": int(img_size)})
+    return Backbone(model.module, model.preprocess, model.source)
+
+
+def _batch_tokens(model: LoadedModel, trunk: Backbone, ims: list[np.ndarray], flip: bool
+                  ) -> tuple[torch.Tensor, np.ndarray]:
+    """Token grids (B, V, gh, gw, D) float16 of a batch of images, and the classifier's probabilities (B, C) at its
+    own input size (the class ``run`` explains, also when the trunk runs at another size)."""
+    x = trunk.preprocess.batch(ims).to(model.device)
+    g, p = trunk_tokens(trunk.module, x)
+    views = [g] + ([trunk_tokens(trunk.module, x.flip(-1))[0]] if flip else [])
+    if trunk.module is not model.module and getattr(model.module, "num_classes", 0):
+        p = model.module(model.preprocess.batch(ims).to(model.device)).softmax(1)
+    probs = p.float().cpu().numpy() if p is not None else np.zeros((len(ims), 0), np.float32)
+    return torch.stack(views, 1).half().cpu(), probs
+
+
 def cache_tokens(model: LoadedModel, root: str | Path, names: list[str], *, flip: bool = True, batch_size: int = 16,
-                 progress: bool = False, desc: str = "tokens") -> Tokens:
-    """:class:`Tokens` of the images ``root/name`` (with their mirrors when ``flip``), computed once, no gradient."""
+                 progress: bool = False, desc: str = "tokens", trunk: Backbone | None = None) -> Tokens:
+    """:class:`Tokens` of the images ``root/name`` (with their mirrors when ``flip``), computed once, no gradient,
+    by ``trunk`` (default: :func:`student_trunk` of ``model``, the classifier at its own size)."""
     from tqdm import tqdm
 
+    trunk = trunk if trunk is not None else student_trunk(model)
     root, grids, probs, sizes = Path(root), [], [], []
     model.module.eval()
     with torch.no_grad():
         for s in tqdm(range(0, len(names), batch_size), desc=desc, leave=False, disable=not progress):
             ims = [load_image(root / n) for n in names[s:s + batch_size]]
             sizes += [im.shape[:2] for im in ims]
-            x = model.preprocess.batch(ims).to(model.device)
-            g, p = trunk_tokens(model.module, x)
-            views = [g]
-            if flip:
-                views.append(trunk_tokens(model.module, x.flip(-1))[0])
-            grids.append(torch.stack(views, 1).half().cpu())
-            probs.append(p.float().cpu().numpy() if p is not None else np.zeros((len(ims), 0), np.float32))
+            g, p = _batch_tokens(model, trunk, ims, flip)
+            grids.append(g)
+            probs.append(p)
     d = model.module.num_features
     grid = torch.cat(grids) if grids else torch.zeros((0, 2 if flip else 1, 1, 1, d), dtype=torch.float16)
-    return Tokens(list(names), sizes, grid, np.concatenate(probs) if probs else np.zeros((0, 0), np.float32))
+    return Tokens(list(names), sizes, grid, np.concatenate(probs) if probs else np.zeros((0, 0), np.float32), root)
+
+
+def token_key(model: LoadedModel, trunk: Backbone, root: Path, names: list[str], flip: bool) -> str:
+    """What identifies a set of cached tokens: the classifier, the trunk and its input, the images (relative names,
+    byte sizes and modification times) and the views."""
+    stats = [(n, (root / n).stat().st_size, (root / n).stat().st_mtime_ns) for n in names]
+    return settings_key(model.timm_name, model.source, trunk.source, trunk.preprocess.to_dict(), flip,
+                        str(root.resolve()), stats)
+
+
+def stored_tokens(model: LoadedModel, root: str | Path, names: list[str], *, cache: Path | None,
+                  trunk: Backbone, flip: bool = True, progress: bool = False, desc: str = "tokens") -> Tokens:
+    """:func:`cache_tokens`, kept on disk as ``cache/<key>.safetensors`` (:func:`token_key`) when ``cache`` is
+    given, so a resumed job or one with another boundary or round count does not run the trunk again."""
+    from safetensors.torch import load_file, save
+
+    if cache is None:
+        return cache_tokens(model, root, names, flip=flip, progress=progress, desc=desc, trunk=trunk)
+    root = Path(root)
+    path = cache / f"{token_key(model, trunk, root, names, flip)}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        sizes = [tuple(int(v) for v in hw) for hw in t["sizes"].tolist()]
+        return Tokens(list(names), sizes, t["grid"], t["probs"].numpy(), root)
+    tokens = cache_tokens(model, root, names, flip=flip, progress=progress, desc=desc, trunk=trunk)
+    cache.mkdir(parents=True, exist_ok=True)
+    tensors = {"grid": tokens.grid.contiguous(), "probs": torch.from_numpy(np.ascontiguousarray(tokens.probs)),
+               "sizes": torch.tensor(tokens.sizes, dtype=torch.int64).reshape(-1, 2)}
+    with atomic_write(path, "wb") as f:
+        f.write(save(tensors))
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -245,7 +305,12 @@ class StudentConfig:
     from ``(seed, round, epoch)``. max_area, min_score : label-cleaning filters (None: off). rounds : training
     rounds (round 1 on the pseudo-labels, each later one on the previous student's labels). confident : keep only
     pixels of the student's labels with a top probability at least this (None: all). flip : cache mirrored tokens
-    too (flip augmentation). val_fraction, holdout : see :func:`split`.
+    too (flip augmentation). val_fraction, holdout : see :func:`split`. boundary : a name in
+    :data:`segfromxai.boundary.BOUNDARIES` for the predicted masks (None: the training run's recipe's method and
+    parameters; another method runs with its defaults; ``none``: off). soft : the boundary method's soft map, a
+    name in :data:`segfromxai.student_masks.SOFT_MAPS`. img_size : the trunk's input side in pixels (0: the
+    classifier's own; see :func:`student_trunk`); 392 (28 x 28 tokens for the embedded ViT-S/14) measured better
+    than its own 224 on synth.
     """
 
     head: str = "linear"
@@ -262,10 +327,19 @@ class StudentConfig:
     flip: bool = True
     val_fraction: float = 0.2
     holdout: bool = True
+    boundary: str | None = None
+    soft: str = "ramp"
+    img_size: int = 392
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"unknown student head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.boundary is not None and self.boundary not in BOUNDARIES:
+            raise ValueError(f"unknown boundary method {self.boundary!r}; choose one of {', '.join(BOUNDARIES)}")
+        if self.soft not in SOFT_MAPS:
+            raise ValueError(f"unknown soft map {self.soft!r}; choose one of {', '.join(SOFT_MAPS)}")
+        if self.img_size < 0:
+            raise ValueError(f"img_size must be >= 0 (0: the classifier's own), got {self.img_size}")
         if self.mode not in MODES:
             raise ValueError(f"unknown student mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if not 0 < self.val_fraction < 1:
@@ -361,7 +435,9 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
 @dataclass(frozen=True)
 class Labeller:
     """What turns a student's probabilities into COCO annotations: the mode, the run's categories, the category of
-    each trunk class (binary mode; ``fallback`` for classes the run does not name) and the ``[masks]`` section."""
+    each trunk class (binary mode; ``fallback`` for classes the run does not name), the ``[masks]`` section and the
+    boundary stage (``boundary``, a name in :data:`segfromxai.boundary.BOUNDARIES`, with ``boundary_params``, on
+    the soft map ``soft`` of :data:`segfromxai.student_masks.SOFT_MAPS`)."""
 
     mode: str
     categories: list[dict]
@@ -369,22 +445,28 @@ class Labeller:
     fallback: int
     mask_params: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    boundary: str = "none"
+    boundary_params: dict[str, Any] = field(default_factory=dict)
+    soft: str = "ramp"
 
 
-def annotations_of(probs: np.ndarray, class_probs: np.ndarray, lab: Labeller) -> list[dict]:
+def annotations_of(probs: np.ndarray, class_probs: np.ndarray, lab: Labeller, *, image: np.ndarray | None = None,
+                   grid: tuple[int, int] = (1, 1)) -> list[dict]:
     """Annotations of one image from the student's probabilities float32 (K, H, W): per foreground channel, the
-    cleaned masks of the pixels where it wins. Binary: category of the trunk's top-1 class, score = its probability
-    times the mean foreground probability in the mask; classes: the channel's category, score = its mean
-    probability in the mask."""
-    arg = probs.argmax(0)
+    cleaned masks of the pixels where it wins, moved onto the image's edges by ``lab.boundary``
+    (:func:`segfromxai.student_masks.channel_masks`; ``image`` uint8 (H, W, 3) RGB is its guide, ``grid`` the
+    student's token grid). Binary: category of the trunk's top-1 class, score = its probability times the mean
+    foreground probability in the mask; classes: the channel's category, score = its mean probability in the
+    mask."""
+    found = channel_masks(probs, image, grid=grid, boundary=lab.boundary, params=lab.boundary_params, soft=lab.soft)
     out = []
-    for c in range(1, probs.shape[0]):
+    for c, mask in enumerate(found, start=1):
         if lab.mode == "binary":
             top = int(class_probs.argmax()) if class_probs.size else -1
             cat, conf = lab.class_category.get(top, lab.fallback), float(class_probs.max()) if class_probs.size else 1.0
         else:
             cat, conf = int(lab.categories[c - 1]["id"]), 1.0
-        for m in mask_ops.clean([arg == c], **lab.mask_params):
+        for m in mask_ops.clean([mask], **lab.mask_params):
             out.append({"category_id": cat, "segmentation": mask_ops.encode(m),
                         "score": conf * float(probs[c][m].mean()), "attributes": dict(lab.provenance)})
     return out
@@ -392,13 +474,19 @@ def annotations_of(probs: np.ndarray, class_probs: np.ndarray, lab: Labeller) ->
 
 def predict(head: nn.Module, tokens: Tokens, lab: Labeller) -> list[dict]:
     """COCO records (see :mod:`segfromxai.coco`) of every image of ``tokens``: image ids 1, 2, ... in order, each
-    image written with or without masks, as ``run`` writes them."""
+    image written with or without masks, as ``run`` writes them. The boundary stage (unless ``none``) reads each
+    image from ``tokens.root`` as its guide."""
+    if lab.boundary != "none" and tokens.root is None:
+        raise ValueError(f"boundary method {lab.boundary!r} needs the images: tokens without a root folder")
+    grid = tuple(tokens.grid.shape[2:4])
     records = []
     with torch.no_grad():
         for i, (name, size) in enumerate(zip(tokens.names, tokens.sizes)):
             p = view_probs(head, tokens.grid[i:i + 1, :1], tuple(size))[0].numpy()
+            guide = load_image(Path(tokens.root) / name) if lab.boundary != "none" else None
             image = {"id": i + 1, "file_name": name, "height": int(size[0]), "width": int(size[1])}
-            records.append({"image": image, "annotations": annotations_of(p, tokens.probs[i], lab)})
+            anns = annotations_of(p, tokens.probs[i], lab, image=guide, grid=grid)
+            records.append({"image": image, "annotations": anns})
     return records
 
 
@@ -469,8 +557,21 @@ def make_labeller(model: LoadedModel, src: RunSource, anns: dict[str, list[dict]
             counts[int(a["category_id"])] = counts.get(int(a["category_id"]), 0) + 1
     fallback = max(counts, key=lambda c: (counts[c], -c)) if counts else int(src.categories[0]["id"])
     class_category = {i: by_name[c] for i, c in enumerate(model.classes) if c in by_name}
-    provenance = {"student": config.head, "mode": mode, "trunk": model.source}
-    return Labeller(mode, src.categories, class_category, fallback, src.mask_params, provenance)
+    method, params = student_boundary(src.boundary, config.boundary)
+    provenance = {"student": config.head, "mode": mode, "trunk": model.source, "boundary": method}
+    return Labeller(mode, src.categories, class_category, fallback, src.mask_params, provenance, method, params,
+                    config.soft)
+
+
+def student_boundary(recipe: dict[str, Any], method: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The boundary method and parameters of a student's masks: the training run's recipe's ``[boundary]``
+    (``{"method": ..., **params}``), or ``method`` when given (with the recipe's parameters when it is the recipe's
+    method, else its own defaults)."""
+    given = dict(recipe) if recipe else {"method": "none"}
+    own = str(given.pop("method", "none"))
+    if method is None or method == own:
+        return own, given
+    return method, {}
 
 
 def save_round(folder: Path, head: nn.Module, model: LoadedModel, *, channels: list[str], key: str,
@@ -503,8 +604,10 @@ def load_round(folder: Path, config: StudentConfig, dim: int, k: int, key: str) 
 
 
 def load_student(card: str | Path, *, device: str = "cpu") -> tuple[LoadedModel, nn.Module, dict[str, Any]]:
-    """A trained student from its round folder or ``card.json``: the trunk (from the card's ``trunk``), the head and
-    the card. The trunk is reloaded with :func:`segfromxai.model.load_model` (a card path, or the default)."""
+    """A trained student from its round folder or ``card.json``: the classifier (from the card's ``trunk``), the
+    head and the card. The classifier is reloaded with :func:`segfromxai.model.load_model` (a card path, or the
+    default); the head reads the tokens of ``student_trunk(model, card["config"]["img_size"])``
+    (:func:`student_trunk`, :func:`cache_tokens`)."""
     from safetensors.torch import load_file
 
     from .model import load_model, read_card
@@ -531,11 +634,13 @@ class Job:
     keep: np.ndarray
     channels: list[str]
     labeller: Labeller
+    input_size: tuple[int, int] = (224, 224)
 
 
 def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, config: StudentConfig,
-            progress: bool = False) -> Job:
-    """Read the training run, split the images, cache the trunk's tokens once and build round 1's targets."""
+            progress: bool = False, cache: Path | None = None) -> Job:
+    """Read the training run, split the images, cache the trunk's tokens once (on disk in ``cache`` when given,
+    :func:`stored_tokens`) and build round 1's targets."""
     src = read_run(train_run)
     anns, sizes, _ = read_annotations(src.coco)
     sp = split(list(anns), src.images, Path(images), config)
@@ -544,17 +649,21 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
     channel = {int(c["id"]): (1 if mode == "binary" else j + 1) for j, c in enumerate(src.categories)}
     channels = ["background", "foreground"] if mode == "binary" else ["background", *(c["name"] for c in
                                                                                      src.categories)]
-    train = cache_tokens(model, src.images, sp.train, flip=config.flip, progress=progress, desc="training tokens")
+    trunk = student_trunk(model, config.img_size)
+    train = stored_tokens(model, src.images, sp.train, cache=cache, trunk=trunk, flip=config.flip, progress=progress,
+                          desc="training tokens")
     if sp.test == sp.train and Path(images).resolve() == src.images.resolve():
-        test = Tokens(train.names, train.sizes, train.grid[:, :1], train.probs)
+        test = Tokens(train.names, train.sizes, train.grid[:, :1], train.probs, train.root)
     else:
-        test = cache_tokens(model, images, sp.test, flip=False, progress=progress, desc="tokens to predict")
-    targets, keep = pseudo_targets(anns, sizes, sp.train, model.preprocess.size, channel,
+        test = stored_tokens(model, images, sp.test, cache=cache, trunk=trunk, flip=False, progress=progress,
+                             desc="tokens to predict")
+    targets, keep = pseudo_targets(anns, sizes, sp.train, trunk.preprocess.size, channel,
                                    max_area=config.max_area, min_score=config.min_score)
     if not keep.any():
         raise ValueError(f"no training image left: {len(sp.train)} images in {src.coco}, none with a mask that "
                          "passes the filters (--max-area, --min-score)")
-    return Job(src, sp, train, test, targets, keep, channels, make_labeller(model, src, anns, mode, config))
+    return Job(src, sp, train, test, targets, keep, channels, make_labeller(model, src, anns, mode, config),
+               trunk.preprocess.size)
 
 
 def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel, config: StudentConfig,
@@ -569,7 +678,8 @@ def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel,
         head = train_head(job.train, job.targets, job.keep, k, config, round_=round_, checkpoint=ckpt, key=key,
                           progress=progress, on_epoch=on_epoch)
         extra = {"config": config.to_dict(), "round": round_, "mode": job.labeller.mode,
-                 "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out}
+                 "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out,
+                 "input_size": list(job.input_size)}
         save_round(folder, head, model, channels=job.channels, key=key, extra=extra)
         ckpt.unlink(missing_ok=True)
     return head
@@ -588,24 +698,29 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
                   config: StudentConfig = StudentConfig(), gt: str | Path | None = None,
                   pseudo: str | Path | None = None, progress: bool = False,
                   on_epoch: Callable[[int, int], None] | None = None,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, cache: str | Path | None = "tokens") -> dict[str, Any]:
     """Train a student on the pseudo-labels of ``train_run``, predict ``images``, and self-train ``config.rounds``.
 
     Writes ``out/round_<r>/`` (``head.safetensors``, ``card.json``, ``student_labels.json``, and with ``gt`` or
     ``pseudo`` ``metrics.json`` and ``per_image.csv``), then the last round's ``out/student_labels.json``,
-    ``out/metrics.json`` (:func:`segfromxai.evaluate.write_evaluation`'s format) and ``out/student.json`` (the
-    headline numbers of every round). ``pseudo`` is a run folder over ``images`` (default, when the student holds
-    out part of the training folder: the training run); its labels are scored on the images the student predicts
-    (``out/pseudo_scored.json``). ``log`` receives each round's table. Returns the content of ``student.json``.
+    ``out/metrics.json`` (:func:`segfromxai.evaluate.write_evaluation`'s format), ``out/report.html`` (the
+    evaluation report with the student column and contact sheets, images from ``images``) and ``out/student.json``
+    (the headline numbers of every round). ``pseudo`` is a run folder over ``images`` (default, when the student
+    holds out part of the training folder: the training run); its labels are scored on the images the student
+    predicts (``out/pseudo_scored.json``). ``log`` receives each round's table. ``cache``: the folder of the
+    trunk's tokens (:func:`stored_tokens`; relative: under ``out``; None: kept in memory only). Returns
+    ``student.json``'s content.
     """
     from .evaluate import headline, table, write_evaluation
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    job = prepare(train_run, images, model=model, config=config, progress=progress)
+    cache = None if cache is None else out / cache
+    job = prepare(train_run, images, model=model, config=config, progress=progress, cache=cache)
     source = read_run(pseudo).coco if pseudo is not None else job.src.coco if job.split.held_out else None
     scored = subset_coco(source, job.split.test, out / "pseudo_scored.json") if source is not None else None
-    key = settings_key({k: v for k, v in config.to_dict().items() if k != "rounds"}, job.split.train, model.source)
+    trained = {k: v for k, v in config.to_dict().items() if k not in UNTRAINED}
+    key = settings_key(trained, job.split.train, model.source)
     rounds, results, records = [], {}, []
     for r in range(1, config.rounds + 1):
         key = settings_key(key, r)
@@ -622,15 +737,22 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
         rounds.append({"round": r, "n_train": int(job.keep.sum()),
                        "table": {n: headline(x) for n, x in results.items()}})
         if r < config.rounds:
-            job.targets, job.keep = student_targets(head, job.train, model.preprocess.size,
+            job.targets, job.keep = student_targets(head, job.train, job.input_size,
                                                     confident=config.confident, max_area=config.max_area)
     write_labels(out / "student_labels.json", records, job.labeller, label_info(job, config, config.rounds))
-    if results:
-        write_evaluation(out, results)
     summary = {"config": config.to_dict(), "train_run": str(job.src.folder), "images": str(images),
                "held_out": job.split.held_out, "n_predicted": len(job.split.test), "rounds": rounds}
-    from .evaluate import json_safe
+    write_summary(out, summary, results, images=Path(images))
+    return summary
 
+
+def write_summary(out: Path, summary: dict[str, Any], results: dict[str, dict[str, Any]], *, images: Path) -> None:
+    """The last round's ``metrics.json``, ``per_image.csv`` and ``report.html`` (when ``results`` holds scores,
+    contact sheets from ``images``) and ``student.json`` (``summary``) in ``out``."""
+    from .evaluate import json_safe, write_evaluation, write_evaluation_report
+
+    if results:
+        write_evaluation(out, results)
+        write_evaluation_report(out, results, settings=summary, images=images, title="segfromxai student report")
     with atomic_write(out / "student.json") as f:
         json.dump(json_safe(summary), f, indent=2)
-    return summary

@@ -101,3 +101,27 @@ def test_compare_plot_loads_in_chromium(tmp_path):
     page.write_text('<!DOCTYPE html><html><head><title>c</title></head><body><img src="compare.svg"></body></html>')
     seen = load_in_browser(page)
     assert seen["images"] == 1 and seen["bad"] == []
+
+
+def test_student_report_with_its_column_and_sheets_loads_in_chromium(tiny_card, synth_images, tmp_path):
+    """`segfromxai student --gt` on a tiny run: report.html holds the three comparisons, and every sheet (five
+    tiles: the student's mask too) and figure loads."""
+    from segfromxai.engine import run
+    from segfromxai.model import load_model
+    from segfromxai.recipe import load_recipe
+
+    run(load_recipe("default"), synth_images / "images", tmp_path / "run", model=load_model(checkpoint=tiny_card),
+        batch_size=4)
+    out = tmp_path / "student"
+    r = CliRunner().invoke(main, ["student", "--train", str(tmp_path / "run"), "--images",
+                                  str(synth_images / "images"), "--out", str(out), "--gt",
+                                  str(synth_images / "annotations.json"), "--epochs", "2", "--val-fraction", "0.4",
+                                  "--img-size", "64", "--checkpoint", str(tiny_card)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    assert all(c in page for c in ("pseudo vs GT", "student vs GT", "pseudo vs student"))
+    sheets = sorted((out / "sheets").glob("*.png"))
+    assert sheets and all(Image.open(s).width == 5 * 160 + 4 * 4 for s in sheets)  # a fifth tile: the student
+    seen = load_in_browser(out / "report.html")
+    assert seen["bad"] == [] and seen["images"] == len(sheets) + len(list((out / "figures").glob("*.svg")))
+    assert seen["title"] == "segfromxai student report" and {"Summary", "Best", "Worst"} <= set(seen["h2"])

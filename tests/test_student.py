@@ -22,7 +22,7 @@ from segfromxai.cli import main
 from segfromxai.student import (HEADS, StudentConfig, Tokens, held_out, load_checkpoint, load_student,
                                 pseudo_targets, save_checkpoint, split, train_head, train_student)
 
-FAST = dict(epochs=3, batch_size=8, lr=0.05)
+FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
 
 
 @pytest.fixture(scope="module")
@@ -209,17 +209,106 @@ def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp
     assert _anns(tmp_path / "ref" / "student_labels.json") == _anns(tmp_path / "cut" / "student_labels.json")
 
 
-def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_images, tmp_path):
+def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
-                                    "--out", str(tmp_path), "--gt", str(synth_images / "annotations.json"),
+                                    "--out", "out", "--gt", str(synth_images / "annotations.json"),
                                     "--rounds", "2", "--epochs", "2", "--val-fraction", "0.4", "--max-area", "0.9",
-                                    "--checkpoint", str(tiny_card)])
+                                    "--token-cache", "tok", "--checkpoint", str(tiny_card)])
     assert res.exit_code == 0, res.output
     assert "round 1" in res.output and "round 2" in res.output and "student vs GT" in res.output
-    assert (tmp_path / "student_labels.json").is_file() and (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "out" / "student_labels.json").is_file() and (tmp_path / "out" / "metrics.json").is_file()
+    assert len(list((tmp_path / "tok").glob("*.safetensors"))) == 2  # a relative cache is relative to the cwd
+    card = json.loads((tmp_path / "out" / "round_2" / "card.json").read_text())
+    assert card["input_size"] == [392, 392]  # the default trunk input
 
 
 def test_cli_student_names_the_valid_heads(tiny_card, tiny_run, synth_images, tmp_path):
     res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
                                     "--out", str(tmp_path), "--head", "unet", "--checkpoint", str(tiny_card)])
     assert res.exit_code != 0 and all(h in res.output for h in HEADS)
+
+
+def _attributes(path: Path) -> list[dict]:
+    return [a["attributes"] for a in json.loads(path.read_text())["annotations"]]
+
+
+def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_heads(tiny_model, tiny_run,
+                                                                                       synth_images, tmp_path):
+    from segfromxai.boundary import BOUNDARIES
+
+    method = json.loads((tiny_run / "run.json").read_text())["recipe"]["boundary"]["method"]
+    assert method != "none" and method in BOUNDARIES  # the default recipe has a boundary stage
+    cfg = StudentConfig(val_fraction=0.4, **FAST)
+    images = synth_images / "images"
+    train_student(tiny_run, images, tmp_path, model=tiny_model, config=cfg, gt=synth_images / "annotations.json")
+    snapped = _anns(tmp_path / "student_labels.json")
+    assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {method}
+    assert (tmp_path / "report.html").is_file() and list((tmp_path / "sheets").glob("*.png"))
+    seen = []
+    off = StudentConfig(val_fraction=0.4, boundary="none", **FAST)
+    train_student(tiny_run, images, tmp_path, model=tiny_model, config=off, on_epoch=lambda r, e: seen.append(e))
+    assert seen == []  # the boundary does not change the head: round 1 is reloaded, not retrained
+    assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {"none"}
+    assert _anns(tmp_path / "student_labels.json") != snapped
+
+
+def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(tiny_model, tiny_run, synth_images,
+                                                                               tmp_path):
+    from segfromxai.student import prepare, view_probs
+
+    cfg = StudentConfig(val_fraction=0.4, boundary="none", **FAST)
+    train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg)
+    _, head, _ = load_student(tmp_path / "round_1")
+    job = prepare(tiny_run, synth_images / "images", model=tiny_model, config=cfg)
+    doc = json.loads((tmp_path / "student_labels.json").read_text())
+    for i, img in enumerate(doc["images"]):
+        with torch.no_grad():
+            p = view_probs(head, job.test.grid[i:i + 1, :1], (img["height"], img["width"]))[0].numpy()
+        got = np.zeros((img["height"], img["width"]), bool)
+        for a in doc["annotations"]:
+            if a["image_id"] == img["id"]:
+                got |= mask_ops.decode(a["segmentation"])
+        want = mask_ops.clean([p.argmax(0) == 1], **job.labeller.mask_params)
+        assert np.array_equal(got, np.any(want, 0) if want else np.zeros_like(got))
+
+
+def test_trunk_at_a_larger_input_gives_a_finer_grid_and_the_classifiers_own_classes(tiny_model, tiny_run,
+                                                                                    synth_images, tmp_path):
+    from segfromxai.student import cache_tokens, student_trunk
+
+    names = sorted(p.name for p in (synth_images / "images").iterdir())[:3]
+    native = cache_tokens(tiny_model, synth_images / "images", names)
+    big = cache_tokens(tiny_model, synth_images / "images", names, trunk=student_trunk(tiny_model, 64))
+    assert tuple(native.grid.shape[2:4]) == (4, 4) and tuple(big.grid.shape[2:4]) == (8, 8)
+    assert np.allclose(big.probs, native.probs, atol=1e-6)  # the class run explains, at the classifier's size
+    assert student_trunk(tiny_model, 32).module is tiny_model.module
+    cfg = StudentConfig(val_fraction=0.4, **{**FAST, "img_size": 64})
+    train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg)
+    card = json.loads((tmp_path / "round_1" / "card.json").read_text())
+    assert card["input_size"] == [64, 64] and card["config"]["img_size"] == 64
+
+
+def test_cli_student_refuses_an_unknown_boundary_naming_the_valid_ones(tiny_card, tiny_run, synth_images, tmp_path):
+    from segfromxai.boundary import BOUNDARIES
+
+    res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
+                                    "--out", str(tmp_path), "--boundary", "snap", "--checkpoint", str(tiny_card)])
+    assert res.exit_code != 0 and all(b in res.output for b in BOUNDARIES)
+
+
+def test_tokens_are_cached_on_disk_and_reused(tiny_model, tiny_run, synth_images, tmp_path, monkeypatch):
+    import segfromxai.student as student
+
+    cfg = StudentConfig(val_fraction=0.4, **FAST)
+    train_student(tiny_run, synth_images / "images", tmp_path / "a", model=tiny_model, config=cfg,
+                  cache=tmp_path / "tok")
+    assert len(list((tmp_path / "tok").glob("*.safetensors"))) == 2  # training images (with mirrors), held out
+
+    def no_trunk(*args, **kwargs):
+        raise AssertionError("the trunk ran again")
+
+    monkeypatch.setattr(student, "cache_tokens", no_trunk)
+    train_student(tiny_run, synth_images / "images", tmp_path / "b", model=tiny_model, config=cfg,
+                  cache=tmp_path / "tok")
+    assert _anns(tmp_path / "a" / "student_labels.json") == _anns(tmp_path / "b" / "student_labels.json")
