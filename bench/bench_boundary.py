@@ -5,7 +5,8 @@
 Baseline: one forward pass of the embedded default model (batch of 1, 224 px, no gradient), timed in the same run.
 Input: a synthetic scene per size (the ``tests/test_boundary.py`` square: a bright square on a textured ground) and
 its coarse mask grown by a third of a token, turned into the soft map with :func:`segfromxai.boundary.mask_soft`
-on a 14 x 14 grid, as the pipeline does. Each timing includes ``mask_soft``. Prints the median milliseconds per
+on a 14 x 14 grid, as the pipeline does. Each timing includes ``mask_soft``. Every method runs with its own
+defaults, and once more as the default recipe's ``[boundary]`` section sets it. Prints the median milliseconds per
 image and the ratio to the forward pass. torch and OpenCV are limited to ``--threads`` threads.
 """
 
@@ -51,10 +52,12 @@ def main() -> None:
 
     from segfromxai.boundary import BOUNDARIES, mask_soft
     from segfromxai.model import load_model
+    from segfromxai.recipe import load_recipe
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     model = load_model()
+    recipe = load_recipe("default")
     x = torch.zeros(1, 3, *model.preprocess.size)
     with torch.no_grad():
         forward = timed(lambda: model.module(x), args.repeats)
@@ -64,9 +67,11 @@ def main() -> None:
         image, mask = scene(h, w)
         cell = (h / 14, w / 14)
         print(f"\n{w}x{h}:")
-        for name, method in BOUNDARIES.items():
-            t = timed(lambda: method(mask_soft(mask, cell), image), args.repeats)
-            print(f"  {name:<10} {t * 1000:8.1f} ms  {t / forward:6.2f} x forward")
+        runs = [(name, method, {}) for name, method in BOUNDARIES.items()]
+        runs.append((f"default ({recipe.boundary.method})", BOUNDARIES[recipe.boundary.method], recipe.boundary.params))
+        for name, method, params in runs:
+            t = timed(lambda: method(mask_soft(mask, cell), image, **params), args.repeats)
+            print(f"  {name:<20} {t * 1000:8.1f} ms  {t / forward:6.2f} x forward")
 
 
 if __name__ == "__main__":
