@@ -23,20 +23,18 @@ import argparse
 import pickle
 import sys
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from segfromxai.compare import _gt_union
 from segfromxai.engine import ChunkLoader, batch_target
-from segfromxai.evaluate import load_source, match_names
+from segfromxai.evaluate import load_source, match_names, union
 from segfromxai.images import find_images
-from segfromxai.metrics import confusion
+from segfromxai.metrics import METRICS, confusion, finite_mean
 from segfromxai.model import load_model
 from segfromxai.pipeline import feature_maps, fuse_recipe, label_image, shared_pass, _maps_of, explain_calls
-from segfromxai.recipe import Stage, load_recipe
+from segfromxai.recipe import Recipe, load_recipe, parse_recipe
 from segfromxai.targets import Targets
 
 
@@ -60,7 +58,8 @@ def cache(args: argparse.Namespace) -> None:
         fkey = tuple(sorted(recipe.features.items()))
         fused = fuse_recipe(model, recipe, _maps_of(recipe, explain_calls([recipe]), passes))
         for j, (_, rel, im, _) in enumerate(loaded):
-            gt, ignore = _gt_union(ref, pairs[rel])
+            gm, ignore, size = ref.masks(pairs[rel])
+            gt = union(gm, size)
             items.append({"rel": rel, "image": im, "fused": fused[j],
                           "features": None if fkey not in feats else feats[fkey][j].astype(np.float32),
                           "gt": gt, "ignore": ignore})
@@ -69,32 +68,31 @@ def cache(args: argparse.Namespace) -> None:
         pickle.dump({"recipe": recipe, "items": items}, f)
 
 
-def variant_recipe(recipe, spec: dict):
-    r = recipe
-    for section in ("refine", "boundary", "threshold"):
-        if section in spec:
-            given = dict(spec[section])
-            stage: Stage = getattr(r, section)
-            method = given.pop("method", stage.method)
-            params = {**(stage.params if method == stage.method else {}), **given}
-            r = replace(r, **{section: Stage(method, params)})
-    if "masks" in spec:
-        r = replace(r, masks={**r.masks, **spec["masks"]})
-    return r
+def variant_recipe(recipe: Recipe, spec: dict) -> Recipe:
+    """``recipe`` with each section of ``spec`` merged over its own (a new ``method`` starts from that method's
+    defaults), read back through :func:`segfromxai.recipe.parse_recipe`, so a variant is checked as a recipe is."""
+    d = recipe.to_dict()
+    for section, given in spec.items():
+        if "method" in given and given["method"] != d.get(section, {}).get("method"):
+            d[section] = {}
+        d[section] = {**d.get(section, {}), **given}
+    return parse_recipe(d, name=recipe.name)
 
 
-def score(recipe, items: list[dict]) -> dict[str, list[float]]:
-    out = {"iou": [], "precision": [], "recall": []}
+SCORES = ("iou", "precision", "recall")
+
+
+def score(recipe: Recipe, items: list[dict]) -> dict[str, list[float]]:
+    """Per-image :data:`segfromxai.metrics.METRICS` (NaN where undefined) of the union of each image's masks."""
+    out = {name: [] for name in SCORES}
     for it in items:
         size = it["image"].shape[:2]
-        ms = label_image(it["fused"], size, recipe, it["features"], it["image"])
         pred = np.zeros(size, bool)
-        for m in ms:
+        for m in label_image(it["fused"], size, recipe, it["features"], it["image"]):
             pred |= m
-        tp, fp, fn, _ = confusion(pred, it["gt"], it["ignore"])
-        out["iou"].append(tp / max(tp + fp + fn, 1))
-        out["precision"].append(tp / (tp + fp) if tp + fp else float("nan"))
-        out["recall"].append(tp / (tp + fn) if tp + fn else float("nan"))
+        counts = confusion(pred, it["gt"], it["ignore"])
+        for name in SCORES:
+            out[name].append(METRICS[name].from_counts(*counts))
     return out
 
 
@@ -107,7 +105,7 @@ def sweep(args: argparse.Namespace) -> None:
         cells, per = [], []
         for c in caches:
             s = score(variant_recipe(c["recipe"], spec), c["items"])
-            cells.append(f"{np.nanmean(s['iou']):.3f}/{np.nanmean(s['precision']):.3f}/{np.nanmean(s['recall']):.3f}")
+            cells.append("/".join(f"{finite_mean(s[name]):.3f}" for name in SCORES))
             per.append(s["iou"])
         print(name.ljust(28) + "".join(f"{x:>24}" for x in cells), flush=True)
         if args.per_image:
