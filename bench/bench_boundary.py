@@ -6,8 +6,11 @@ Baseline: one forward pass of the embedded default model (batch of 1, 224 px, no
 Input: a synthetic scene per size (the ``tests/test_boundary.py`` square: a bright square on a textured ground) and
 its coarse mask grown by a third of a token, turned into the soft map with :func:`segfromxai.boundary.mask_soft`
 on a 14 x 14 grid, as the pipeline does. Each timing includes ``mask_soft``. Every method runs with its own
-defaults, and once more as the default recipe's ``[boundary]`` section sets it. Prints the median milliseconds per
-image and the ratio to the forward pass. torch and OpenCV are limited to ``--threads`` threads.
+defaults, and once more as the default recipe's ``[boundary]`` section sets it (and, as the baseline of the
+default's GrabCut, with ``init_stride = 1``: OpenCV's own k-means start on every pixel). Prints the median
+milliseconds per image and the ratio to the forward pass: first one image at a time, then per image over a batch
+of ``--batch`` images labelled side by side by ``pipeline.thread_map`` on ``--threads`` threads, as a run labels
+a batch. torch and OpenCV are limited to ``--threads`` threads.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["224", "500x375"], help="image sizes, S or WxH")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="images per batch for the side-by-side timing")
     args = ap.parse_args()
 
     import cv2
@@ -52,6 +56,7 @@ def main() -> None:
 
     from segfromxai.boundary import BOUNDARIES, mask_soft
     from segfromxai.model import load_model
+    from segfromxai.pipeline import thread_map
     from segfromxai.recipe import load_recipe
 
     torch.set_num_threads(args.threads)
@@ -68,10 +73,18 @@ def main() -> None:
         cell = (h / 14, w / 14)
         print(f"\n{w}x{h}:")
         runs = [(name, method, {}) for name, method in BOUNDARIES.items()]
-        runs.append((f"default ({recipe.boundary.method})", BOUNDARIES[recipe.boundary.method], recipe.boundary.params))
+        default = (f"default ({recipe.boundary.method})", BOUNDARIES[recipe.boundary.method], recipe.boundary.params)
+        runs.append(default)
+        if recipe.boundary.method == "grabcut":
+            runs.append(("  its init_stride = 1", default[1], {**default[2], "init_stride": 1}))
         for name, method, params in runs:
             t = timed(lambda: method(mask_soft(mask, cell), image, **params), args.repeats)
-            print(f"  {name:<20} {t * 1000:8.1f} ms  {t / forward:6.2f} x forward")
+            print(f"  {name:<24} {t * 1000:8.1f} ms  {t / forward:6.2f} x forward")
+        print(f"  per image in a batch of {args.batch} on {args.threads} threads:")
+        for name, method, params in runs[-2:] if recipe.boundary.method == "grabcut" else runs[-1:]:
+            t = timed(lambda: thread_map(lambda _: method(mask_soft(mask, cell), image, **params),
+                                         list(range(args.batch)), args.threads), args.repeats) / args.batch
+            print(f"  {name:<24} {t * 1000:8.1f} ms  {t / forward:6.2f} x forward")
 
 
 if __name__ == "__main__":

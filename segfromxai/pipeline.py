@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,21 +238,38 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
     conf = confidence(model, got)
     with clock("fuse"):
         fused = fuse_recipe(model, recipe, maps)
+    todo = [j for j in range(len(sizes)) if conf[j] >= recipe.output["min_confidence"]]
+
+    def one(j: int) -> list[np.ndarray]:
+        return label_image(fused[j], sizes[j], recipe, None if feats is None else feats[j],
+                           None if images is None else images[j])
+
+    with clock("refine"):
+        labelled = dict(zip(todo, thread_map(one, todo)))
     masks: list[list[np.ndarray] | None] = []
     scores: list[list[float]] = []
-    for j, size in enumerate(sizes):
-        if conf[j] < recipe.output["min_confidence"]:
-            masks.append(None)
-            scores.append([])
-            continue
-        with clock("refine"):
-            ms = label_image(fused[j], size, recipe, None if feats is None else feats[j],
-                             None if images is None else images[j])
-        with clock("encode"):
+    with clock("encode"):
+        for j, size in enumerate(sizes):
+            ms = labelled.get(j)
             fused_px = resize_bilinear(fused[j], size) if ms else None
-            scores.append([annotation_score(float(conf[j]), fused_px, m) for m in ms])
-        masks.append(ms)
+            scores.append([annotation_score(float(conf[j]), fused_px, m) for m in ms or ()])
+            masks.append(ms)
     return Labelled(maps, fused, target, conf, masks, scores, time.perf_counter() - t0)
+
+
+def thread_map(fn: Callable[[int], Any], items: Sequence[int], workers: int | None = None) -> list[Any]:
+    """``[fn(i) for i in items]`` on ``workers`` threads (default: torch's CPU thread count), in order.
+
+    The stages after the explain pass (threshold, ncut, boundary, cleaning) are per image and spend their time in
+    NumPy, SciPy and OpenCV calls that release the GIL, so the images of a batch are labelled side by side on the
+    cores torch was given; every stage is deterministic per image (OpenCV's generator is per thread and reseeded
+    before each use), so the masks do not depend on the number of workers.
+    """
+    workers = torch.get_num_threads() if workers is None else workers
+    if workers <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, sizes: Sequence[tuple[int, int]],

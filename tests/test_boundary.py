@@ -163,3 +163,51 @@ def test_label_image_runs_the_stage_with_the_image(method):
     snapped = label_image(fused, (224, 224), recipe, image=image)
     assert len(plain) == len(snapped) == 1
     assert iou(snapped[0], square) > iou(plain[0], square) + 0.05
+
+
+@pytest.mark.parametrize("case", ["square", "ring"])
+def test_grabcut_started_on_a_subsample_matches_opencvs_start_on_every_pixel(case):
+    """``init_stride = 2`` (k-means start on a quarter of the pixels, every iteration refitting on all of them)
+    against OpenCV's own start on every pixel (``init_stride = 1``): the same mask on the known-answer scenes."""
+    if case == "square":
+        image, truth, coarse = square_scene()
+    else:
+        rng = np.random.default_rng(1)
+        yy, xx = np.mgrid[:200, :240]
+        r = np.hypot(yy - 100, xx - 120)
+        truth = (r < 70) & (r >= 30)
+        image = np.where(truth[..., None], rng.normal(180, 10, (200, 240, 3)), rng.normal(60, 10, (200, 240, 3)))
+        image, coarse = np.clip(image, 0, 255).astype(np.uint8), r < 76
+    soft = mask_soft(coarse, (16.0, 16.0))
+    full = BOUNDARIES["grabcut"](soft, image, iterations=2, init_stride=1)
+    sub = BOUNDARIES["grabcut"](soft, image, iterations=2, init_stride=2)
+    assert iou(full, truth) > 0.95 and iou(sub, truth) > 0.95
+    assert (full != sub).mean() < 0.002
+
+
+def test_labelling_a_batch_on_two_threads_gives_the_masks_of_one(tiny_card, synth_images):
+    """The later stages of a batch run side by side on torch's threads (``pipeline.thread_map``); with GrabCut's
+    per-thread generator reseeded before each use, the masks are those of one thread, in order."""
+    import torch
+
+    from segfromxai.images import find_images, load_image
+    from segfromxai.model import load_model
+    from segfromxai.pipeline import label_batch, thread_map
+
+    assert thread_map(lambda i: i * i, list(range(7)), workers=3) == [i * i for i in range(7)]
+    model = load_model(checkpoint=tiny_card)
+    ims = [load_image(p) for p in find_images(synth_images / "images")[:6]]
+    recipe = parse_recipe({"explainers": {"gradcam": {}}, "refine": {"method": "ncut", "tau": 0.0},
+                           "boundary": {"method": "grabcut", "iterations": 2},
+                           "masks": {"min_area": 0.0, "fill_holes": False}})
+    x = model.preprocess.batch(ims)
+    threads = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = label_batch(model, [recipe], x, [im.shape[:2] for im in ims], images=ims)[0].masks
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(len(ms) for ms in got[1]) >= 3
+    assert [[m.tolist() for m in ms] for ms in got[1]] == [[m.tolist() for m in ms] for ms in got[2]]
