@@ -64,7 +64,13 @@ def mlp_head(dim: int, k: int, hidden: int = 1024) -> nn.Module:
     return nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, k, 1))
 
 
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": linear_head, "mlp": mlp_head}
+def context_head(dim: int, k: int) -> nn.Module:
+    """A 3x3 convolution: one linear map of each token and its 8 neighbours (``9 dim k + k`` parameters), so a
+    token's label can follow its neighbourhood (a patterned object's tokens that look like background alone)."""
+    return nn.Conv2d(dim, k, 3, padding=1, padding_mode="replicate")
+
+
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": linear_head, "mlp": mlp_head, "context": context_head}
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -112,6 +112,30 @@ def test_linear_probe_learns_a_linearly_separable_known_answer():
     assert np.array_equal(pred, target)
 
 
+def test_context_head_learns_a_neighbourhood_label_that_a_linear_probe_cannot():
+    """Known answer: one marked token per image, its 3x3 neighbourhood the foreground. Its neighbours' own features
+    are those of the background, so only a head that sees a token's neighbours (``context``, 3x3) can learn it."""
+    from segfromxai.student import view_probs
+
+    rng = np.random.default_rng(0)
+    n, g = 8, 6
+    grid = np.zeros((n, g, g, 2))
+    grid[..., 1] = 1.0
+    fg = np.zeros((n, g, g), np.uint8)
+    for i, (r, c) in enumerate(rng.integers(1, g - 1, (n, 2))):
+        grid[i, r, c, 0] = 1.0
+        fg[i, r - 1:r + 2, c - 1:c + 2] = 1
+    views = np.stack([grid, grid[:, :, ::-1]], 1)
+    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(views, dtype=torch.float16),
+                    np.zeros((n, 0), np.float32))
+    got = {}
+    for name in ("linear", "context"):
+        head = train_head(tokens, fg, np.ones(n, bool), 2, StudentConfig(head=name, epochs=150, lr=0.1, batch_size=8))
+        with torch.no_grad():
+            got[name] = (view_probs(head, tokens.grid, (g, g)).argmax(1).numpy() == fg).mean()
+    assert got["context"] == 1.0 and got["linear"] < 0.9, got
+
+
 def test_checkpoint_round_trip_restores_head_and_optimiser(tmp_path):
     tokens, target = _toy_tokens()
     cfg = StudentConfig(epochs=2, lr=0.1, batch_size=4)
