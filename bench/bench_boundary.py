@@ -60,7 +60,7 @@ def main() -> None:
     import torch
 
     from segfromxai.boundary import BOUNDARIES, mask_soft
-    from segfromxai.model import load_model
+    from segfromxai.model import load_model, token_grid
     from segfromxai.pipeline import thread_map
     from segfromxai.recipe import load_recipe
 
@@ -76,12 +76,12 @@ def main() -> None:
     mine = [default]
     if recipe.boundary.method == "grabcut":
         mine.append(("  its init_stride = 1", default[1], {**default[2], "init_stride": 1}))
-    grid = model.preprocess.size[0] // 14
+    grid = token_grid(model.module, model.preprocess.size)  # the fused map's grid: the pipeline's token cell
     cases = []  # (title, items timed one at a time, every item of a batch, the methods)
     for size in args.sizes:
         w, h = (int(v) for v in size.split("x")) if "x" in size else (int(size), int(size))
         image, mask = scene(h, w)
-        one = [(mask, image, (h / grid, w / grid))]
+        one = [(mask, image, (h / grid[0], w / grid[1]))]
         cases.append((f"{w}x{h} scene", one, one * args.batch,
                       [(name, method, {}) for name, method in BOUNDARIES.items()] + mine))
     if args.images:
@@ -104,29 +104,23 @@ def report(name: str, seconds: float, forward: float) -> None:
 
 
 def refined_masks(model, recipe, folder: str, limit: int):
-    """(mask, image, token cell) of every refined instance of the first ``limit`` images, before the boundary."""
-    import torch
-
+    """(mask, image, token cell) of every refined instance of the first ``limit`` images, before the boundary
+    (:func:`segfromxai.pipeline.refine_image` on the recipe's shared pass and features, as a run chains them)."""
     from segfromxai.images import find_images, load_image
-    from segfromxai.pipeline import feature_maps, fuse_recipe, shared_pass
-    from segfromxai.refine import REFINERS
-    from segfromxai.threshold import THRESHOLDS
+    from segfromxai.pipeline import feature_maps, fuse_recipe, refine_image, shared_pass
 
     ims = [load_image(p) for p in find_images(folder)[:limit]]
     out = []
     for s in range(0, len(ims), 8):
         batch = ims[s:s + 8]
         x = model.preprocess.batch(batch)
-        with torch.enable_grad():
-            got = shared_pass(model, [recipe], x, None)
+        got = shared_pass(model, [recipe], x, None)
         feats = next(iter(feature_maps(model, [recipe], x, got[0], batch).values()))
         fused = fuse_recipe(model, recipe, got[0].maps)
         for j, im in enumerate(batch):
-            mask = THRESHOLDS[recipe.threshold.method](fused[j], **recipe.threshold.params)
             size = im.shape[:2]
-            for m in REFINERS[recipe.refine.method](fused[j], mask, size=size, features=feats[j],
-                                                     **recipe.refine.params):
-                out.append((m, im, (size[0] / fused.shape[1], size[1] / fused.shape[2])))
+            cell = (size[0] / fused.shape[1], size[1] / fused.shape[2])
+            out.extend((m, im, cell) for m in refine_image(fused[j], size, recipe, feats[j]))
     return out
 
 

@@ -213,13 +213,11 @@ def _grabcut(bgr: np.ndarray, init: np.ndarray, iterations: int, stride: int) ->
     """OpenCV's GrabCut from the label map ``init``, its mixtures started on every ``stride``-th pixel."""
     models = np.zeros((1, 65)), np.zeros((1, 65))
     cv2.setRNGSeed(0)
-    if stride == 1:
-        return cv2.grabCut(bgr, init, None, *models, iterations, cv2.GC_INIT_WITH_MASK)[0]
     sub = np.ascontiguousarray(init[::stride, ::stride])
-    if min((sub % 2 == 0).sum(), (sub % 2 == 1).sum()) < 5:  # k-means needs 5 pixels a side: start on every pixel
-        return _grabcut(bgr, init, iterations, 1)
-    cv2.grabCut(np.ascontiguousarray(bgr[::stride, ::stride]), sub, None, *models, 0, cv2.GC_INIT_WITH_MASK)
-    return cv2.grabCut(bgr, init, None, *models, iterations, cv2.GC_EVAL)[0]
+    if stride > 1 and min((sub % 2 == 0).sum(), (sub % 2 == 1).sum()) >= 5:  # k-means needs 5 pixels a side
+        cv2.grabCut(np.ascontiguousarray(bgr[::stride, ::stride]), sub, None, *models, 0, cv2.GC_INIT_WITH_MASK)
+        return cv2.grabCut(bgr, init, None, *models, iterations, cv2.GC_EVAL)[0]
+    return cv2.grabCut(bgr, init, None, *models, iterations, cv2.GC_INIT_WITH_MASK)[0]  # start on every pixel
 
 
 def crf(soft: np.ndarray, image: np.ndarray, *, bias: float = 0.0, floor: float = 0.1, spatial: float = 0.5,

@@ -114,12 +114,20 @@ def fuse_recipe(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor
     return as_numpy(fuse_on_grid(maps, token_grid=grid, input_size=model.preprocess.size, **recipe.fusion))
 
 
+def refine_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None
+                 ) -> list[np.ndarray]:
+    """Threshold and refine one fused map (h, w) into bool instance masks at the image's ``size``: the refiner's
+    masks, before the boundary stage and cleaning."""
+    mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
+    return REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
+
+
 def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None,
                 image: np.ndarray | None = None) -> list[np.ndarray]:
-    """Threshold, refine, snap to edges and clean one fused map (h, w) into bool instance masks at the image's
-    ``size``; ``image`` (uint8 (H, W, 3) RGB) is the boundary stage's guide, needed unless its method is ``none``."""
-    mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
-    masks = REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
+    """Threshold, refine (:func:`refine_image`), snap to edges and clean one fused map (h, w) into bool instance
+    masks at the image's ``size``; ``image`` (uint8 (H, W, 3) RGB) is the boundary stage's guide, needed unless its
+    method is ``none``."""
+    masks = refine_image(fused, size, recipe, features)
     if recipe.boundary.method != "none":
         if image is None:
             raise ValueError(f"boundary method {recipe.boundary.method!r} needs the image")
