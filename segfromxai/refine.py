@@ -221,7 +221,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
        first instance is then the :func:`none` mask (the thresholded explanation) and the search stops.
     3. Keep 4-connected components of the foreground side: ``"overlap"`` those that overlap the thresholded
        explanation, ``"largest"`` the overlapping one with most explanation mass (the first in raster order on
-       ties), ``"all"`` every one.
+       ties), ``"all"`` every one. With ``foreground`` ``"eigvec"`` or ``"corners"`` the explanation is not read:
+       every component overlaps, and ``"largest"`` is the one with most tokens.
     4. Soft map on the grid: ``sign * (y - split)`` on kept tokens (``sign`` makes it positive there; floored at
        1e-12 times the scale below), ``-max |y - split|`` on every other token, so the grid mask is exactly
        ``{s > 0}``; resized bilinearly to ``size`` (:func:`resize_bilinear`) and cut at ``> 0``.
@@ -295,6 +296,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     n, prior = fh * fw, e.ravel()
     edges = _edges(feats, prior, tau=tau, tau_quantile=tau_quantile, position_weight=position_weight,
                    position_sigma=position_sigma, prior_weight=prior_weight)
+    if not explained:  # components are chosen without the explanation: every token counts, with weight 1
+        e, m_grid = np.ones((fh, fw)), np.ones((fh, fw), dtype=bool)
     alive = np.ones(n, dtype=bool)
     found: list[np.ndarray] = []
     for _ in range(instances):

@@ -83,3 +83,15 @@ def test_near_parallel_features_need_the_per_image_threshold():
     truth = np.zeros((8, 8), bool)
     truth[2:5, 3:6] = True
     assert (m == truth).all()
+
+
+@pytest.mark.parametrize("components", ["overlap", "largest", "all", "seed"])
+def test_explanation_free_rules_keep_components_without_reading_the_map(components):
+    """With TokenCut's rule and an all-zero map (no thresholded token), every way of keeping components still
+    finds the object: ``overlap`` and ``largest`` then count tokens, not explanation (was: an empty argmax)."""
+    f = _block_features()
+    zeros = np.zeros((8, 8))
+    truth = np.zeros((8, 8), bool)
+    truth[2:5, 3:6] = True
+    (m,) = ncut(zeros, zeros > 0, size=(8, 8), features=f, foreground="corners", components=components)
+    assert (m == truth).all()
