@@ -472,14 +472,17 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
               help="the boundary method's soft map: probs (the student's own) or ramp (one token around its mask)")
 @click.option("--img-size", type=click.IntRange(min=0), default=392, show_default=True,
               help="the trunk's input side in pixels (0: the classifier's own; 392 gives a ViT-S/14 28 x 28 tokens)")
+@click.option("--head-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a local state dict (.safetensors or torch) to start the head from, e.g. ImageNet MobileNetV3 "
+                   "weights for --head lraspp/deeplabv3 (torchvision segmenters trained on the images; want a GPU)")
 @click.option("--token-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the trunk's cached tokens, reused by later jobs on the same images [default: OUT/tokens]")
 @model_options
 def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, gt: Path | None, rounds: int,
                 val_fraction: float, score_train: bool, seed: int, head: str, mode: str, epochs: int, lr: float,
                 batch_size: int, max_area: float | None, min_score: float | None, confident: float | None,
-                boundary: str | None, soft: str, img_size: int, token_cache: Path | None, model_name: str | None,
-                checkpoint: Path | None, device: str) -> None:
+                boundary: str | None, soft: str, img_size: int, head_weights: str | None, token_cache: Path | None,
+                model_name: str | None, checkpoint: Path | None, device: str) -> None:
     """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
     --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
     from .student import StudentConfig, train_student
@@ -488,7 +491,7 @@ def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, g
         config = StudentConfig(head=head, mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                max_area=max_area, min_score=min_score, rounds=rounds, confident=confident,
                                val_fraction=val_fraction, holdout=not score_train, boundary=boundary, soft=soft,
-                               img_size=img_size)
+                               img_size=img_size, head_weights=head_weights)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     model = _load(model_name, checkpoint, device)

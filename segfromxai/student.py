@@ -19,6 +19,11 @@ CutLER keeps only confident masks (Wang et al. 2023, "Cut and Learn for Unsuperv
 Instance Segmentation"). The seed paper's table (pseudo vs GT, student vs GT, pseudo vs student) comes from
 :func:`segfromxai.evaluate.comparisons`.
 
+For users with a GPU, ``head`` may instead name a standard segmentation model from torchvision
+(:data:`SEGMENTERS`: LR-ASPP or DeepLabV3 on MobileNetV3-Large), trained end to end on the images themselves (the
+:class:`Pixels` trunk) with the same targets, rounds, checkpoints and outputs; its weights come only from a local
+file (``head_weights``, :func:`load_weights`), never from a download.
+
 Everything is seeded (head initialisation, batch order per epoch from ``(seed, round, epoch)``), so the same
 inputs give the same masks. Each epoch ends with a checkpoint (safetensors: head, optimiser state, epoch) written
 atomically; an interrupted run started again with the same settings continues from it and ends with the same
@@ -27,6 +32,7 @@ masks. Each finished round keeps its head (``round_<r>/head.safetensors``) and a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -70,7 +76,66 @@ def context_head(dim: int, k: int) -> nn.Module:
     return nn.Conv2d(dim, k, 3, padding=1, padding_mode="replicate")
 
 
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": linear_head, "mlp": mlp_head, "context": context_head}
+# torchvision segmentation models a student can be (trained on the pixels, not on the trunk's tokens)
+SEGMENTERS = {"lraspp": "lraspp_mobilenet_v3_large", "deeplabv3": "deeplabv3_mobilenet_v3_large"}
+
+
+class Segmenter(nn.Module):
+    """A torchvision segmentation model (``SEGMENTERS``: LR-ASPP, Howard et al. 2019, or DeepLabV3, Chen et al.
+    2017, on a MobileNetV3-Large) as a student on the image itself: input the normalised image (B, 3, h, w), output
+    its ``out`` logits (B, K, h, w) at the input size. Built with no weights (``weights=None,
+    weights_backbone=None``: torchvision downloads nothing); start it from local weights with ``head_weights``
+    (:func:`load_weights`). Trained end to end, so it wants a GPU: on 2 CPU cores an LR-ASPP from scratch learned
+    nothing in 30 minutes (issue 23)."""
+
+    def __init__(self, arch: str, k: int) -> None:
+        super().__init__()
+        from torchvision.models import segmentation
+
+        self.net = getattr(segmentation, SEGMENTERS[arch])(weights=None, weights_backbone=None, num_classes=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def _segmenter(arch: str) -> Callable[[int, int], nn.Module]:
+    def build(dim: int, k: int) -> nn.Module:
+        if dim != 3:
+            raise ValueError(f"student {arch!r} reads the image's 3 channels, got features of {dim}")
+        return Segmenter(arch, k)
+    build.__doc__ = f"torchvision's {SEGMENTERS[arch]} on the image (:class:`Segmenter`)."
+    return build
+
+
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": linear_head, "mlp": mlp_head, "context": context_head,
+                                                     **{a: _segmenter(a) for a in SEGMENTERS}}
+
+
+def load_weights(module: nn.Module, path: str | Path) -> int:
+    """Start ``module`` from a local state dict (``.safetensors``, else ``torch.load(weights_only=True)``) and
+    return how many tensors it took. A tensor is taken when its name, or the name with ``net.`` or (for a
+    classification backbone, ``features.N...`` as torchvision's MobileNetV3 names them) ``net.backbone.N...`` in
+    front, is one of the module's with the same shape; the rest (e.g. a classifier of another class count) are
+    left as initialised. Raises ValueError when none fits."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        given = load_file(str(path))
+    else:
+        given = torch.load(path, map_location="cpu", weights_only=True)
+        given = given.get("state_dict", given) if isinstance(given, dict) else given
+    own = module.state_dict()
+    taken = {}
+    for name, t in given.items():
+        for cand in (name, f"net.{name}", "net.backbone." + name.removeprefix("features.")):
+            if cand in own and own[cand].shape == t.shape and cand not in taken:
+                taken[cand] = t
+                break
+    if not taken:
+        raise ValueError(f"{path}: none of its {len(given)} tensors fits the student {type(module).__name__}")
+    module.load_state_dict({**own, **taken})
+    return len(taken)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -132,9 +197,22 @@ class Tokens:
     root: Path | None = None
 
 
+class Pixels(nn.Module):
+    """The trunk of a student that reads the image itself (:data:`SEGMENTERS`): the preprocessed image as a
+    "token" grid (B, h, w, 3), one token per pixel."""
+
+    num_features = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
 def trunk_tokens(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Last-block patch tokens after the final norm as a grid (B, gh, gw, D), and the classifier's probabilities
-    (B, C) (None for a trunk without a head). The grid and prefix tokens are read from the model."""
+    (B, C) (None for a trunk without a head). The grid and prefix tokens are read from the model; a
+    :class:`Pixels` trunk gives the image itself and no probabilities."""
+    if isinstance(module, Pixels):
+        return module(x), None
     if not is_vit(module):
         raise TypeError(f"the student's trunk must be a timm ViT, got {type(module).__name__}")
     feats = module.forward_features(x)
@@ -143,10 +221,14 @@ def trunk_tokens(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return grid, probs
 
 
-def student_trunk(model: LoadedModel, img_size: int = 0) -> Backbone:
+def student_trunk(model: LoadedModel, img_size: int = 0, *, pixels: bool = False) -> Backbone:
     """The student's frozen trunk: the classifier itself (``img_size`` 0 or its own input size), or the classifier
     rebuilt at ``img_size`` x ``img_size`` with its position embedding resampled
-    (:func:`segfromxai.features.load_backbone`; a ViT-S/14 at 392 px gives a 28 x 28 token grid)."""
+    (:func:`segfromxai.features.load_backbone`; a ViT-S/14 at 392 px gives a 28 x 28 token grid). With ``pixels``
+    (a student of :data:`SEGMENTERS`), the :class:`Pixels` trunk with the classifier's preprocessing at that size."""
+    if pixels:
+        size = (img_size, img_size) if img_size else model.preprocess.size
+        return Backbone(Pixels(), dataclasses.replace(model.preprocess, size=size), "pixels")
     if img_size and model.preprocess.size != (img_size, img_size):
         return load_backbone(model, {"model": "classifier", "img_size": int(img_size)})
     return Backbone(model.module, model.preprocess, model.source)
@@ -181,7 +263,7 @@ def cache_tokens(model: LoadedModel, root: str | Path, names: list[str], *, flip
             g, p = _batch_tokens(model, trunk, ims, flip)
             grids.append(g)
             probs.append(p)
-    d = model.module.num_features
+    d = trunk.module.num_features
     grid = torch.cat(grids) if grids else torch.zeros((0, 2 if flip else 1, 1, 1, d), dtype=torch.float16)
     return Tokens(list(names), sizes, grid, np.concatenate(probs) if probs else np.zeros((0, 0), np.float32), root)
 
@@ -316,7 +398,10 @@ class StudentConfig:
     parameters; another method runs with its defaults; ``none``: off). soft : the boundary method's soft map, a
     name in :data:`segfromxai.student_masks.SOFT_MAPS`. img_size : the trunk's input side in pixels (0: the
     classifier's own; see :func:`student_trunk`); 392 (28 x 28 tokens for the embedded ViT-S/14) measured better
-    than its own 224 on synth.
+    than its own 224 on synth; for a segmenter of :data:`SEGMENTERS` (``head`` ``lraspp`` or ``deeplabv3``, trained
+    on the image itself at ``img_size``, 0: the classifier's input size) it is the training and prediction size.
+    head_weights : a local state dict to start the head from (:func:`load_weights`; e.g. an ImageNet MobileNetV3
+    for a segmenter's backbone), None: from scratch.
     """
 
     head: str = "linear"
@@ -336,6 +421,12 @@ class StudentConfig:
     boundary: str | None = None
     soft: str = "ramp"
     img_size: int = 392
+    head_weights: str | None = None
+
+    @property
+    def pixels(self) -> bool:
+        """Whether the student reads the image itself (a torchvision segmenter) rather than the trunk's tokens."""
+        return self.head in SEGMENTERS
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -394,9 +485,12 @@ def load_checkpoint(path: Path, head: nn.Module, opt: torch.optim.Optimizer, key
 
 
 def new_head(config: StudentConfig, dim: int, k: int, round_: int) -> nn.Module:
-    """A freshly initialised head, seeded by ``(seed, round)``."""
+    """A freshly initialised head, seeded by ``(seed, round)``, started from ``config.head_weights`` when given."""
     torch.manual_seed(config.seed * 1000 + round_)
-    return HEADS[config.head](dim, k)
+    head = HEADS[config.head](dim, k)
+    if config.head_weights:
+        load_weights(head, config.head_weights)
+    return head
 
 
 def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, config: StudentConfig, *,
@@ -419,6 +513,8 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
         head.train()
         for s in range(0, len(order), config.batch_size):
             i, v = pairs[order[s:s + config.batch_size]].T
+            if len(i) < 2 and isinstance(head, Segmenter):  # batch norm cannot train on one image
+                continue
             y = torch.from_numpy(targets[i]).long()
             y = torch.where(torch.from_numpy(v == 1)[:, None, None], y.flip(-1), y)
             if not (y != IGNORE).any():
@@ -612,7 +708,8 @@ def load_round(folder: Path, config: StudentConfig, dim: int, k: int, key: str) 
 def load_student(card: str | Path, *, device: str = "cpu") -> tuple[LoadedModel, nn.Module, dict[str, Any]]:
     """A trained student from its round folder or ``card.json``: the classifier (from the card's ``trunk``), the
     head and the card. The classifier is reloaded with :func:`segfromxai.model.load_model` (a card path, or the
-    default); the head reads the tokens of ``student_trunk(model, card["config"]["img_size"])``
+    default); the head reads the tokens of ``student_trunk(model, card["config"]["img_size"])`` (with ``pixels`` for
+    a segmenter of :data:`SEGMENTERS`)
     (:func:`student_trunk`, :func:`cache_tokens`)."""
     from safetensors.torch import load_file
 
@@ -623,7 +720,8 @@ def load_student(card: str | Path, *, device: str = "cpu") -> tuple[LoadedModel,
     c = read_card(path)
     trunk = c["trunk"] if Path(c["trunk"]).exists() else None
     model = load_model(checkpoint=trunk, device=device)
-    head = HEADS[c["config"]["head"]](int(model.module.num_features), len(c["classes"]))
+    name = c["config"]["head"]
+    head = HEADS[name](3 if name in SEGMENTERS else int(model.module.num_features), len(c["classes"]))
     head.load_state_dict(load_file(str(path.parent / c["weights"])))
     return model, head.eval(), c
 
@@ -655,7 +753,7 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
     channel = {int(c["id"]): (1 if mode == "binary" else j + 1) for j, c in enumerate(src.categories)}
     channels = ["background", "foreground"] if mode == "binary" else ["background", *(c["name"] for c in
                                                                                      src.categories)]
-    trunk = student_trunk(model, config.img_size)
+    trunk = student_trunk(model, config.img_size, pixels=config.pixels)
     train = stored_tokens(model, src.images, sp.train, cache=cache, trunk=trunk, flip=config.flip, progress=progress,
                           desc="training tokens")
     if sp.test == sp.train and Path(images).resolve() == src.images.resolve():

@@ -336,3 +336,48 @@ def test_tokens_are_cached_on_disk_and_reused(tiny_model, tiny_run, synth_images
     train_student(tiny_run, synth_images / "images", tmp_path / "b", model=tiny_model, config=cfg,
                   cache=tmp_path / "tok")
     assert _anns(tmp_path / "a" / "student_labels.json") == _anns(tmp_path / "b" / "student_labels.json")
+
+
+def test_a_torchvision_segmenter_student_trains_on_the_pixels_and_writes_coco(tiny_model, tiny_run, synth_images,
+                                                                               tmp_path):
+    """``--head lraspp``: torchvision's LR-ASPP (no download) trained on the images themselves at 64 px, end to end
+    through the same rounds, labels, card and reload as a token head."""
+    from pycocotools.coco import COCO
+
+    from segfromxai.student import Pixels, Segmenter, student_trunk
+
+    trunk = student_trunk(tiny_model, 64, pixels=True)
+    assert isinstance(trunk.module, Pixels) and trunk.preprocess.size == (64, 64)
+    cfg = StudentConfig(head="lraspp", val_fraction=0.4, epochs=1, batch_size=4, lr=1e-3, img_size=64)
+    summary = train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg,
+                            gt=synth_images / "annotations.json")
+    coco = COCO(str(tmp_path / "student_labels.json"))
+    assert summary["held_out"] and coco.dataset["images"]
+    assert all(held_out(i["file_name"], 0.4) for i in coco.dataset["images"])
+    _, head, card = load_student(tmp_path / "round_1")
+    assert isinstance(head, Segmenter) and card["input_size"] == [64, 64]
+    with torch.no_grad():
+        assert head(torch.zeros(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_head_weights_start_a_segmenter_from_a_classification_backbone(tmp_path):
+    """Known answer: a MobileNetV3-Large classifier's ``features.N`` tensors land in the segmenter's
+    ``net.backbone.N``; its 1000-class classifier fits nothing and is left out; a file that fits nothing fails."""
+    from safetensors.torch import save_file
+    from torchvision.models import mobilenet_v3_large
+
+    from segfromxai.student import Segmenter, load_weights
+
+    torch.manual_seed(1)
+    cnn = mobilenet_v3_large(weights=None)
+    path = tmp_path / "mnv3.pt"
+    torch.save(cnn.state_dict(), path)
+    seg = Segmenter("lraspp", 2)
+    n = load_weights(seg, path)
+    feats = {k: v for k, v in cnn.state_dict().items() if k.startswith("features.")}
+    assert n == len(feats)
+    own = seg.state_dict()
+    assert all(torch.equal(own["net.backbone." + k.removeprefix("features.")], v) for k, v in feats.items())
+    save_file({"nothing": torch.zeros(3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="none of its 1 tensors"):
+        load_weights(seg, tmp_path / "bad.safetensors")
