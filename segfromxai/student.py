@@ -574,20 +574,34 @@ def annotations_of(probs: np.ndarray, class_probs: np.ndarray, lab: Labeller, *,
     return out
 
 
-def predict(head: nn.Module, tokens: Tokens, lab: Labeller) -> list[dict]:
+def predict(head: nn.Module, tokens: Tokens, lab: Labeller, *, chunk: int = 16, workers: int | None = None
+            ) -> list[dict]:
     """COCO records (see :mod:`segfromxai.coco`) of every image of ``tokens``: image ids 1, 2, ... in order, each
     image written with or without masks, as ``run`` writes them. The boundary stage (unless ``none``) reads each
-    image from ``tokens.root`` as its guide."""
+    image from ``tokens.root`` as its guide.
+
+    ``chunk`` images at a time: their probabilities come from the head in this thread (no gradient), then their
+    masks (image read, boundary stage, cleaning) on ``workers`` threads with a one-thread BLAS
+    (:func:`segfromxai.pipeline.thread_map`, as ``run`` labels a batch); every step is deterministic per image, so
+    the records do not depend on ``workers``."""
+    from .pipeline import thread_map
+
     if lab.boundary != "none" and tokens.root is None:
         raise ValueError(f"boundary method {lab.boundary!r} needs the images: tokens without a root folder")
     grid = tuple(tokens.grid.shape[2:4])
     records = []
-    with torch.no_grad():
-        for i, (name, size) in enumerate(zip(tokens.names, tokens.sizes)):
-            p = view_probs(head, tokens.grid[i:i + 1, :1], tuple(size))[0].numpy()
-            guide = load_image(Path(tokens.root) / name) if lab.boundary != "none" else None
-            image = {"id": i + 1, "file_name": name, "height": int(size[0]), "width": int(size[1])}
-            anns = annotations_of(p, tokens.probs[i], lab, image=guide, grid=grid)
+    for s in range(0, len(tokens.names), chunk):
+        idx = list(range(s, min(len(tokens.names), s + chunk)))
+        with torch.no_grad():
+            probs = {i: view_probs(head, tokens.grid[i:i + 1, :1], tuple(tokens.sizes[i]))[0].numpy() for i in idx}
+
+        def masks_of(i: int) -> list[dict]:
+            guide = load_image(Path(tokens.root) / tokens.names[i]) if lab.boundary != "none" else None
+            return annotations_of(probs[i], tokens.probs[i], lab, image=guide, grid=grid)
+
+        for i, anns in zip(idx, thread_map(masks_of, idx, workers)):
+            h, w = tokens.sizes[i]
+            image = {"id": i + 1, "file_name": tokens.names[i], "height": int(h), "width": int(w)}
             records.append({"image": image, "annotations": anns})
     return records
 

@@ -381,3 +381,17 @@ def test_head_weights_start_a_segmenter_from_a_classification_backbone(tmp_path)
     save_file({"nothing": torch.zeros(3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="none of its 1 tensors"):
         load_weights(seg, tmp_path / "bad.safetensors")
+
+
+def test_predict_gives_the_same_records_on_one_and_two_threads(tiny_model, tiny_run, synth_images, tmp_path):
+    """The masks of a chunk are made on worker threads (GrabCut included); the records must not depend on how
+    many."""
+    from segfromxai.student import predict, prepare, run_round
+
+    cfg = StudentConfig(val_fraction=0.4, boundary="grabcut", **FAST)
+    job = prepare(tiny_run, synth_images / "images", model=tiny_model, config=cfg)
+    head = run_round(job, 1, "k", tmp_path, model=tiny_model, config=cfg)
+    one = predict(head, job.test, job.labeller, chunk=3, workers=1)
+    two = predict(head, job.test, job.labeller, chunk=3, workers=2)
+    assert len(one) == len(job.test.names) and any(r["annotations"] for r in one)
+    assert one == two
