@@ -115,6 +115,19 @@ def _strength(y: np.ndarray, fg_hi: bool, idx: np.ndarray, grid: tuple[int, int]
     return strength.reshape(grid)
 
 
+def _foreground_side(y: np.ndarray, prior: np.ndarray, idx: np.ndarray, grid: tuple[int, int], *, foreground: str,
+                     corner_veto: bool) -> tuple[np.ndarray, bool]:
+    """ncut's step 2: the cut's side ``hi = y > mean(y)`` (bool over the cut's tokens ``idx`` of the grid) and
+    whether it is the foreground, by the explanation ``prior`` (``mass``/``mean``, then the corner veto) or by
+    TokenCut's/MaskCut's own rule (``eigvec``/``corners``)."""
+    split = float(y.mean())
+    hi = y > split
+    if foreground not in ("mass", "mean"):
+        return hi, bool(np.array_equal(cutrules.eigvec_side(y, split, idx, grid, corners=foreground == "corners"), hi))
+    fg_hi = foreground_is_high(y, prior, rule=foreground)
+    return hi, cutrules.corner_veto(hi, fg_hi, idx, grid) if corner_veto else fg_hi
+
+
 def _kept_components(side: np.ndarray, m_grid: np.ndarray, e: np.ndarray, components: str, *,
                      strength: np.ndarray) -> np.ndarray:
     """The 4-connected components of the foreground ``side`` (bool grid) that ncut keeps (its step 3); ``"seed"``
@@ -310,13 +323,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
                 found.append(base_mask)
             break
         y = fiedler(sub, eps=eps, solver=solver)
-        split = float(y.mean())
-        hi = y > split
-        fg_hi = (foreground_is_high(y, prior[idx], rule=foreground) if explained else
-                 bool(np.array_equal(cutrules.eigvec_side(y, split, idx, (fh, fw), corners=foreground == "corners"),
-                                     hi)))
-        if explained and corner_veto:
-            fg_hi = cutrules.corner_veto(hi, fg_hi, idx, (fh, fw))
+        hi, fg_hi = _foreground_side(y, prior[idx], idx, (fh, fw), foreground=foreground, corner_veto=corner_veto)
         side = np.zeros(n, dtype=bool)
         side[idx[hi if fg_hi else ~hi]] = True
         side = side.reshape(fh, fw)
