@@ -455,9 +455,10 @@ def save_checkpoint(path: Path, head: nn.Module, opt: torch.optim.Optimizer, epo
     """Head weights and AdamW state after ``epoch`` as safetensors, written atomically."""
     from safetensors.torch import save
 
-    tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
-        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).reshape(-1).contiguous().clone() for k, v in st.items()})
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu().reshape(-1).contiguous().clone()
+                        for k, v in st.items()})
     with atomic_write(path, "wb") as f:
         f.write(save(tensors, metadata={"epoch": str(epoch), "key": key}))
 
@@ -495,13 +496,14 @@ def new_head(config: StudentConfig, dim: int, k: int, round_: int) -> nn.Module:
 
 def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, config: StudentConfig, *,
                round_: int = 1, checkpoint: Path | None = None, key: str = "", progress: bool = False,
-               on_epoch: Callable[[int, int], None] | None = None) -> nn.Module:
+               on_epoch: Callable[[int, int], None] | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Train a head on cached tokens: targets uint8 (N, h, w) (255 ignored) for the images where ``keep``, every
     view (view 1's target mirrored). Resumes from ``checkpoint`` when it holds this ``key``; writes it after each
-    epoch, then calls ``on_epoch(round, epoch)``."""
+    epoch, then calls ``on_epoch(round, epoch)``. Trains on ``device`` (the tokens stay on the CPU, each batch is
+    moved) and returns the head on the CPU."""
     from tqdm import tqdm
 
-    head = new_head(config, tokens.grid.shape[-1], k, round_)
+    head = new_head(config, tokens.grid.shape[-1], k, round_).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = load_checkpoint(checkpoint, head, opt, key) if checkpoint is not None else 0
     idx = np.flatnonzero(keep)
@@ -516,10 +518,10 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
             if len(i) < 2 and isinstance(head, Segmenter):  # batch norm cannot train on one image
                 continue
             y = torch.from_numpy(targets[i]).long()
-            y = torch.where(torch.from_numpy(v == 1)[:, None, None], y.flip(-1), y)
+            y = torch.where(torch.from_numpy(v == 1)[:, None, None], y.flip(-1), y).to(device)
             if not (y != IGNORE).any():
                 continue
-            logits = F.interpolate(head_logits(head, tokens.grid[i, v]), size=size, mode="bilinear",
+            logits = F.interpolate(head_logits(head, tokens.grid[i, v].to(device)), size=size, mode="bilinear",
                                    align_corners=False)
             loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
             opt.zero_grad()
@@ -530,7 +532,7 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
             save_checkpoint(checkpoint, head, opt, epoch, key)
         if on_epoch is not None:
             on_epoch(round_, epoch)
-    return head.eval()
+    return head.cpu().eval()
 
 
 # ------------------------------------------------------------------------------------------------ prediction
@@ -794,7 +796,7 @@ def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel,
         folder.mkdir(parents=True, exist_ok=True)
         ckpt = folder / "checkpoint.safetensors"
         head = train_head(job.train, job.targets, job.keep, k, config, round_=round_, checkpoint=ckpt, key=key,
-                          progress=progress, on_epoch=on_epoch)
+                          progress=progress, on_epoch=on_epoch, device=model.device)
         extra = {"config": config.to_dict(), "round": round_, "mode": job.labeller.mode,
                  "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out,
                  "input_size": list(job.input_size)}
