@@ -454,7 +454,8 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
               "predict every image (scores then include images the student trained on)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--head", default="linear", show_default=True,
-              help="the trainable head on the frozen trunk's tokens (`segfromxai list`: student heads)")
+              help="the trainable head on the frozen trunk's tokens, or a torchvision segmenter trained on the images "
+                   "(lraspp, deeplabv3; `segfromxai list`: student heads)")
 @click.option("--mode", type=click.Choice(["auto", "binary", "classes"]), default="auto", show_default=True,
               help="foreground vs background, or one channel per category (auto: classes when images hold several)")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
