@@ -33,7 +33,8 @@ from segfromxai.evaluate import load_source, match_names, union
 from segfromxai.images import find_images
 from segfromxai.metrics import METRICS, confusion, finite_mean
 from segfromxai.model import load_model
-from segfromxai.pipeline import feature_maps, fuse_recipe, label_image, shared_pass, _maps_of, explain_calls
+from segfromxai.pipeline import (feature_maps, fuse_recipe, label_image, shared_pass, thread_map, _maps_of,
+                                 explain_calls)
 from segfromxai.recipe import Recipe, load_recipe, parse_recipe
 from segfromxai.targets import Targets
 
@@ -84,13 +85,16 @@ SCORES = ("iou", "precision", "recall")
 
 def score(recipe: Recipe, items: list[dict]) -> dict[str, list[float]]:
     """Per-image :data:`segfromxai.metrics.METRICS` (NaN where undefined) of the union of each image's masks."""
-    out = {name: [] for name in SCORES}
-    for it in items:
+    def counts_of(k: int) -> tuple:
+        it = items[k]
         size = it["image"].shape[:2]
         pred = np.zeros(size, bool)
         for m in label_image(it["fused"], size, recipe, it["features"], it["image"]):
             pred |= m
-        counts = confusion(pred, it["gt"], it["ignore"])
+        return confusion(pred, it["gt"], it["ignore"])
+
+    out = {name: [] for name in SCORES}
+    for counts in thread_map(counts_of, range(len(items))):  # images side by side, as a run labels a batch
         for name in SCORES:
             out[name].append(METRICS[name].from_counts(*counts))
     return out
