@@ -128,6 +128,27 @@ def _foreground_side(y: np.ndarray, prior: np.ndarray, idx: np.ndarray, grid: tu
     return hi, cutrules.corner_veto(hi, fg_hi, idx, grid) if corner_veto else fg_hi
 
 
+def _cut(edges: np.ndarray, idx: np.ndarray, prior: np.ndarray, grid: tuple[int, int], *, eps: float, solver: str,
+         foreground: str, corner_veto: bool, recut: int) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+    """ncut's steps 1-2 on the tokens ``idx`` of the graph ``edges``: the Fiedler vector ``y``, the tokens it is
+    over, whether ``y > mean(y)`` is the foreground, and the foreground side (bool grid). While that side holds
+    two or more grid corners (:func:`segfromxai.cutrules.corners_held`), up to ``recut`` times, its own tokens are
+    cut again and the side rule applied to that cut (``y`` and the tokens are then the last cut's)."""
+    n = grid[0] * grid[1]
+    for level in range(recut + 1):
+        y = fiedler(edges[np.ix_(idx, idx)], eps=eps, solver=solver)
+        hi, fg_hi = _foreground_side(y, prior[idx], idx, grid, foreground=foreground, corner_veto=corner_veto)
+        side = np.zeros(n, dtype=bool)
+        side[idx[hi if fg_hi else ~hi]] = True
+        side = side.reshape(grid)
+        inner = np.flatnonzero(side.ravel())
+        if level == recut or cutrules.corners_held(side) < 2 or inner.size < 4 or \
+                not has_cut(edges[np.ix_(inner, inner)]):
+            return y, idx, fg_hi, side
+        idx = inner
+    raise AssertionError("unreachable")
+
+
 def _kept_components(side: np.ndarray, m_grid: np.ndarray, e: np.ndarray, components: str, *,
                      strength: np.ndarray) -> np.ndarray:
     """The 4-connected components of the foreground ``side`` (bool grid) that ncut keeps (its step 3); ``"seed"``
@@ -214,7 +235,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
          components: Literal["overlap", "largest", "all", "seed"] = "overlap",
          combine: Literal["none", "intersection", "union"] = "none", instances: PositiveInt = 1,
          min_area: Fraction = 0.0, max_overlap: Fraction = 0.5, tau_quantile: Fraction | None = None,
-         corner_veto: bool = False) -> list[np.ndarray]:
+         corner_veto: bool = False, recut_corners: Annotated[int, Range(0)] = 0) -> list[np.ndarray]:
     """Normalized-cut refinement on the classifier's token features, guided by the explanation.
 
     TokenCut (Wang et al. 2022, CVPR) bipartitions the token graph of :func:`affinity` with :func:`ncut_bipartition`;
@@ -229,7 +250,11 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
        on a tie the side with fewer tokens; on a tie of both the side ``y > split``. With ``corner_veto``,
        MaskCut's corner rule then overrules the explanation: a chosen side holding two or more grid corners,
        opposite one holding fewer, is reversed (:func:`segfromxai.cutrules.corner_veto`). It must overlap the
-       thresholded explanation on the feature grid, else this cut gives no instance.
+       thresholded explanation on the feature grid, else this cut gives no instance. With ``recut_corners`` = k > 0,
+       a foreground side that still holds two or more grid corners (both sides hold them, so the corner rule could
+       not reverse it: e.g. the top half of a street scene against the road) is not taken as the object: its own
+       tokens are cut again and the same rule picks a side, up to k times (MaskCut's rule applied within the
+       side it could not settle; 0 is TokenCut/MaskCut as published).
        A graph with no cut (every pair of remaining tokens joined, or none) has no unique Fiedler vector; the
        first instance is then the :func:`none` mask (the thresholded explanation) and the search stops.
     3. Keep 4-connected components of the foreground side: ``"overlap"`` those that overlap the thresholded
@@ -286,6 +311,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         With ``foreground`` ``"mass"`` or ``"mean"``: reverse the explanation's side when it holds two or more grid
         corners and the other side fewer (step 2). Measured on synth: the explanation of a large object often
         favours the background around it (README: Boundary).
+    recut_corners : int >= 0
+        Cut a foreground side holding two or more grid corners again, up to this many times (step 2).
 
     Returns
     -------
@@ -322,11 +349,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
             if not found and base:
                 found.append(base_mask)
             break
-        y = fiedler(sub, eps=eps, solver=solver)
-        hi, fg_hi = _foreground_side(y, prior[idx], idx, (fh, fw), foreground=foreground, corner_veto=corner_veto)
-        side = np.zeros(n, dtype=bool)
-        side[idx[hi if fg_hi else ~hi]] = True
-        side = side.reshape(fh, fw)
+        y, idx, fg_hi, side = _cut(edges, idx, prior, (fh, fw), eps=eps, solver=solver, foreground=foreground,
+                                   corner_veto=corner_veto, recut=recut_corners)
         if explained and not (side & m_grid).any():
             alive &= ~side.ravel()
             continue
