@@ -128,25 +128,26 @@ def _foreground_side(y: np.ndarray, prior: np.ndarray, idx: np.ndarray, grid: tu
     return hi, cutrules.corner_veto(hi, fg_hi, idx, grid) if corner_veto else fg_hi
 
 
-def _cut(edges: np.ndarray, idx: np.ndarray, prior: np.ndarray, grid: tuple[int, int], *, eps: float, solver: str,
+def _cut(sub: np.ndarray, idx: np.ndarray, prior: np.ndarray, grid: tuple[int, int], *, eps: float, solver: str,
          foreground: str, corner_veto: bool, recut: int) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
-    """ncut's steps 1-2 on the tokens ``idx`` of the graph ``edges``: the Fiedler vector ``y``, the tokens it is
-    over, whether ``y > mean(y)`` is the foreground, and the foreground side (bool grid). While that side holds
-    two or more grid corners (:func:`segfromxai.cutrules.corners_held`), up to ``recut`` times, its own tokens are
-    cut again and the side rule applied to that cut (``y`` and the tokens are then the last cut's)."""
-    n = grid[0] * grid[1]
-    for level in range(recut + 1):
-        y = fiedler(edges[np.ix_(idx, idx)], eps=eps, solver=solver)
+    """ncut's steps 1-2 on the graph ``sub`` over the tokens ``idx`` (``edges[np.ix_(idx, idx)]``, which has a cut):
+    the Fiedler vector ``y``, the tokens it is over, whether ``y > mean(y)`` is the foreground, and the foreground
+    side (bool grid). While that side holds two or more grid corners (:func:`segfromxai.cutrules.corners_held`),
+    up to ``recut`` times, its own tokens are cut again and the side rule applied to that cut (``y`` and the tokens
+    are then the last cut's)."""
+    while True:
+        y = fiedler(sub, eps=eps, solver=solver)
         hi, fg_hi = _foreground_side(y, prior[idx], idx, grid, foreground=foreground, corner_veto=corner_veto)
-        side = np.zeros(n, dtype=bool)
-        side[idx[hi if fg_hi else ~hi]] = True
+        keep = hi if fg_hi else ~hi
+        side = np.zeros(grid[0] * grid[1], dtype=bool)
+        side[idx[keep]] = True
         side = side.reshape(grid)
-        inner = np.flatnonzero(side.ravel())
-        if level == recut or cutrules.corners_held(side) < 2 or inner.size < 4 or \
-                not has_cut(edges[np.ix_(inner, inner)]):
+        if recut == 0 or cutrules.corners_held(side) < 2 or keep.sum() < 4:
             return y, idx, fg_hi, side
-        idx = inner
-    raise AssertionError("unreachable")
+        inner = sub[np.ix_(keep, keep)]
+        if not has_cut(inner):
+            return y, idx, fg_hi, side
+        sub, idx, recut = inner, idx[keep], recut - 1
 
 
 def _kept_components(side: np.ndarray, m_grid: np.ndarray, e: np.ndarray, components: str, *,
@@ -349,7 +350,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
             if not found and base:
                 found.append(base_mask)
             break
-        y, idx, fg_hi, side = _cut(edges, idx, prior, (fh, fw), eps=eps, solver=solver, foreground=foreground,
+        y, idx, fg_hi, side = _cut(sub, idx, prior, (fh, fw), eps=eps, solver=solver, foreground=foreground,
                                    corner_veto=corner_veto, recut=recut_corners)
         if explained and not (side & m_grid).any():
             alive &= ~side.ravel()

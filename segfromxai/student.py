@@ -509,13 +509,14 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
     idx = np.flatnonzero(keep)
     pairs = np.array([(i, v) for i in idx for v in range(tokens.grid.shape[1])], dtype=np.int64).reshape(-1, 2)
     size = targets.shape[-2:]
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules())
     for epoch in tqdm(range(start + 1, config.epochs + 1), desc=f"round {round_}", leave=False,
                       disable=not progress, initial=start, total=config.epochs):
         order = np.random.default_rng([config.seed, round_, epoch]).permutation(len(pairs))
         head.train()
         for s in range(0, len(order), config.batch_size):
             i, v = pairs[order[s:s + config.batch_size]].T
-            if len(i) < 2 and isinstance(head, Segmenter):  # batch norm cannot train on one image
+            if len(i) < 2 and batch_norm:  # batch norm cannot train on one image
                 continue
             y = torch.from_numpy(targets[i]).long()
             y = torch.where(torch.from_numpy(v == 1)[:, None, None], y.flip(-1), y).to(device)
@@ -737,7 +738,8 @@ def load_student(card: str | Path, *, device: str = "cpu") -> tuple[LoadedModel,
     trunk = c["trunk"] if Path(c["trunk"]).exists() else None
     model = load_model(checkpoint=trunk, device=device)
     name = c["config"]["head"]
-    head = HEADS[name](3 if name in SEGMENTERS else int(model.module.num_features), len(c["classes"]))
+    head = HEADS[name](Pixels.num_features if name in SEGMENTERS else int(model.module.num_features),
+                       len(c["classes"]))
     head.load_state_dict(load_file(str(path.parent / c["weights"])))
     return model, head.eval(), c
 
