@@ -236,7 +236,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
          components: Literal["overlap", "largest", "all", "seed"] = "overlap",
          combine: Literal["none", "intersection", "union"] = "none", instances: PositiveInt = 1,
          min_area: Fraction = 0.0, max_overlap: Fraction = 0.5, tau_quantile: Fraction | None = None,
-         corner_veto: bool = False, recut_corners: Annotated[int, Range(0)] = 0) -> list[np.ndarray]:
+         corner_veto: bool = False, recut_corners: Annotated[int, Range(0)] = 0,
+         retry_missed: Annotated[int, Range(0)] = 0) -> list[np.ndarray]:
     """Normalized-cut refinement on the classifier's token features, guided by the explanation.
 
     TokenCut (Wang et al. 2022, CVPR) bipartitions the token graph of :func:`affinity` with :func:`ncut_bipartition`;
@@ -251,7 +252,10 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
        on a tie the side with fewer tokens; on a tie of both the side ``y > split``. With ``corner_veto``,
        MaskCut's corner rule then overrules the explanation: a chosen side holding two or more grid corners,
        opposite one holding fewer, is reversed (:func:`segfromxai.cutrules.corner_veto`). It must overlap the
-       thresholded explanation on the feature grid, else this cut gives no instance. With ``recut_corners`` = k > 0,
+       thresholded explanation on the feature grid, else this cut gives no instance (its tokens leave the graph as
+       in step 7); with ``retry_missed`` = r > 0 such a cut does not count as one of the ``instances``, up to r
+       times in all: e.g. a cut that splits off one or two odd background tokens of a self-supervised ViT, whose
+       explained side the corner veto then refuses, is followed by a cut of the rest. With ``recut_corners`` = k > 0,
        a foreground side that still holds two or more grid corners (both sides hold them, so the corner rule could
        not reverse it: e.g. the top half of a street scene against the road) is not taken as the object: its own
        tokens are cut again and the same rule picks a side, up to k times (MaskCut's rule applied within the
@@ -314,6 +318,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         favours the background around it (README: Boundary).
     recut_corners : int >= 0
         Cut a foreground side holding two or more grid corners again, up to this many times (step 2).
+    retry_missed : int >= 0
+        Cuts whose foreground side misses the thresholded explanation that do not count as instances (step 2);
+        0 (the default) counts every cut, as before.
 
     Returns
     -------
@@ -341,7 +348,9 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
         e, m_grid = np.ones((fh, fw)), np.ones((fh, fw), dtype=bool)
     alive = np.ones(n, dtype=bool)
     found: list[np.ndarray] = []
-    for _ in range(instances):
+    cuts, retries = 0, retry_missed
+    while cuts < instances:
+        cuts += 1
         idx = np.flatnonzero(alive)
         if idx.size < 2:
             break
@@ -354,6 +363,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
                                    corner_veto=corner_veto, recut=recut_corners)
         if explained and not (side & m_grid).any():
             alive &= ~side.ravel()
+            if retries:
+                retries, cuts = retries - 1, cuts - 1
             continue
         kept = _kept_components(side, m_grid, e, components, strength=_strength(y, fg_hi, idx, (fh, fw)))
         inst = _soft_instance(y, fg_hi, kept.ravel(), idx, (fh, fw), (H, W))

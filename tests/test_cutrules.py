@@ -119,3 +119,26 @@ def test_recut_corners_finds_the_object_inside_a_side_that_holds_corners():
     assert (recut == truth).all()
     (twice,) = ncut(zeros, zeros > 0, recut_corners=3, **common)  # the object holds no corner: no further cut
     assert (twice == truth).all()
+
+
+def test_retry_missed_cuts_again_after_a_side_that_misses_the_explanation():
+    """Known answer: a band of odd tokens at the top edge (rows 0-2, columns 2-7, no grid corner, cosine 0 with
+    the rest) and the explained object (rows 5-7, columns 4-6, cosine 0.71 with the background, joined to it only
+    by the position term between adjacent tokens). The first cut splits off the band; the explanation picks the
+    rest, which holds all four corners, so the corner veto reverses it to the band, which misses the explanation:
+    no instance. With ``retry_missed=1`` the band leaves the graph and the next cut, not counted as a second
+    instance, gives exactly the object."""
+    g = 10
+    f = np.zeros((g, g, 3))
+    f[:, :] = [0.0, 0.0, 1.0]
+    f[0:3, 2:8] = [1.0, 0.0, 0.0]
+    f[5:8, 4:7] = [0.0, 1.0, 1.0]
+    f += 0.02 * np.random.default_rng(0).normal(size=f.shape)
+    fused = np.zeros((g, g))
+    fused[5:8, 4:7] = 1.0
+    common = dict(size=(g, g), features=f, tau=0.8, position_weight=0.2, position_sigma=0.1, foreground="mean",
+                  corner_veto=True)
+    assert ncut(fused, fused > 0.5, **common) == []
+    (m,) = ncut(fused, fused > 0.5, retry_missed=1, **common)
+    assert (m == (fused > 0.5)).all()
+    assert len(ncut(fused, fused > 0.5, retry_missed=1, instances=2, **common)) == 1  # then only background is left
