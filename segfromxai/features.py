@@ -22,21 +22,24 @@ import torch.nn.functional as F
 
 from .explainers.hooks import capture
 from .explainers.gradient import default_layer
-from .model import LoadedModel, Preprocess, is_vit, tokens_to_grid
+from .model import LoadedModel, Preprocess, data_dir, is_vit, tokens_to_grid
 from .params import Range
 
 FEATURES = ("k", "q", "v", "tokens")
-FEATURE_MODELS = ("auto", "classifier", "embedded")
+FEATURE_MODELS = ("auto", "classifier", "embedded", "dinov2")
 """Named feature models; any other value of ``[features] model`` is a timm model name (weights from
-``checkpoint``)."""
+``checkpoint``). ``"dinov2"`` is the self-supervised ViT-S/14 that the embedded model was fine-tuned from
+(``data/dinov2``, built by ``scripts/build_dinov2_features.py``): its last-block keys separate objects in real
+photos, where the fine-tuned model's tokens know only the synthetic shapes."""
 
 
 def feature_options(*, model: str = "auto", checkpoint: str = "", img_size: Annotated[int, Range(0)] = 0,
                     feature: Literal["k", "q", "v", "tokens"] = "k", block: int = -1) -> None:
     """A recipe's ``[features]``: where a refiner that needs token features (``ncut``) reads them. ``model``:
-    ``"auto"`` (the classifier when it is a ViT, else the embedded ViT-S/14), ``"classifier"``, ``"embedded"`` or a
-    timm name, with local weights ``checkpoint``; ``img_size`` > 0 runs that model at another input size (one extra
-    forward, no backward); ``feature`` and ``block`` as in :func:`feature_layer`."""
+    ``"auto"`` (the classifier when it is a ViT, else the embedded ViT-S/14), ``"classifier"``, ``"embedded"``,
+    ``"dinov2"`` (the self-supervised ViT-S/14 the embedded model was fine-tuned from) or a timm name, with local
+    weights ``checkpoint``; ``img_size`` > 0 runs that model at another input size (one extra forward, no
+    backward); ``feature`` and ``block`` as in :func:`feature_layer`."""
 
 
 def feature_layer(module: torch.nn.Module, *, feature: Literal["k", "q", "v", "tokens"] = "k", block: int = -1
@@ -101,13 +104,16 @@ def _source_model(classifier: LoadedModel, model: str, checkpoint: str) -> Loade
         return classifier
     if model in ("auto", "embedded"):
         return load_model(None, checkpoint or None, device=classifier.device)  # a checkpoint names its model
+    if model == "dinov2":
+        return load_model(None, checkpoint or data_dir() / "dinov2", device=classifier.device)
     return load_model(model, checkpoint or None, device=classifier.device)
 
 
 def load_backbone(classifier: LoadedModel, spec: dict[str, Any]) -> Backbone:
     """Build the feature model of a ``[features]`` section (used when :func:`uses_classifier` is false).
 
-    ``model``: ``"classifier"`` (a copy of it), ``"embedded"`` (the ViT-S/14 of ``data/model``), ``"auto"``
+    ``model``: ``"classifier"`` (a copy of it), ``"embedded"`` (the ViT-S/14 of ``data/model``), ``"dinov2"``
+    (the self-supervised ViT-S/14 it was fine-tuned from, ``data/dinov2``), ``"auto"``
     (the classifier if it is a ViT, else the embedded model) or a timm name; ``checkpoint``: local weights (a
     model card, safetensors or torch file; with ``"auto"``/``"embedded"`` it replaces the embedded model and names
     its own timm model). ``img_size`` > 0 rebuilds a ViT at that input with its position embedding resampled

@@ -352,6 +352,29 @@ def card_weights(card_path: str | Path, card: dict[str, Any]) -> Path:
     return weights
 
 
+def base_tensors(card_path: str | Path, base: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a card shares with a *base* card of ``data/`` (its ``"base"``: ``{"card": <folder name in
+    data/>, "weights_sha256": ...}``): the base's weights, checked against that hash, less the tensors ``module``
+    has no place for (e.g. the base's classifier head). The card's own weights then add or replace tensors, so a
+    model that shares most of its weights with the embedded one ships only the rest (``data/dinov2``: the
+    self-supervised ViT-S/14 that ``data/model`` was fine-tuned from, whose first 8 blocks stayed frozen)."""
+    if not (isinstance(base, dict) and isinstance(base.get("card"), str) and base.get("weights_sha256")):
+        raise ValueError(f"model card {card_path}: 'base' must be {{\"card\": <folder in data/>, "
+                         f"\"weights_sha256\": ...}}, got {base!r}")
+    name = base["card"]
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"model card {card_path}: base card {name!r} must be a folder name in {data_dir()}")
+    base_path = data_dir() / name / CARD_NAME
+    base_card = read_card(base_path)
+    base_weights = card_weights(base_path, base_card)
+    if sha256(base_weights) != str(base["weights_sha256"]).lower():
+        raise ValueError(f"model card {card_path}: its base {base_weights} is not the weights it was built on "
+                         "(weights_sha256 differs): rebuild it (README: data/)")
+    sd, _ = read_state_dict(base_weights)
+    own = module.state_dict()
+    return {k: v for k, v in sd.items() if k in own}
+
+
 def load_card_model(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
     path = Path(path)
     card_path = path / CARD_NAME if path.is_dir() else path
@@ -360,6 +383,8 @@ def load_card_model(path: str | Path, *, device: str | torch.device = "cpu") -> 
     kwargs = dict(card.get("timm_kwargs", {}))
     module, kwargs = create(card["timm_name"], **kwargs)
     sd, _ = read_state_dict(weights)
+    if "base" in card:
+        sd = {**base_tensors(card_path, card["base"], module), **sd}
     load_weights(module, sd, source=str(weights))
     return LoadedModel(module=module.to(device).eval(), classes=list(card["classes"]),
                        preprocess=Preprocess.from_dict(card["preprocess"]), timm_name=card["timm_name"],

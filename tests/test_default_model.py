@@ -24,8 +24,9 @@ def test_default_model_is_the_embedded_vit_and_classifies_the_samples():
 
 
 def test_data_folder_stays_small():
+    """Tens of MB in all: the embedded model (41 MiB), its self-supervised backbone as a delta (14 MiB), samples."""
     total = sum(p.stat().st_size for p in Path(data_dir()).rglob("*") if p.is_file())
-    assert total < 50 * 2**20, f"data/ is {total / 2**20:.1f} MB"
+    assert total < 64 * 2**20, f"data/ is {total / 2**20:.1f} MB"
 
 
 def test_samples_ground_truth_matches_images():

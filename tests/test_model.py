@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from segfromxai.model import (Preprocess, load_model, read_card, token_grid, write_card)
+from segfromxai.model import (Preprocess, data_dir, load_model, read_card, token_grid, write_card)
 
 
 def _tiny(**kw):
@@ -155,3 +155,53 @@ def test_checkpoint_metadata_kwargs_apply_when_the_name_matches(tmp_path):
     save_file(m.state_dict(), str(tmp_path / "bare.safetensors"))
     with pytest.raises(ValueError, match="does not name its timm model"):
         load_model(checkpoint=tmp_path / "bare.safetensors")
+
+
+def test_card_with_a_base_shares_its_tensors_and_checks_its_hash(tmp_path, monkeypatch):
+    """A card with ``base`` takes the base card's tensors (less the base's head) and overrides them with its own;
+    the base's hash is checked, and a base outside data/ is refused."""
+    from segfromxai.model import sha256
+
+    monkeypatch.setenv("SEGFROMXAI_DATA", str(tmp_path))
+    base, own = _tiny(), _tiny()
+    with torch.no_grad():
+        for p in own.parameters():
+            p.add_(1.0)
+    (tmp_path / "base").mkdir()
+    save_file(base.state_dict(), str(tmp_path / "base" / "model.safetensors"))
+    pre = Preprocess(size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2}
+    write_card(tmp_path / "base" / "card.json", {
+        "timm_name": "vit_tiny_patch16_224", "timm_kwargs": {**kwargs, "num_classes": 3}, "classes": ["a", "b", "c"],
+        "preprocess": pre.to_dict(), "weights": "model.safetensors"})
+    delta = {k: v for k, v in own.state_dict().items() if k.startswith("blocks.1.") or k.startswith("norm.")}
+    (tmp_path / "feat").mkdir()
+    save_file(delta, str(tmp_path / "feat" / "delta.safetensors"))
+    card = {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": {**kwargs, "num_classes": 0}, "classes": [],
+            "preprocess": pre.to_dict(), "weights": "delta.safetensors",
+            "base": {"card": "base", "weights_sha256": sha256(tmp_path / "base" / "model.safetensors")}}
+    write_card(tmp_path / "feat" / "card.json", card)
+    got = load_model(checkpoint=tmp_path / "feat").module.state_dict()
+    assert "head.weight" not in got or got["head.weight"].numel() == 0
+    for k, v in got.items():
+        ref = delta[k] if k in delta else base.state_dict()[k]
+        assert torch.equal(v, ref), k
+    write_card(tmp_path / "feat" / "card.json", {**card, "base": {**card["base"], "weights_sha256": "0" * 64}})
+    with pytest.raises(ValueError, match="not the weights it was built on"):
+        load_model(checkpoint=tmp_path / "feat")
+    write_card(tmp_path / "feat" / "card.json", {**card, "base": {**card["base"], "card": "../base"}})
+    with pytest.raises(ValueError, match="folder name in"):
+        load_model(checkpoint=tmp_path / "feat")
+
+
+def test_shipped_dinov2_is_the_backbone_under_the_embedded_model():
+    """data/dinov2 shares data/model's patch embedding and frozen blocks 0-7 exactly and has its own blocks 8-11
+    (the embedded model's were fine-tuned); it is headless."""
+    emb = load_model().module.state_dict()
+    dino = load_model(checkpoint=data_dir() / "dinov2")
+    assert dino.module.num_classes == 0 and dino.classes == []
+    sd = dino.module.state_dict()
+    for k in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", "blocks.7.mlp.fc2.weight"):
+        assert torch.equal(sd[k], emb[k]), k
+    for k in ("blocks.8.attn.qkv.weight", "blocks.11.attn.qkv.weight", "norm.weight"):
+        assert not torch.equal(sd[k], emb[k]), k
