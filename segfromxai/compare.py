@@ -46,7 +46,8 @@ from .images import find_images
 from .metrics import METRICS, confusion, finite_mean, summarise
 from .model import LoadedModel
 from .features import backbone_for, uses_classifier
-from .pipeline import explain_calls, feature_maps, fuse_recipe, label_batch, seed_everything, shared_pass
+from .pipeline import (confidence, explain_calls, feature_maps, fuse_recipe, label_batch, seed_everything,
+                       shared_pass)
 from .refine import REFINERS
 from .recipe import Recipe
 from .recipe_checks import check_recipes_for_model
@@ -66,12 +67,13 @@ def _warm_up(model: LoadedModel, x: torch.Tensor) -> None:
 
 def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[float, float]:
     """Seconds and forward passes (images through the model, counted) per image of the recipe's explainers."""
-    if REFINERS[recipe.refine.method].needs_features and not uses_classifier(model, recipe.features):
-        backbone_for(model, recipe.features)  # loaded before the clock starts
+    for stages in recipe.stages():  # backbones loaded before the clock starts
+        if REFINERS[stages.refine.method].needs_features and not uses_classifier(model, stages.features):
+            backbone_for(model, stages.features)
     with count_forwards(model.module) as n:
         t0 = time.perf_counter()
         got = shared_pass(model, [recipe], x, None)[0]
-        feature_maps(model, [recipe], x, got)
+        feature_maps(model, [recipe], x, got, conf=confidence(model, got))
         seconds = time.perf_counter() - t0
     return seconds / len(x), n.images / len(x)
 

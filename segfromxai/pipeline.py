@@ -177,20 +177,34 @@ def explain_calls(recipes: Sequence[Recipe]) -> list[dict[str, dict[str, Any]]]:
 
 
 def needed_layers(model: LoadedModel, recipe: Recipe) -> tuple[str, ...]:
-    """The layers whose outputs the recipe's refiner reads from the shared pass (its declared needs; none when its
-    features come from a separate backbone)."""
-    if not REFINERS[recipe.refine.method].needs_features or not uses_classifier(model, recipe.features):
-        return ()
-    spec = recipe.features
-    return (feature_layer(model.module, feature=spec["feature"], block=spec["block"]),)
+    """The layers whose outputs the recipe's refiners (its own and its ``[domain]``'s) read from the shared pass
+    (their declared needs; none when the features come from a separate backbone)."""
+    out = []
+    for r in recipe.stages():
+        if REFINERS[r.refine.method].needs_features and uses_classifier(model, r.features):
+            out.append(feature_layer(model.module, feature=r.features["feature"], block=r.features["block"]))
+    return tuple(dict.fromkeys(out))
+
+
+def features_key(recipe: Recipe) -> tuple:
+    """The key of the recipe's token features in :func:`feature_maps`'s result."""
+    return tuple(sorted(recipe.features.items()))
 
 
 def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, got: Explained,
-                 images: Sequence[np.ndarray] | None = None) -> dict[tuple, np.ndarray]:
-    """Token features (B, fh, fw, C) of each recipe's ``[features]`` section, keyed by the section's items: read
-    from the shared pass ``got``, or from one extra forward per backbone (all its layers recorded at once)."""
-    specs = {tuple(sorted(r.features.items())): r.features for r in recipes
-             if REFINERS[r.refine.method].needs_features}
+                 images: Sequence[np.ndarray] | None = None, conf: np.ndarray | None = None
+                 ) -> dict[tuple, np.ndarray]:
+    """Token features (B, fh, fw, C) of each recipe's ``[features]`` section (and its ``[domain.features]``),
+    keyed by :func:`features_key`: read from the shared pass ``got``, or from one extra forward per backbone (all
+    its layers recorded at once). With ``conf`` (B,), the explained class's probabilities, a ``[domain]``'s
+    features are computed only when some image of the batch reaches its ``confidence``."""
+    specs = {}
+    for r in recipes:
+        for s in r.stages():
+            if s is not r and conf is not None and not (conf >= r.domain.confidence).any():
+                continue
+            if REFINERS[s.refine.method].needs_features:
+                specs[features_key(s)] = s.features
     out, by_backbone = {}, {}
     for key, spec in specs.items():
         if uses_classifier(model, spec):
@@ -236,11 +250,12 @@ def confidence(model: LoadedModel, got: Explained) -> np.ndarray:
 
 
 def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor], got: Explained,
-               sizes: Sequence[tuple[int, int]], clock: Clock | None = None, feats: np.ndarray | None = None,
-               images: Sequence[np.ndarray] | None = None) -> Labelled:
+               sizes: Sequence[tuple[int, int]], clock: Clock | None = None,
+               feats: dict[tuple, np.ndarray] | None = None, images: Sequence[np.ndarray] | None = None) -> Labelled:
     """Fuse, threshold, refine, snap to edges and clean one recipe's maps of a batch (``got``: the first shared pass;
-    ``feats``: the recipe's token features from :func:`feature_maps`, when its refiner needs them; ``images``: the
-    loaded RGB images, the boundary stage's guides)."""
+    ``feats``: the token features from :func:`feature_maps`, when a refiner needs them; ``images``: the loaded RGB
+    images, the boundary stage's guides). Each image goes through the later stages of
+    ``recipe.stages_for(its confidence)``: the recipe's own, or its ``[domain]``'s."""
     clock = clock or Clock()
     t0 = time.perf_counter()
     target = got.target.cpu().numpy()
@@ -250,7 +265,9 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
     todo = [j for j in range(len(sizes)) if conf[j] >= recipe.output["min_confidence"]]
 
     def one(j: int) -> list[np.ndarray]:
-        return label_image(fused[j], sizes[j], recipe, None if feats is None else feats[j],
+        stages = recipe.stages_for(float(conf[j]))
+        f = (feats or {}).get(features_key(stages))
+        return label_image(fused[j], sizes[j], stages, None if f is None else f[j],
                            None if images is None else images[j])
 
     with clock("refine"):
@@ -310,10 +327,10 @@ def label_batch(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor, 
     with clock("explain"):
         passes = shared_pass(model, recipes, x, target)
     with clock("features"):
-        feats = feature_maps(model, recipes, x, passes[0], images)
+        feats = feature_maps(model, recipes, x, passes[0], images, conf=confidence(model, passes[0]))
     calls = explain_calls(recipes)
-    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], sizes, clock,
-                       feats.get(tuple(sorted(r.features.items()))), images) for r in recipes]
+    return [label_maps(model, r, _maps_of(r, calls, passes), passes[0], sizes, clock, feats, images)
+            for r in recipes]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ explainers' declarations; see :mod:`segfromxai.params`): their defaults, ``Liter
 only source. Every unknown section, key, name or parameter, and every value of the wrong type, outside its
 choices or range, or not finite, raises :class:`RecipeError` naming the key and the valid choices, before any
 model is loaded. The resolved recipe (every default filled in) is what runs and what is saved with the outputs.
-Example (``recipes/default.toml``)::
+Example (an abridged ``recipes/default.toml``)::
 
     name = "default"
     [explainers.gradcam]
@@ -17,10 +17,13 @@ Example (``recipes/default.toml``)::
     [threshold]
     method = "otsu"
     [features]
-    feature = "v"
+    model = "dinov2"
+    img_size = 392
     [refine]
     method = "ncut"
-    tau = 0.3
+    tau_quantile = 0.6
+    [boundary]
+    method = "guided"
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ class RecipeError(ValueError):
 
 
 SECTIONS = ("name", "description", "model", "explainers", "fusion", "threshold", "features", "refine", "boundary",
-            "masks", "output")
+            "masks", "output", "domain")
+DOMAIN_SECTIONS = ("features", "refine", "boundary", "masks")
+"""The sections a recipe's ``[domain]`` may give again for the images the classifier is sure of."""
 
 
 def model_options(*, name: str = "", checkpoint: str = "") -> None:
@@ -61,6 +66,16 @@ def output_options(*, min_confidence: Fraction = 0.0, maps: bool = False, overla
     probability; ``maps``, save every map and the fused map per image (``maps/*.npz``); ``overlays``, overlay PNGs."""
 
 
+def domain_options(*, confidence: Fraction = 1.0) -> None:
+    """A recipe's ``[domain]``: images whose explained class has a softmax probability of at least ``confidence``
+    (the classifier's own domain) are labelled from the same fused map by the sub-sections ``[domain.features]``,
+    ``[domain.refine]``, ``[domain.boundary]`` and ``[domain.masks]``, each a whole section as at the top level
+    (one not given is the recipe's own); every other image by the recipe's own sections. The classifier's maximum
+    softmax probability as the in-domain score is Hendrycks & Gimpel's baseline (2017, "A baseline for detecting
+    misclassified and out-of-distribution examples in neural networks", ICLR). Their features are computed only for
+    batches holding such an image."""
+
+
 # Where each section is declared (a typed keyword-only signature, see segfromxai.params) and the parameters the
 # pipeline gives that function itself (not from the recipe).
 DECLARED: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
@@ -69,6 +84,7 @@ DECLARED: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "features": (feature_options, ()),
     "masks": (clean, ()),
     "output": (output_options, ()),
+    "domain": (domain_options, ()),
 }
 STAGE_CONTEXT = {"threshold": (), "refine": ("size", "features"), "boundary": ()}
 
@@ -82,6 +98,19 @@ class Stage:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **self.params}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A resolved ``[domain]``: images with the explained class's probability >= ``confidence`` are labelled by
+    ``stages``, the recipe with the ``[domain]`` sub-sections in place of its own (see :func:`domain_options`)."""
+
+    confidence: float
+    stages: "Recipe"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.stages.to_dict()
+        return {"confidence": self.confidence, **{k: d[k] for k in DOMAIN_SECTIONS}}
 
 
 @dataclass(frozen=True)
@@ -99,14 +128,28 @@ class Recipe:
     masks: dict[str, Any]
     output: dict[str, Any]
     boundary: Stage = Stage("none")
+    domain: Domain | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain JSON-ready data (``None`` for unset optional values)."""
-        return json.loads(json.dumps({
-            "name": self.name, "description": self.description, "model": self.model,
-            "explainers": self.explainers, "fusion": self.fusion, "threshold": self.threshold.to_dict(),
-            "features": self.features, "refine": self.refine.to_dict(), "boundary": self.boundary.to_dict(),
-            "masks": self.masks, "output": self.output}))
+        """The resolved recipe as plain JSON-ready data (``None`` for unset optional values; ``domain`` only when
+        the recipe has one)."""
+        d = {"name": self.name, "description": self.description, "model": self.model,
+             "explainers": self.explainers, "fusion": self.fusion, "threshold": self.threshold.to_dict(),
+             "features": self.features, "refine": self.refine.to_dict(), "boundary": self.boundary.to_dict(),
+             "masks": self.masks, "output": self.output}
+        if self.domain is not None:
+            d["domain"] = self.domain.to_dict()
+        return json.loads(json.dumps(d))
+
+    def stages(self) -> list["Recipe"]:
+        """The recipes whose later stages (features to masks) may label an image: this one, then its ``[domain]``'s."""
+        return [self] if self.domain is None else [self, self.domain.stages]
+
+    def stages_for(self, confidence: float) -> "Recipe":
+        """The recipe whose later stages label an image whose explained class has this softmax probability."""
+        if self.domain is not None and confidence >= self.domain.confidence:
+            return self.domain.stages
+        return self
 
     def digest(self) -> str:
         """SHA-256 of everything that changes the annotations (not the name, description or saved artefacts)."""
@@ -172,6 +215,28 @@ def _features(given: Any) -> dict[str, Any]:
     return out
 
 
+def _domain(data: Mapping[str, Any], name: str) -> Domain | None:
+    given = data.get("domain")
+    if given is None:
+        return None
+    if not isinstance(given, Mapping):
+        raise _fail("domain", f"should be a table, got {given!r}")
+    unknown = sorted(set(given) - {"confidence", *DOMAIN_SECTIONS})
+    if unknown:
+        raise _fail("domain", f"unknown key {', '.join(map(repr, unknown))}; valid: confidence, "
+                    f"{', '.join(DOMAIN_SECTIONS)}")
+    if "confidence" not in given:
+        raise _fail("domain", "needs confidence: the softmax probability from which an image counts as the "
+                    "classifier's own domain")
+    confidence = _declared_section("domain", {"confidence": given["confidence"]})["confidence"]
+    sub = {**{k: v for k, v in data.items() if k != "domain"}, **{k: given[k] for k in DOMAIN_SECTIONS if k in given}}
+    try:
+        stages = parse_recipe(sub, name=name)
+    except RecipeError as e:
+        raise _fail("domain", str(e)) from None
+    return Domain(confidence=confidence, stages=stages)
+
+
 def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
     """Validate and resolve recipe data (as read from TOML) into a :class:`Recipe`.
 
@@ -197,6 +262,7 @@ def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:
         boundary=_stage("boundary", data.get("boundary", {}), BOUNDARIES, "none"),
         masks=_declared_section("masks", data.get("masks", {})),
         output=_declared_section("output", data.get("output", {})),
+        domain=_domain(data, name),
     )
 
 

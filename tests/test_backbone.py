@@ -110,3 +110,33 @@ def test_cli_features_options_reach_the_recipe(tmp_path, synth_images, tiny_card
 
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["recipe"]["features"]["img_size"] == 64 and run["recipe"]["features"]["model"] == "classifier"
+
+
+def test_domain_stages_label_exactly_the_confident_images(tiny_card, synth_images):
+    """Each image goes through the later stages its explained class's probability selects: ``[domain]``'s at or
+    above its confidence (here a cut on the last block's output tokens, all components), the recipe's own below
+    (a cut on its keys); the ``[domain]``'s
+    features are computed only for a batch holding such an image."""
+    model = load_model(checkpoint=tiny_card)
+    ims = _images(synth_images / "images", n=6)
+    x = model.preprocess.batch(ims)
+    sizes = [im.shape[:2] for im in ims]
+    main = {"explainers": {"gradcam": {}}, "features": {"feature": "k"}, "refine": {"method": "ncut", "tau": 0.0},
+            "masks": {"min_area": 0.0}}
+    domain = {"features": {"feature": "tokens"}, "refine": {"method": "ncut", "tau": 0.5, "components": "all"}}
+    own = label_batch(model, [parse_recipe(main)], x, sizes, images=ims)[0]
+    other = label_batch(model, [parse_recipe({**main, **domain})], x, sizes, images=ims)[0]
+    conf = own.confidence
+    cut = float(np.sort(conf)[3])  # three images below, three at or above
+    r = parse_recipe({**main, "domain": {"confidence": cut, **domain}})
+    got = label_batch(model, [r], x, sizes, images=ims)[0]
+    assert any(len(a) != len(b) or not all((p == q).all() for p, q in zip(a, b))
+               for a, b in zip(own.masks, other.masks))  # the two ways differ on this batch
+    for j in range(len(ims)):
+        ref = other if conf[j] >= cut else own
+        a, b = got.masks[j], ref.masks[j]
+        assert len(a) == len(b) and all((p == q).all() for p, q in zip(a, b))
+    passed = shared_pass(model, [r], x, None)[0]
+    assert len(feature_maps(model, [r], x, passed, ims, conf=np.zeros(6))) == 1
+    assert len(feature_maps(model, [r], x, passed, ims, conf=np.ones(6))) == 2
+    assert len(needed_layers(model, r)) == 2  # both feature sets come from the classifier's own pass

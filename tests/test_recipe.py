@@ -138,8 +138,33 @@ def test_every_section_is_declared_by_one_signature():
 
     r = parse_recipe(base())
     for section, (fn, context) in DECLARED.items():
+        if section == "domain":  # a table of whole sections; absent, no image is labelled another way
+            assert r.domain is None and "domain" not in r.to_dict()
+            continue
         assert getattr(r, section) == {k: p.default for k, p in declared(fn, context=context).items()}, section
     assert r.masks["min_area"] == inspect.signature(clean).parameters["min_area"].default
     assert EXPLAINERS["rollout"].choices == {"head_fusion": ("mean", "max", "min")}
     assert EXPLAINERS["abslrp"].defaults["layernorm"] == "detach" and EXPLAINERS["lrp_epsilon"].defaults[
         "attention"] == "constant"
+
+
+def test_domain_section_gives_whole_sections_for_confident_images():
+    """``[domain]``: a confidence and whole sections (features, refine, boundary, masks) for the images the
+    classifier is sure of; the rest of the recipe is shared; it round-trips and enters the digest."""
+    data = {**base(), "refine": {"method": "ncut", "tau": 0.4},
+            "domain": {"confidence": 0.9, "refine": {"method": "none"}, "boundary": {"method": "guided"}}}
+    r = parse_recipe(data, name="d")
+    s = r.domain.stages
+    assert r.domain.confidence == 0.9 and s.refine.method == "none" and s.boundary.method == "guided"
+    assert s.features == r.features and s.masks == r.masks and s.explainers == r.explainers and s.domain is None
+    assert r.stages_for(0.95) is s and r.stages_for(0.5) is r and r.stages() == [r, s]
+    assert parse_recipe(r.to_dict(), name="d") == r
+    assert r.digest() != parse_recipe({k: v for k, v in data.items() if k != "domain"}, name="d").digest()
+    with pytest.raises(RecipeError, match=r"\[domain\]: needs confidence"):
+        parse_recipe({**base(), "domain": {"refine": {"method": "none"}}})
+    with pytest.raises(RecipeError, match=r"\[domain\]: unknown key 'fusion'; valid: confidence, features"):
+        parse_recipe({**base(), "domain": {"confidence": 0.5, "fusion": {}}})
+    with pytest.raises(RecipeError, match=r"\[domain\].*refine"):
+        parse_recipe({**base(), "domain": {"confidence": 0.5, "refine": {"method": "nope"}}})
+    with pytest.raises(RecipeError, match="confidence"):
+        parse_recipe({**base(), "domain": {"confidence": 1.5}})
