@@ -33,8 +33,8 @@ def features_options(f):
     f = click.option("--features-checkpoint", default=None,
                      help="local weights of the feature model (model card, .safetensors or torch file)")(f)
     f = click.option("--features-model", default=None,
-                     help="where ncut's tokens come from: auto, classifier, embedded or a timm name "
-                          "(default: the recipe's [features] model)")(f)
+                     help="where ncut's tokens come from: auto, classifier, embedded, dinov2 or a timm name "
+                          "(default: the recipe's [features] model; a [domain.features] section is kept)")(f)
     return f
 
 
