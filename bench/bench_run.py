@@ -7,11 +7,12 @@ Ratios are printed for wall seconds and, in brackets, for CPU seconds (the proce
 not counted: keep the default 0 workers); with one thread on a machine other jobs share, the CPU ratio is the steadier.
 The baseline is timed before and after the runs and the better of the two counts.
 
-The images are the 32 samples in data/samples/images, linked ``--copies`` times into a temporary folder. Each run is
-:func:`segfromxai.engine.run` (load, explain, fuse, cut, encode, write) at ``--batch-size`` (default: the run's own
-default) in a fresh process, so its peak RSS (VmHWM) is the run's, model included; the resident memory after the first
-and after the last chunk shows whether it stays flat. The baseline loads and preprocesses the same images and runs one
-forward pass plus a backward pass of the summed top-1 logits to the input, batch by batch, in this process.
+The images are the 32 samples in data/samples/images (or those under ``--images``), linked ``--copies`` times into a
+temporary folder. Each run is :func:`segfromxai.engine.run` (load, explain, fuse, cut, encode, write) at
+``--batch-size`` (default: the run's own default) in a fresh process, so its peak RSS (VmHWM) is the run's, model
+included; the resident memory after the first and after the last chunk shows whether it stays flat. The baseline loads
+and preprocesses the same images and runs one forward pass plus a backward pass of the summed top-1 logits to the
+input, batch by batch, in this process.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=inspect.signature(run).parameters["batch_size"].default)
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--images", default=None, help="image folder (default: data/samples/images), e.g. the photos of "
+                    "`make real-bench`")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -85,7 +88,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     model = load_model()
-    samples = find_images(data_dir() / "samples" / "images")
+    source = Path(args.images) if args.images else data_dir() / "samples" / "images"
+    samples = find_images(source)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -100,7 +104,7 @@ def main() -> None:
     # the better of before and after the runs: on a shared machine the load drifts
     base_s, base_cpu = min(before[0], after[0]), min(before[1], after[1])
     n = len(paths)
-    print(f"{n} images of data/samples, batch {args.batch_size}, {args.threads} threads; each run in a fresh process; "
+    print(f"{n} images of {source}, batch {args.batch_size}, {args.threads} threads; each run in a fresh process; "
           "x baseline: wall seconds (CPU seconds) over the baseline's")
     print(f"{'':34}{'seconds':>9}{'images/s':>10}{'x baseline':>16}{'peak RSS MB':>13}{'RSS 1st/last chunk':>20}")
     print(f"{'baseline fwd+bwd (+load)':34}{base_s:9.2f}{n / base_s:10.2f}{'1.00 (1.00)':>16}")

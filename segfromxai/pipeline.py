@@ -196,12 +196,13 @@ def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor,
                  ) -> dict[tuple, np.ndarray]:
     """Token features (B, fh, fw, C) of each recipe's ``[features]`` section (and its ``[domain.features]``),
     keyed by :func:`features_key`: read from the shared pass ``got``, or from one extra forward per backbone (all
-    its layers recorded at once). With ``conf`` (B,), the explained class's probabilities, a ``[domain]``'s
-    features are computed only when some image of the batch reaches its ``confidence``."""
+    its layers recorded at once). With ``conf`` (B,), the explained class's probabilities, a recipe with a
+    ``[domain]`` gets only the features of the stages some image of the batch goes to (:meth:`Recipe.stages_for`)."""
     specs = {}
     for r in recipes:
+        chosen = None if conf is None else [r.stages_for(float(c)) for c in conf]
         for s in r.stages():
-            if s is not r and conf is not None and not (conf >= r.domain.confidence).any():
+            if chosen is not None and not any(c is s for c in chosen):
                 continue
             if REFINERS[s.refine.method].needs_features:
                 specs[features_key(s)] = s.features

@@ -11,7 +11,7 @@ from segfromxai.features import (backbone_for, backbone_input, backbone_outputs,
                                  uses_classifier)
 from segfromxai.images import find_images, load_image
 from segfromxai.model import LoadedModel, Preprocess, load_model
-from segfromxai.pipeline import feature_maps, label_batch, needed_layers, shared_pass
+from segfromxai.pipeline import feature_maps, features_key, label_batch, needed_layers, shared_pass
 from segfromxai.recipe import RecipeError, parse_recipe, with_features
 
 
@@ -115,8 +115,7 @@ def test_cli_features_options_reach_the_recipe(tmp_path, synth_images, tiny_card
 def test_domain_stages_label_exactly_the_confident_images(tiny_card, synth_images):
     """Each image goes through the later stages its explained class's probability selects: ``[domain]``'s at or
     above its confidence (here a cut on the last block's output tokens, all components), the recipe's own below
-    (a cut on its keys); the ``[domain]``'s
-    features are computed only for a batch holding such an image."""
+    (a cut on its keys); each stages' features are computed only for a batch holding an image that goes there."""
     model = load_model(checkpoint=tiny_card)
     ims = _images(synth_images / "images", n=6)
     x = model.preprocess.batch(ims)
@@ -137,6 +136,8 @@ def test_domain_stages_label_exactly_the_confident_images(tiny_card, synth_image
         a, b = got.masks[j], ref.masks[j]
         assert len(a) == len(b) and all((p == q).all() for p, q in zip(a, b))
     passed = shared_pass(model, [r], x, None)[0]
-    assert len(feature_maps(model, [r], x, passed, ims, conf=np.zeros(6))) == 1
-    assert len(feature_maps(model, [r], x, passed, ims, conf=np.ones(6))) == 2
+    keys = {"k": features_key(r), "tokens": features_key(r.domain.stages)}
+    assert set(feature_maps(model, [r], x, passed, ims, conf=np.zeros(6))) == {keys["k"]}
+    assert set(feature_maps(model, [r], x, passed, ims, conf=np.ones(6))) == {keys["tokens"]}
+    assert set(feature_maps(model, [r], x, passed, ims, conf=conf)) == set(keys.values())
     assert len(needed_layers(model, r)) == 2  # both feature sets come from the classifier's own pass
