@@ -3,7 +3,8 @@
 Labelling is dominated by the explain pass and the feature backbone's forward; the stages after them are cheap. So
 this script runs a recipe's shared pass and feature forward once per image set (``cache``), keeps the fused maps,
 token features, images and the ground-truth union, and then scores many variants of the later stages on that
-cache (``sweep``), exactly as :func:`segfromxai.pipeline.label_image` chains them. Scores are per-image means of
+cache (``sweep``), exactly as :func:`segfromxai.pipeline.label_image` chains them; a recipe's ``[domain]`` is
+applied per image by the cached confidence of its explained class, as a run does. Scores are per-image means of
 the class-agnostic union of an image's masks against the ground-truth union (IoU, precision, recall), as
 ``segfromxai compare`` reports them.
 
@@ -33,8 +34,8 @@ from segfromxai.evaluate import load_source, match_names, union
 from segfromxai.images import find_images
 from segfromxai.metrics import METRICS, confusion, finite_mean
 from segfromxai.model import load_model
-from segfromxai.pipeline import (feature_maps, fuse_recipe, label_image, shared_pass, thread_map, _maps_of,
-                                 explain_calls)
+from segfromxai.pipeline import (confidence, explain_calls, feature_maps, features_key, fuse_recipe, label_image,
+                                 shared_pass, thread_map, _maps_of)
 from segfromxai.recipe import Recipe, load_recipe, parse_recipe
 from segfromxai.targets import Targets
 
@@ -55,14 +56,14 @@ def cache(args: argparse.Namespace) -> None:
         _, loaded, x = loader[k]
         ims = [im for _, _, im, _ in loaded]
         passes = shared_pass(model, [recipe], x, batch_target([t for *_, t in loaded], x.device))
-        feats = feature_maps(model, [recipe], x, passes[0], ims)
-        fkey = tuple(sorted(recipe.features.items()))
+        feats = feature_maps(model, [recipe], x, passes[0], ims)  # every stages' features (a [domain]'s too)
+        conf = confidence(model, passes[0])
         fused = fuse_recipe(model, recipe, _maps_of(recipe, explain_calls([recipe]), passes))
         for j, (_, rel, im, _) in enumerate(loaded):
             gm, ignore, size = ref.masks(pairs[rel])
             gt = union(gm, size)
-            items.append({"rel": rel, "image": im, "fused": fused[j],
-                          "features": None if fkey not in feats else feats[fkey][j].astype(np.float32),
+            items.append({"rel": rel, "image": im, "fused": fused[j], "confidence": float(conf[j]),
+                          "features": {k: f[j].astype(np.float32) for k, f in feats.items()},
                           "gt": gt, "ignore": ignore})
         print(f"cached {len(items)}/{len(paths)}", file=sys.stderr, flush=True)
     with open(args.out, "wb") as f:
@@ -88,8 +89,12 @@ def score(recipe: Recipe, items: list[dict]) -> dict[str, list[float]]:
     def counts_of(k: int) -> tuple:
         it = items[k]
         size = it["image"].shape[:2]
+        stages = recipe.stages_for(it.get("confidence", 0.0))  # the recipe's own, or its [domain]'s
+        feats = it["features"]
+        if isinstance(feats, dict):
+            feats = feats.get(features_key(stages))
         pred = np.zeros(size, bool)
-        for m in label_image(it["fused"], size, recipe, it["features"], it["image"]):
+        for m in label_image(it["fused"], size, stages, feats, it["image"]):
             pred |= m
         return confusion(pred, it["gt"], it["ignore"])
 
