@@ -3,16 +3,16 @@
     PYTHONPATH=$PWD .venv/bin/python bench/bench_boundary.py [--sizes 224 500x375] [--images data/samples/images]
         [--limit 16] [--repeats 5] [--threads 2] [--batch 8]
 
-Baseline: one forward pass of the embedded default model (batch of 1, at its input size, no gradient), timed in the same run.
-Inputs: a synthetic scene per size (the ``tests/test_boundary.py`` square: a bright square on a textured ground) and
-its coarse mask grown by a third of a token; and the default recipe's refined masks (before its boundary stage) of
-the first ``--limit`` images under ``--images`` (labelled first, untimed; ``--images ''``: none). Each mask becomes
-the soft map of :func:`segfromxai.boundary.mask_soft` on the classifier's token grid, as the pipeline does, and
-each timing includes ``mask_soft``. On the scenes every method runs with its own defaults, and once more as the
-default recipe's ``[boundary]`` section sets it (and, as the baseline of the default's GrabCut, with
-``init_stride = 1``: OpenCV's own k-means start on every pixel); on the images the last two. Prints the median
-milliseconds per image and the ratio to the forward pass: first one image at a time, then per image over a batch
-(``--batch`` copies of the scene, or all the images) labelled side by side by ``pipeline.thread_map`` on
+Baseline: one forward pass of the embedded default model (batch of 1, at its input size, no gradient), timed in the
+same run. Inputs: a synthetic scene per size (the ``tests/test_boundary.py`` square: a bright square on a textured
+ground) and its coarse mask grown by a third of a token; and ``default-synth``'s refined masks (the former default)
+(before its boundary stage) of the first ``--limit`` images under ``--images`` (labelled first, untimed;
+``--images ''``: none). Each mask becomes the soft map of :func:`segfromxai.boundary.mask_soft` on the classifier's
+token grid, as the pipeline does, and each timing includes ``mask_soft``. On the scenes every method runs with its own
+defaults, and once more as ``default-synth``'s ``[boundary]`` section sets it (and, as the baseline of the
+default's GrabCut, with ``init_stride = 1``: OpenCV's own k-means start on every pixel); on the images the last two.
+Prints the median milliseconds per image and the ratio to the forward pass: first one image at a time, then per image
+over a batch (``--batch`` copies of the scene, or all the images) labelled side by side by ``pipeline.thread_map`` on
 ``--threads`` threads, as a run labels a batch. torch and OpenCV are limited to ``--threads`` threads.
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     model = load_model()
-    recipe = load_recipe("default")
+    recipe = load_recipe("default-synth")  # one feature set and GrabCut: the former default
     x = torch.zeros(1, 3, *model.preprocess.size)
     with torch.no_grad():
         forward = timed(lambda: model.module(x), args.repeats)

@@ -109,6 +109,12 @@ def sweep(args: argparse.Namespace) -> None:
     variants = tomllib.loads(Path(args.variants).read_text())
     caches = [pickle.loads(Path(c).read_bytes()) for c in args.caches]
     head = "variant".ljust(28) + "".join(f"{Path(c).stem[:22]:>24}" for c in args.caches)
+    for path, c in zip(args.caches, caches):
+        r = c["recipe"]
+        if getattr(r, "domain", None) is not None:  # a variant's sections change the recipe's own stages only
+            n = sum(r.stages_for(it.get("confidence", 0.0)) is not r for it in c["items"])
+            print(f"{Path(path).stem}: {n} of {len(c['items'])} images on the [domain] stages (a variant changes "
+                  "them with its own domain = {...})")
     print(head)
     for name, spec in {"recipe": {}, **variants}.items():
         cells, per = [], []

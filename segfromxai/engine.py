@@ -113,8 +113,10 @@ def records_of(recipe: Recipe, loaded: list[tuple[int, str, np.ndarray, int | No
             records.append({**rec, "status": "skipped",
                             "reason": f"confidence {conf:.3f} < {recipe.output['min_confidence']}"})
             continue
+        stages = recipe.stages_for(conf)  # a [domain]'s stages for an image the classifier is sure of
+        where = {} if recipe.domain is None else {"refiner": stages.refine.method, "domain": stages is not recipe}
         anns = [{"category_id": cls + 1, "segmentation": encode(m), "score": s,
-                 "attributes": {**provenance, "confidence": conf}} for m, s in zip(masks, got.scores[j])]
+                 "attributes": {**provenance, **where, "confidence": conf}} for m, s in zip(masks, got.scores[j])]
         image = {"id": index + 1, "file_name": rel, "height": h, "width": w}
         records.append({**rec, "status": "ok" if anns else "empty", "image": image, "annotations": anns})
         if recipe.output["maps"] or recipe.output["overlays"]:

@@ -45,6 +45,9 @@ def recipe_misfit(recipe: Recipe, module: nn.Module) -> str | None:
         return (f"recipe {recipe.name!r}: {', '.join(classy)} explain a class, and the model has no classifier "
                 f"head (num_classes=0); use a class-agnostic recipe (tokencut, maskcut; explainers "
                 f"{', '.join(agnostic)}) or a model with a head")
+    if recipe.domain is not None and is_headless(module):
+        return (f"recipe {recipe.name!r}: [domain] picks images by the explained class's probability, and the model "
+                f"has no classifier head (num_classes=0) to give one; remove [domain] or use a model with a head")
     return None
 
 

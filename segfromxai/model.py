@@ -361,11 +361,15 @@ def base_tensors(card_path: str | Path, base: Any, module: nn.Module) -> dict[st
     if not (isinstance(base, dict) and isinstance(base.get("card"), str) and base.get("weights_sha256")):
         raise ValueError(f"model card {card_path}: 'base' must be {{\"card\": <folder in data/>, "
                          f"\"weights_sha256\": ...}}, got {base!r}")
-    name = base["card"]
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ValueError(f"model card {card_path}: base card {name!r} must be a folder name in {data_dir()}")
-    base_path = data_dir() / name / CARD_NAME
+    name, root = base["card"], data_dir().resolve()
+    folder = (root / name).resolve()
+    if not name or "/" in name or "\\" in name or folder.parent != root:
+        raise ValueError(f"model card {card_path}: base card {name!r} must be a folder name in {root}")
+    base_path = folder / CARD_NAME
     base_card = read_card(base_path)
+    if "base" in base_card:
+        raise ValueError(f"model card {card_path}: its base {base_path} has a base of its own; a base must hold all "
+                         "its weights")
     base_weights = card_weights(base_path, base_card)
     if sha256(base_weights) != str(base["weights_sha256"]).lower():
         raise ValueError(f"model card {card_path}: its base {base_weights} is not the weights it was built on "

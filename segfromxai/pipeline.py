@@ -196,11 +196,13 @@ def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor,
                  ) -> dict[tuple, np.ndarray]:
     """Token features (B, fh, fw, C) of each recipe's ``[features]`` section (and its ``[domain.features]``),
     keyed by :func:`features_key`: read from the shared pass ``got``, or from one extra forward per backbone (all
-    its layers recorded at once). With ``conf`` (B,), the explained class's probabilities, a recipe with a
-    ``[domain]`` gets only the features of the stages some image of the batch goes to (:meth:`Recipe.stages_for`)."""
+    its layers recorded at once). With ``conf`` (B,), the explained class's probabilities, a recipe gets only the
+    features of the stages some image of the batch goes to (:meth:`Recipe.stages_for`; none for an image under its
+    ``min_confidence``, which gets no mask)."""
     specs = {}
     for r in recipes:
-        chosen = None if conf is None else [r.stages_for(float(c)) for c in conf]
+        chosen = None if conf is None else [r.stages_for(float(c)) for c in conf
+                                            if c >= r.output["min_confidence"]]
         for s in r.stages():
             if chosen is not None and not any(c is s for c in chosen):
                 continue

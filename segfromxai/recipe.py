@@ -68,12 +68,14 @@ def output_options(*, min_confidence: Fraction = 0.0, maps: bool = False, overla
 
 def domain_options(*, confidence: Fraction = 1.0) -> None:
     """A recipe's ``[domain]``: images whose explained class has a softmax probability of at least ``confidence``
-    (the classifier's own domain) are labelled from the same fused map by the sub-sections ``[domain.features]``,
-    ``[domain.refine]``, ``[domain.boundary]`` and ``[domain.masks]``, each a whole section as at the top level
-    (one not given is the recipe's own); every other image by the recipe's own sections. The classifier's maximum
-    softmax probability as the in-domain score is Hendrycks & Gimpel's baseline (2017, "A baseline for detecting
-    misclassified and out-of-distribution examples in neural networks", ICLR). Their features are computed only for
-    batches holding such an image."""
+    (required; the classifier's own domain) are labelled from the same fused map by the sub-sections
+    ``[domain.features]``, ``[domain.refine]``, ``[domain.boundary]`` and ``[domain.masks]``, each a whole section as
+    at the top level (one not given is the recipe's own); every other image by the recipe's own sections. With the
+    top-1 class explained, that probability is the maximum softmax probability, Hendrycks & Gimpel's in-domain
+    baseline (2017, "A baseline for detecting misclassified and out-of-distribution examples in neural networks",
+    ICLR); with ``--labels`` it is the given class's. A batch runs only the feature forwards of the stages some of
+    its images go to. A model with no classifier head has no such probability: a recipe with ``[domain]`` is refused
+    there."""
 
 
 # Where each section is declared (a typed keyword-only signature, see segfromxai.params) and the parameters the
@@ -107,10 +109,13 @@ class Domain:
 
     confidence: float
     stages: "Recipe"
+    given: tuple[str, ...] = DOMAIN_SECTIONS
+    """The sub-sections the recipe gave; the others follow the recipe's own (also when those are changed, e.g. by
+    :func:`with_features`)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = self.stages.to_dict()
-        return {"confidence": self.confidence, **{k: d[k] for k in DOMAIN_SECTIONS}}
+        return {"confidence": self.confidence, **{k: d[k] for k in self.given}}
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,9 @@ class Recipe:
         d.pop("name"), d.pop("description"), d["output"].pop("maps"), d["output"].pop("overlays")
         if d["boundary"] == {"method": "none"}:  # recipes from before the boundary stage keep their digest
             d.pop("boundary")
+        for refine in (d["refine"], d.get("domain", {}).get("refine", {})):
+            if refine.get("retry_missed") == 0:  # nor those from before ncut's retry_missed
+                refine.pop("retry_missed")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -233,8 +241,8 @@ def _domain(data: Mapping[str, Any], name: str) -> Domain | None:
     try:
         stages = parse_recipe(sub, name=name)
     except RecipeError as e:
-        raise _fail("domain", str(e)) from None
-    return Domain(confidence=confidence, stages=stages)
+        raise _fail("domain", str(e).removeprefix("recipe ")) from None
+    return Domain(confidence=confidence, stages=stages, given=tuple(k for k in DOMAIN_SECTIONS if k in given))
 
 
 def parse_recipe(data: Mapping[str, Any], *, name: str = "recipe") -> Recipe:

@@ -56,12 +56,14 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
         if start is not None and vit and not (isinstance(start, int) and -depth <= start < depth):
             raise ValueError(f"{section}: start_layer must lie in [-{depth}, {depth}) for this model "
                              f"({depth} blocks; negative counts from the end), got {start!r}")
-    try:
-        layers = pipeline.needed_layers(model, recipe)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}, [features]: {e}") from e
-    for layer in layers:
-        _check_layer(modules, f"{where}, [features]", layer)
+    for stages in recipe.stages():  # its own [features], then its [domain.features]
+        section = f"{where}, [features]" if stages is recipe else f"{where}, [domain.features]"
+        try:
+            layers = pipeline.needed_layers(model, stages)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{section}: {e}") from e
+        for layer in layers:
+            _check_layer(modules, section, layer)
 
 
 def check_recipes_for_model(model: LoadedModel, recipes: Sequence[Recipe]) -> None:

@@ -319,8 +319,8 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     recut_corners : int >= 0
         Cut a foreground side holding two or more grid corners again, up to this many times (step 2).
     retry_missed : int >= 0
-        Cuts whose foreground side misses the thresholded explanation that do not count as instances (step 2);
-        0 (the default) counts every cut, as before.
+        At most this many cuts in all whose foreground side misses the thresholded explanation do not count as
+        instances (step 2); 0 (the default) counts every cut, as before.
 
     Returns
     -------

@@ -140,4 +140,6 @@ def test_domain_stages_label_exactly_the_confident_images(tiny_card, synth_image
     assert set(feature_maps(model, [r], x, passed, ims, conf=np.zeros(6))) == {keys["k"]}
     assert set(feature_maps(model, [r], x, passed, ims, conf=np.ones(6))) == {keys["tokens"]}
     assert set(feature_maps(model, [r], x, passed, ims, conf=conf)) == set(keys.values())
+    skipping = parse_recipe({**main, "output": {"min_confidence": cut}, "domain": {"confidence": cut, **domain}})
+    assert set(feature_maps(model, [skipping], x, passed, ims, conf=conf)) == {keys["tokens"]}  # the rest: no mask
     assert len(needed_layers(model, r)) == 2  # both feature sets come from the classifier's own pass

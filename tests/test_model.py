@@ -192,6 +192,12 @@ def test_card_with_a_base_shares_its_tensors_and_checks_its_hash(tmp_path, monke
     write_card(tmp_path / "feat" / "card.json", {**card, "base": {**card["base"], "card": "../base"}})
     with pytest.raises(ValueError, match="folder name in"):
         load_model(checkpoint=tmp_path / "feat")
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    (tmp_path / "base").rename(outside)
+    (tmp_path / "base").symlink_to(outside)  # a link out of data/ is refused even with the right hash
+    write_card(tmp_path / "feat" / "card.json", card)
+    with pytest.raises(ValueError, match="folder name in"):
+        load_model(checkpoint=tmp_path / "feat")
 
 
 def test_shipped_dinov2_is_the_backbone_under_the_embedded_model():

@@ -59,6 +59,12 @@ def test_kinds_and_the_fit_of_every_explainer(tiny_card, headless_ckpt, cnn_ckpt
     assert recipe_misfit(load_recipe("default-cnn"), models["cnn"].module) is None
     assert "lrp need a Vision Transformer" in recipe_misfit(load_recipe("default"), models["cnn"].module)
     assert "default-cnn" in recipe_misfit(load_recipe("default"), models["cnn"].module)
+    # a [domain] needs the explained class's probability, which a headless model does not give
+    cut = {"explainers": {"rollout": {}}, "refine": {"method": "ncut", "foreground": "eigvec"}}
+    domain = parse_recipe({**cut, "domain": {"confidence": 0.5, "refine": {"method": "none"}}}, name="d")
+    assert "[domain]" in recipe_misfit(domain, models["headless vit"].module)
+    assert recipe_misfit(parse_recipe(cut, name="c"), models["headless vit"].module) is None
+    assert recipe_misfit(domain, models["vit"].module) is None
 
 
 TOP = [p.stem for p in sorted(recipes_dir().glob("*.toml"))]

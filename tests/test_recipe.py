@@ -168,3 +168,23 @@ def test_domain_section_gives_whole_sections_for_confident_images():
         parse_recipe({**base(), "domain": {"confidence": 0.5, "refine": {"method": "nope"}}})
     with pytest.raises(RecipeError, match="confidence"):
         parse_recipe({**base(), "domain": {"confidence": 1.5}})
+
+
+def test_domain_sections_not_given_follow_the_recipes_own_and_old_digests_hold():
+    """A ``[domain]`` that gives no ``[domain.features]`` uses the recipe's features, also after ``with_features``
+    changes them; one that gives its own keeps them. A recipe without ``retry_missed`` keeps the digest it had
+    before ncut had that parameter (so a run started then resumes): ``default-synth`` is the former ``default``."""
+    from segfromxai.recipe import with_features, with_output
+
+    follows = parse_recipe({**base(), "refine": {"method": "ncut"}, "domain": {"confidence": 0.5,
+                                                                              "refine": {"method": "none"}}})
+    changed = with_features(follows, model="classifier", img_size=392)
+    assert changed.domain.stages.features == changed.features and changed.features["img_size"] == 392
+    assert "features" not in changed.to_dict()["domain"] and changed.domain.stages.refine.method == "none"
+    default = load_recipe("default")
+    moved = with_features(default, img_size=448)
+    assert moved.features["img_size"] == 448 and moved.domain.stages.features == default.domain.stages.features
+    kept = with_output(default, min_confidence=0.2)
+    assert kept.domain.to_dict() == default.domain.to_dict() and kept.domain.stages.output["min_confidence"] == 0.2
+    assert load_recipe("default-synth").digest() == "ba2abc4ad0c7445fd60fa91cdbeae7e028c9d75ae59272087fd097d729253588"
+    assert load_recipe("tokencut").digest() == "a72964e91218cf196e9a64a8b0762d0a2ec4aa2d6914caad903ee4010f01f257"
