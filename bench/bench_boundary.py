@@ -7,7 +7,7 @@ Baseline: one forward pass of the embedded default model (batch of 1, at its inp
 same run. Inputs: a synthetic scene per size (the ``tests/test_boundary.py`` square: a bright square on a textured
 ground) and its coarse mask grown by a third of a token; and ``default-synth``'s refined masks (the former default)
 (before its boundary stage) of the first ``--limit`` images under ``--images`` (labelled first, untimed;
-``--images ''``: none). Each mask becomes the soft map of :func:`segfromxai.boundary.mask_soft` on the classifier's
+``--images ''``: none). Each mask becomes the soft map of :func:`segfromxai.stages.boundary.mask_soft` on the classifier's
 token grid, as the pipeline does, and each timing includes ``mask_soft``. On the scenes every method runs with its own
 defaults, and once more as ``default-synth``'s ``[boundary]`` section sets it (and, as the baseline of the
 default's GrabCut, with ``init_stride = 1``: OpenCV's own k-means start on every pixel); on the images the last two.
@@ -59,10 +59,10 @@ def main() -> None:
     import cv2
     import torch
 
-    from segfromxai.boundary import BOUNDARIES, mask_soft
-    from segfromxai.model import load_model, token_grid
-    from segfromxai.pipeline import thread_map
-    from segfromxai.recipe import load_recipe
+    from segfromxai.stages.boundary import BOUNDARIES, mask_soft
+    from segfromxai.models.model import load_model, token_grid
+    from segfromxai.run.pipeline import thread_map
+    from segfromxai.recipe.recipe import load_recipe
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
@@ -105,9 +105,9 @@ def report(name: str, seconds: float, forward: float) -> None:
 
 def refined_masks(model, recipe, folder: str, limit: int):
     """(mask, image, token cell) of every refined instance of the first ``limit`` images, before the boundary
-    (:func:`segfromxai.pipeline.refine_image` on the recipe's shared pass and features, as a run chains them)."""
-    from segfromxai.images import find_images, load_image
-    from segfromxai.pipeline import feature_maps, fuse_recipe, refine_image, shared_pass
+    (:func:`segfromxai.run.pipeline.refine_image` on the recipe's shared pass and features, as a run chains them)."""
+    from segfromxai.io.images import find_images, load_image
+    from segfromxai.run.pipeline import feature_maps, fuse_recipe, refine_image, shared_pass
 
     ims = [load_image(p) for p in find_images(folder)[:limit]]
     out = []

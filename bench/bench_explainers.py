@@ -94,7 +94,7 @@ def grad_cam_baseline(model, x):
 def models(which: list[str]):
     import timm
 
-    from segfromxai.model import load_model
+    from segfromxai.models.model import load_model
 
     torch.manual_seed(0)
     if "embedded" in which:

@@ -12,7 +12,7 @@ import time
 
 import torch
 torch.set_num_threads(1)
-from segfromxai.model import load_model
+from segfromxai.models.model import load_model
 m = load_model().module
 B, N, C, H = 4, 197, 384, 6
 hd = C // H

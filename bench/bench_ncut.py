@@ -62,7 +62,7 @@ def main() -> None:
     import scipy
     import scipy.linalg
 
-    from segfromxai.refine import affinity, ncut_bipartition
+    from segfromxai.stages.refine import affinity, ncut_bipartition
 
     limits = threadpool_limits(args.threads) if threadpool_limits else None
     print(f"numpy {np.__version__}, scipy {scipy.__version__}, {args.threads} threads "

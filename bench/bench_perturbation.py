@@ -14,9 +14,9 @@ import time
 import torch
 
 from segfromxai.explainers import explain_with_logits
-from segfromxai.explainers.hooks import count_forwards
-from segfromxai.images import find_images, load_image
-from segfromxai.model import load_model
+from segfromxai.models.hooks import count_forwards
+from segfromxai.io.images import find_images, load_image
+from segfromxai.models.model import load_model
 
 SETTINGS = {
     "gradcam": {"gradcam": {}},

@@ -8,7 +8,7 @@ not counted: keep the default 0 workers); with one thread on a machine other job
 The baseline is timed before and after the runs and the better of the two counts.
 
 The images are the 32 samples in data/samples/images (or those under ``--images``), linked ``--copies`` times into a
-temporary folder. Each run is :func:`segfromxai.engine.run` (load, explain, fuse, cut, encode, write) at
+temporary folder. Each run is :func:`segfromxai.run.local.run` (load, explain, fuse, cut, encode, write) at
 ``--batch-size`` (default: the run's own default) in a fresh process, so its peak RSS (VmHWM) is the run's, model
 included; the resident memory after the first and after the last chunk shows whether it stays flat. The baseline loads
 and preprocesses the same images and runs one forward pass plus a backward pass of the summed top-1 logits to the
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from segfromxai.engine import peak_rss_mb, run
-from segfromxai.images import find_images, load_image
-from segfromxai.model import data_dir, load_model
-from segfromxai.recipe import load_recipe
+from segfromxai.run.local import peak_rss_mb, run
+from segfromxai.io.images import find_images, load_image
+from segfromxai.models.model import data_dir, load_model
+from segfromxai.recipe.recipe import load_recipe
 
 
 def baseline(model, paths: list[Path], batch_size: int) -> tuple[float, float]:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from segfromxai.images import find_images
-from segfromxai.model import data_dir, load_model
-from segfromxai.engine import run
-from segfromxai.recipe import load_recipe
+from segfromxai.io.images import find_images
+from segfromxai.models.model import data_dir, load_model
+from segfromxai.run.local import run
+from segfromxai.recipe.recipe import load_recipe
 
 
 def link_samples(folder: Path, n: int) -> Path:
@@ -88,7 +88,7 @@ def main() -> None:
         if not args.skip_ray:
             import ray
 
-            from segfromxai.engine_ray import run_ray
+            from segfromxai.run.ray import run_ray
 
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
             t0 = time.perf_counter()

@@ -35,8 +35,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    from segfromxai.model import load_model
-    from segfromxai.student import StudentConfig, Tokens, predict, prepare, run_round
+    from segfromxai.models.model import load_model
+    from segfromxai.student.student import StudentConfig, Tokens, predict, prepare, run_round
 
     model = load_model()
     config = StudentConfig(epochs=5, boundary=args.boundary)

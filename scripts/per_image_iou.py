@@ -6,7 +6,7 @@ Run by hand (``compare`` gives means only; a small benchmark needs the per-image
         --gt work/real_bench/annotations.json [--checkpoint work/real_bench/efficientnet_lite0/card.json] \\
         [--csv out.csv] [--markdown out.md]
 
-Images are labelled as ``segfromxai run`` labels them (:func:`segfromxai.pipeline.label_batch`, the model's top-1
+Images are labelled as ``segfromxai run`` labels them (:func:`segfromxai.run.pipeline.label_batch`, the model's top-1
 class, each recipe's ``min_confidence``); IoU is class-agnostic: the union of an image's predicted masks against
 the union of its ground-truth masks (an image with no predicted mask scores its IoU with an empty mask). All recipes
 share one explain pass; when that fails, each recipe runs alone and a recipe that fails is reported with its error.
@@ -25,7 +25,7 @@ import numpy as np
 
 def iou(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
     """Intersection over union of two bool masks; NaN when both are empty."""
-    from segfromxai.metrics import confusion
+    from segfromxai.quality.metrics import confusion
 
     tp, fp, fn, _ = confusion(pred, gt, ignore)
     return tp / (tp + fp + fn) if tp + fp + fn else float("nan")
@@ -41,7 +41,7 @@ def union_of(masks: list[np.ndarray] | None, size: tuple[int, int]) -> np.ndarra
 
 def _label(model: Any, recipes: list, x: Any, sizes: list) -> dict[str, Any]:
     """{recipe name: Labelled, or the error message when the recipe fails on this model}."""
-    from segfromxai.pipeline import label_batch
+    from segfromxai.run.pipeline import label_batch
 
     try:
         return {r.name: lab for r, lab in zip(recipes, label_batch(model, recipes, x, sizes))}
@@ -57,8 +57,8 @@ def _label(model: Any, recipes: list, x: Any, sizes: list) -> dict[str, Any]:
 
 def per_image(model: Any, recipes: list, images: Path, gt: Path, *, batch_size: int = 8) -> dict[str, Any]:
     """``{"rows": [{file_name, class, confidence, <recipe>: IoU}], "errors": {recipe: message}}``."""
-    from segfromxai.evaluate import load_source, match_names, union
-    from segfromxai.images import find_images, load_image
+    from segfromxai.quality.evaluate import load_source, match_names, union
+    from segfromxai.io.images import find_images, load_image
 
     paths = find_images(images)
     rels = [p.relative_to(images).as_posix() for p in paths]
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import warnings
 
-    from segfromxai.model import load_model
-    from segfromxai.pipeline import seed_everything
-    from segfromxai.recipe import load_recipes
+    from segfromxai.models.model import load_model
+    from segfromxai.run.pipeline import seed_everything
+    from segfromxai.recipe.recipe import load_recipes
 
     seed_everything(0)
     warnings.filterwarnings("ignore")

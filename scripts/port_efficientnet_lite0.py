@@ -68,7 +68,7 @@ def port(source: Path, out: Path) -> Path:
     """Write ``out/model.safetensors`` and ``out/card.json`` (a segfromxai model card); returns the card's path."""
     from safetensors.torch import save_file
 
-    from segfromxai.model import load_model, sha256, write_card
+    from segfromxai.models.model import load_model, sha256, write_card
 
     loaded = load_model(TIMM_NAME)  # random init; gives timm's preprocessing for the model
     module = loaded.module

@@ -130,7 +130,7 @@ def write_headless_card(weights: Path, folder: Path, meta: dict[str, str]) -> Pa
     no classifier head (``num_classes=0``, no class names), ImageNet mean/std, 224 px, bicubic, whole image."""
     import shutil
 
-    from segfromxai.model import Preprocess, sha256, write_card
+    from segfromxai.models.model import Preprocess, sha256, write_card
 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.safetensors"

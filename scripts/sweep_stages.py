@@ -3,7 +3,7 @@
 Labelling is dominated by the explain pass and the feature backbone's forward; the stages after them are cheap. So
 this script runs a recipe's shared pass and feature forward once per image set (``cache``), keeps the fused maps,
 token features, images and the ground-truth union, and then scores many variants of the later stages on that
-cache (``sweep``), exactly as :func:`segfromxai.pipeline.label_image` chains them; a recipe's ``[domain]`` is
+cache (``sweep``), exactly as :func:`segfromxai.run.pipeline.label_image` chains them; a recipe's ``[domain]`` is
 applied per image by the cached confidence of its explained class, as a run does. Scores are per-image means of
 the class-agnostic union of an image's masks against the ground-truth union (IoU, precision, recall), as
 ``segfromxai compare`` reports them.
@@ -29,15 +29,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segfromxai.engine import ChunkLoader, batch_target
-from segfromxai.evaluate import load_source, match_names, union
-from segfromxai.images import find_images
-from segfromxai.metrics import METRICS, confusion, finite_mean
-from segfromxai.model import load_model
-from segfromxai.pipeline import (confidence, explain_calls, feature_maps, features_key, fuse_recipe, label_image,
-                                 shared_pass, thread_map, _maps_of)
-from segfromxai.recipe import Recipe, load_recipe, parse_recipe
-from segfromxai.targets import Targets
+from segfromxai.run.local import ChunkLoader, batch_target
+from segfromxai.quality.evaluate import load_source, match_names, union
+from segfromxai.io.images import find_images
+from segfromxai.quality.metrics import METRICS, confusion, finite_mean
+from segfromxai.models.model import load_model
+from segfromxai.run.pipeline import (
+    confidence,
+    explain_calls,
+    feature_maps,
+    features_key,
+    fuse_recipe,
+    label_image,
+    shared_pass,
+    thread_map,
+    _maps_of,
+)
+from segfromxai.recipe.recipe import Recipe, load_recipe, parse_recipe
+from segfromxai.run.targets import Targets
 
 
 def cache(args: argparse.Namespace) -> None:
@@ -72,7 +81,7 @@ def cache(args: argparse.Namespace) -> None:
 
 def variant_recipe(recipe: Recipe, spec: dict) -> Recipe:
     """``recipe`` with each section of ``spec`` merged over its own (a new ``method`` starts from that method's
-    defaults), read back through :func:`segfromxai.recipe.parse_recipe`, so a variant is checked as a recipe is."""
+    defaults), read back through :func:`segfromxai.recipe.recipe.parse_recipe`, so a variant is checked as a recipe is."""
     d = recipe.to_dict()
     for section, given in spec.items():
         if "method" in given and given["method"] != d.get(section, {}).get("method"):
@@ -85,7 +94,7 @@ SCORES = ("iou", "precision", "recall")
 
 
 def score(recipe: Recipe, items: list[dict]) -> dict[str, list[float]]:
-    """Per-image :data:`segfromxai.metrics.METRICS` (NaN where undefined) of the union of each image's masks."""
+    """Per-image :data:`segfromxai.quality.metrics.METRICS` (NaN where undefined) of the union of each image's masks."""
     def counts_of(k: int) -> tuple:
         it = items[k]
         size = it["image"].shape[:2]

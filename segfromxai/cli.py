@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from .version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,13 +39,13 @@ def features_options(f):
 
 
 def _with_features(recs: list, model: str | None, checkpoint: str | None, img_size: int | None) -> list:
-    from .recipe import with_features
+    from .recipe.recipe import with_features
 
     return [with_features(r, model=model, checkpoint=checkpoint, img_size=img_size) for r in recs]
 
 
 def _load(model_name: str | None, checkpoint: Path | None, device: str):
-    from .model import load_model
+    from .models.model import load_model
 
     try:
         return load_model(model_name, checkpoint, device=device)
@@ -58,7 +58,7 @@ def list_cmd() -> None:
     """Print every registry (explainers, thresholds, refiners, metrics), one name per line under a header; an
     explainer that needs a Vision Transformer or a classifier head says so after its name."""
     from .explainers import EXPLAINERS
-    from .registry import registries
+    from .catalog import names as registries
 
     for title, names in registries().items():
         click.echo(f"{title}:")
@@ -79,7 +79,7 @@ def list_cmd() -> None:
               help="one object per image, or two of different classes")
 def synth(out: Path, n: int, seed: int, size: int, mode: str) -> None:
     """Write a synthetic shapes benchmark with exact ground truth (images/, annotations.json, labels.csv)."""
-    from .synth import write_synth
+    from .quality.synth import write_synth
 
     write_synth(out, n, seed, size=size, mode=mode)
     click.echo(f"wrote {n} images to {out}")
@@ -115,7 +115,7 @@ def finetune(data: Path, model_name: str, out: Path, init: Path | None, freeze_b
              val: Path | None, val_fraction: float, limit: int | None, storage_dtype: str, seed: int,
              device: str) -> None:
     """Fine-tune a timm classifier; writes weights (safetensors) and a model card (JSON)."""
-    from .train import finetune as run_finetune
+    from .models.finetune import finetune as run_finetune
 
     card = run_finetune(data, model_name, out, init=init, freeze_blocks=freeze_blocks, epochs=epochs,
                         img_size=img_size, batch_size=batch_size, lr=lr, head_lr=head_lr,
@@ -136,8 +136,8 @@ def finetune(data: Path, model_name: str, out: Path, init: Path | None, freeze_b
 def classify(images: Path, labels: Path | None, out: Path | None, batch_size: int, model_name: str | None,
              checkpoint: Path | None, device: str) -> None:
     """Top-1 class of every image; with --labels, a table of accuracy per class."""
-    from .pipeline import classify as run_classify
-    from .targets import accuracy_table, read_labels_csv
+    from .run.pipeline import classify as run_classify
+    from .run.targets import accuracy_table, read_labels_csv
 
     try:
         truth = read_labels_csv(labels) if labels is not None else None
@@ -152,7 +152,7 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
     for f in failures:
         click.echo(f"skipped {f.path}: {f.reason}", err=True)
     if out is not None:
-        from .targets import write_predictions_csv
+        from .run.targets import write_predictions_csv
 
         write_predictions_csv(out, preds, model.classes)
     click.echo(f"classified {len(preds)} images ({len(failures)} skipped) with {model.source}")
@@ -205,8 +205,8 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
         address: str | None, skip_empty: bool, features_model: str | None, features_checkpoint: str | None,
         features_img_size: int | None) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
-    from .engine import run as run_recipe
-    from .recipe import RecipeError, load_recipe, with_output
+    from .run.local import run as run_recipe
+    from .recipe.recipe import RecipeError, load_recipe, with_output
 
     try:
         rec = with_output(load_recipe(recipe), min_confidence=min_confidence, maps=maps or None,
@@ -240,7 +240,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
                       resume=bool(resume), overwrite=resume is False, seed=seed,
                       shard=(shard, num_shards) if num_shards else None, progress=progress, skip_empty=skip_empty)
         if engine == "ray":
-            from .engine_ray import run_ray
+            from .run.ray import run_ray
 
             summary = run_ray(rec, images, out, model_args=model_args, address=address, **common)
         else:
@@ -268,7 +268,7 @@ def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint
 def _targets(labels: Path | None, folder_labels: bool):
     """The label source of --labels / --folder-labels (default: the model's top-1 class); a bad CSV is a usage
     error naming the file."""
-    from .targets import Targets, read_labels_csv
+    from .run.targets import Targets, read_labels_csv
 
     if labels is not None and folder_labels:
         raise click.UsageError("give --labels or --folder-labels, not both")
@@ -281,7 +281,7 @@ def _targets(labels: Path | None, folder_labels: bool):
 
 def _check_out(out: Path) -> None:
     """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
-    from .dataset import check_out
+    from .run.outdir import check_out
 
     try:
         check_out(out)
@@ -302,7 +302,7 @@ def _progress_bar(total: int, initial: int):
     if sys.stderr.isatty():
         from tqdm import tqdm
         return tqdm(total=total, initial=initial, unit="img")
-    from .progress import LogProgress
+    from .io.progress import LogProgress
     return LogProgress(total, initial, stream=sys.stderr)
 
 
@@ -310,7 +310,7 @@ def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | Non
               maps: Path | None, settings: dict, class_agnostic: bool = False) -> None:
     import warnings
 
-    from .evaluate import comparisons, headline, table, worst, write_evaluation, write_evaluation_report
+    from .quality.evaluate import comparisons, headline, table, worst, write_evaluation, write_evaluation_report
 
     try:
         with warnings.catch_warnings():  # shown once below, through click
@@ -366,7 +366,7 @@ def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | 
 def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], index_only: bool, overwrite: bool,
               skip_empty: bool) -> None:
     """Combine the output folders of a sharded run (run --shard I --num-shards N) into one COCO dataset."""
-    from .dataset import merge
+    from .run.outdir import merge
 
     try:
         summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite,
@@ -409,8 +409,8 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
     """Run several RECIPES (files, names, or folders of recipes such as `vitmix`) on the same images, sharing
     model passes, and print IoU, F1, PA, deletion AUC, GAE, time and forward passes per image against the ground
     truth."""
-    from .compare import compare, format_rows, write_comparison
-    from .recipe import RecipeError, load_recipes
+    from .quality.compare import compare, format_rows, write_comparison
+    from .recipe.recipe import RecipeError, load_recipes
 
     try:
         recs = _with_features(load_recipes(list(recipes)), features_model, features_checkpoint, features_img_size)
@@ -486,7 +486,7 @@ def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, g
                 model_name: str | None, checkpoint: Path | None, device: str) -> None:
     """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
     --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
-    from .student import StudentConfig, train_student
+    from .student.student import StudentConfig, train_student
 
     try:
         config = StudentConfig(head=head, mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,

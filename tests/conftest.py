@@ -22,8 +22,8 @@ def tiny_card(tmp_path_factory):
     import timm
     from safetensors.torch import save_file
 
-    from segfromxai.model import Preprocess, write_card
-    from segfromxai.synth import CLASSES
+    from segfromxai.models.model import Preprocess, write_card
+    from segfromxai.quality.synth import CLASSES
 
     torch.manual_seed(0)
     kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": len(CLASSES)}
@@ -39,6 +39,6 @@ def tiny_card(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_images(tmp_path_factory):
     """Twelve 48 px synth scenes (images/, annotations.json, labels.csv)."""
-    from segfromxai.synth import write_synth
+    from segfromxai.quality.synth import write_synth
 
     return write_synth(tmp_path_factory.mktemp("synth"), 12, seed=3, size=48)

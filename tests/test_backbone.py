@@ -7,12 +7,18 @@ import torch
 from click.testing import CliRunner
 
 from segfromxai.cli import main
-from segfromxai.features import (backbone_for, backbone_input, backbone_outputs, feature_layer, token_features,
-                                 uses_classifier)
-from segfromxai.images import find_images, load_image
-from segfromxai.model import LoadedModel, Preprocess, load_model
-from segfromxai.pipeline import feature_maps, features_key, label_batch, needed_layers, shared_pass
-from segfromxai.recipe import RecipeError, parse_recipe, with_features
+from segfromxai.models.features import (
+    backbone_for,
+    backbone_input,
+    backbone_outputs,
+    feature_layer,
+    token_features,
+    uses_classifier,
+)
+from segfromxai.io.images import find_images, load_image
+from segfromxai.models.model import LoadedModel, Preprocess, load_model
+from segfromxai.run.pipeline import feature_maps, features_key, label_batch, needed_layers, shared_pass
+from segfromxai.recipe.recipe import RecipeError, parse_recipe, with_features
 
 
 def _recipe(explainer="gradcam", **features):

@@ -4,9 +4,9 @@ distance, determinism, odd sizes, and the registry feeding recipe validation and
 import numpy as np
 import pytest
 
-from segfromxai.boundary import BOUNDARIES, mask_soft, refine_boundary
-from segfromxai.pipeline import label_image
-from segfromxai.recipe import RecipeError, parse_recipe
+from segfromxai.stages.boundary import BOUNDARIES, mask_soft, refine_boundary
+from segfromxai.run.pipeline import label_image
+from segfromxai.recipe.recipe import RecipeError, parse_recipe
 
 METHODS = sorted(BOUNDARIES)
 EDGE_AWARE = [m for m in METHODS if m != "none"]
@@ -70,7 +70,7 @@ def test_a_coarse_square_snaps_to_the_image_edge(method):
 def test_grabcut_opens_a_ring_that_the_cut_filled_and_hole_filling_would_close_again():
     """Why the default keeps holes open: a bright ring on a dark ground, refined as the filled disc (a token grid
     cannot see the hole). GrabCut's colour models carve the hole; ``masks.clean(fill_holes=True)`` would undo it."""
-    from segfromxai.masks import clean
+    from segfromxai.ops.masks import clean
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:224, :224]
@@ -190,9 +190,9 @@ def test_labelling_a_batch_on_two_threads_gives_the_masks_of_one(tiny_card, synt
     per-thread generator reseeded before each use, the masks are those of one thread, in order."""
     import torch
 
-    from segfromxai.images import find_images, load_image
-    from segfromxai.model import load_model
-    from segfromxai.pipeline import label_batch, thread_map
+    from segfromxai.io.images import find_images, load_image
+    from segfromxai.models.model import load_model
+    from segfromxai.run.pipeline import label_batch, thread_map
 
     assert thread_map(lambda i: i * i, list(range(7)), workers=3) == [i * i for i in range(7)]
     model = load_model(checkpoint=tiny_card)

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from segfromxai.cli import main
-from segfromxai.coco import write_coco
-from segfromxai.compare import write_comparison
-from segfromxai.masks import encode
+from segfromxai.io.coco import write_coco
+from segfromxai.quality.compare import write_comparison
+from segfromxai.ops.masks import encode
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no headless browser: Debian's chromium is not installed "
@@ -106,9 +106,9 @@ def test_compare_plot_loads_in_chromium(tmp_path):
 def test_student_report_with_its_column_and_sheets_loads_in_chromium(tiny_card, synth_images, tmp_path):
     """`segfromxai student --gt` on a tiny run: report.html holds the three comparisons, and every sheet (five
     tiles: the student's mask too) and figure loads."""
-    from segfromxai.engine import run
-    from segfromxai.model import load_model
-    from segfromxai.recipe import load_recipe
+    from segfromxai.run.local import run
+    from segfromxai.models.model import load_model
+    from segfromxai.recipe.recipe import load_recipe
 
     run(load_recipe("default"), synth_images / "images", tmp_path / "run", model=load_model(checkpoint=tiny_card),
         batch_size=4)

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from segfromxai import __version__
 from segfromxai.cli import main
-from segfromxai.registry import registries
+from segfromxai.catalog import names as registries
 
 
 def test_version():

@@ -9,9 +9,14 @@ import timm
 import torch
 from torch import nn
 
-from segfromxai.explainers.hooks import count_forwards
-from segfromxai.explainers.coalition import (coalition_consistency, coalition_perturbation,
-                                             confidence_loss, feature_coalitions, gaussian_blur)
+from segfromxai.models.hooks import count_forwards
+from segfromxai.explainers.coalition import (
+    coalition_consistency,
+    coalition_perturbation,
+    confidence_loss,
+    feature_coalitions,
+    gaussian_blur,
+)
 from segfromxai.explainers.core import explain_with_logits
 
 FAST = {"steps": 4, "cluster_steps": 10, "max_clusters": 8}

@@ -9,8 +9,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segfromxai import coco, masks
-from segfromxai.manifest import Manifest
+from segfromxai.io import coco
+from segfromxai.ops import masks
+from segfromxai.run.manifest import Manifest
 
 CATEGORIES = [{"id": 1, "name": "cat", "supercategory": "animal"},
               {"id": 2, "name": "dog", "supercategory": "animal"},

@@ -8,16 +8,16 @@ import torch
 from click.testing import CliRunner
 
 from segfromxai.cli import main
-from segfromxai.compare import COLUMNS, compare
-from segfromxai.pipeline import explain_calls
-from segfromxai.evaluate import evaluate
+from segfromxai.quality.compare import COLUMNS, compare
+from segfromxai.run.pipeline import explain_calls
+from segfromxai.quality.evaluate import evaluate
 from segfromxai.explainers import explain_with_logits
-from segfromxai.gae import gae
-from segfromxai.images import find_images, load_image
-from segfromxai.model import load_model
-from segfromxai.engine import run
-from segfromxai.pipeline import fuse_recipe
-from segfromxai.recipe import load_recipe, load_recipes, parse_recipe
+from segfromxai.quality.gae import gae
+from segfromxai.io.images import find_images, load_image
+from segfromxai.models.model import load_model
+from segfromxai.run.local import run
+from segfromxai.run.pipeline import fuse_recipe
+from segfromxai.recipe.recipe import load_recipe, load_recipes, parse_recipe
 
 
 def test_explainers_are_grouped_into_as_few_calls_as_their_parameters_allow():
@@ -102,9 +102,9 @@ def test_compare_and_run_give_the_same_masks_for_labels_targets(tmp_path, synth_
     same min_confidence skips (per image, not just in the mean)."""
     from pycocotools import mask as mask_utils
 
-    from segfromxai.evaluate import load_source, union
-    from segfromxai.metrics import METRICS, confusion
-    from segfromxai.targets import Targets
+    from segfromxai.quality.evaluate import load_source, union
+    from segfromxai.quality.metrics import METRICS, confusion
+    from segfromxai.run.targets import Targets
 
     model = load_model(checkpoint=tiny_card)
     labels = tmp_path / "labels.csv"  # every image explained for "ring", which is rarely the tiny model's top-1

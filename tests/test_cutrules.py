@@ -1,10 +1,10 @@
-"""TokenCut/MaskCut foreground rules and the per-image graph threshold (segfromxai.cutrules, ncut's eigvec path)."""
+"""TokenCut/MaskCut foreground rules and the per-image graph threshold (segfromxai.ops.cutrules, ncut's eigvec path)."""
 
 import numpy as np
 import pytest
 
-from segfromxai.cutrules import corner_veto, corners_held, eigvec_side, seed_component, similarity_quantile
-from segfromxai.refine import ncut
+from segfromxai.ops.cutrules import corner_veto, corners_held, eigvec_side, seed_component, similarity_quantile
+from segfromxai.stages.refine import ncut
 
 
 def test_similarity_quantile_is_the_quantile_of_the_off_diagonal_entries():

@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from segfromxai.model import data_dir, load_model, sha256, token_grid
-from segfromxai.pipeline import classify
-from segfromxai.targets import accuracy_table, read_labels_csv
+from segfromxai.models.model import data_dir, load_model, sha256, token_grid
+from segfromxai.run.pipeline import classify
+from segfromxai.run.targets import accuracy_table, read_labels_csv
 
 
 def test_default_model_is_the_embedded_vit_and_classifies_the_samples():

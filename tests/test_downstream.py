@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from pycocotools.coco import COCO
 
 from segfromxai.cli import main
-from segfromxai.coco import yolo_split_key
-from segfromxai.dataset import finish
-from segfromxai.manifest import Manifest
-from segfromxai.progress import LogProgress, duration
+from segfromxai.io.coco import yolo_split_key
+from segfromxai.run.outdir import finish
+from segfromxai.run.manifest import Manifest
+from segfromxai.io.progress import LogProgress, duration
 
 
 def invoke(*args):
@@ -81,7 +81,7 @@ def test_run_off_a_terminal_logs_progress_records_versions_and_exports_yolo(tmp_
 def _manifest(out, statuses):
     import numpy as np
 
-    from segfromxai.masks import encode
+    from segfromxai.ops.masks import encode
 
     m = np.zeros((4, 4), bool)
     m[1:3, 1:3] = True
@@ -226,8 +226,8 @@ def test_merged_shards_export_one_yolo_dataset_with_the_same_split_rule(tmp_path
     import numpy as np
     from PIL import Image
 
-    from segfromxai.dataset import merge
-    from segfromxai.masks import encode
+    from segfromxai.run.outdir import merge
+    from segfromxai.ops.masks import encode
 
     images = tmp_path / "images"
     images.mkdir()

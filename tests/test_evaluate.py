@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from segfromxai.cli import main
-from segfromxai.coco import write_coco
-from segfromxai.evaluate import MaskSource, comparisons, evaluate, load_source, match
-from segfromxai.masks import encode
+from segfromxai.io.coco import write_coco
+from segfromxai.quality.evaluate import MaskSource, comparisons, evaluate, load_source, match
+from segfromxai.ops.masks import encode
 
 CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
 # image a (4x4): pred TP=2 FP=1 FN=3 TN=10; image b (4x4): pred = gt = one pixel of class 2

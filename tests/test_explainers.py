@@ -10,9 +10,16 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 import segfromxai
-from segfromxai.explainers import (EXPLAINERS, PERTURBATION_EXPLAINERS, LRPConfig, Pass, explain, explain_with_logits,
-                                   lrp_pass)
-from segfromxai.explainers.hooks import capture
+from segfromxai.explainers import (
+    EXPLAINERS,
+    PERTURBATION_EXPLAINERS,
+    LRPConfig,
+    Pass,
+    explain,
+    explain_with_logits,
+    lrp_pass,
+)
+from segfromxai.models.hooks import capture
 
 from reference_explainers import reference_input_relevance, reference_maps
 
@@ -253,7 +260,7 @@ def test_gradcam_matches_pytorch_grad_cam():
 # ------------------------------------------------------------------------------------ sanity checks, trained model
 @pytest.fixture(scope="module")
 def embedded():
-    from segfromxai.model import load_model
+    from segfromxai.models.model import load_model
 
     return load_model()
 
@@ -273,8 +280,8 @@ def _randomised(module):
 
 @pytest.fixture(scope="module")
 def randomisation_maps(embedded):
-    from segfromxai.images import load_image
-    from segfromxai.model import data_dir
+    from segfromxai.io.images import load_image
+    from segfromxai.models.model import data_dir
 
     paths = sorted((data_dir() / "samples" / "images").glob("*.png"))[:4]
     x = embedded.preprocess.batch([load_image(p) for p in paths])
@@ -297,7 +304,7 @@ def test_model_randomisation_changes_gradient_maps(randomisation_maps, name):
 
 
 def test_class_sensitivity_on_a_two_object_image(embedded):
-    from segfromxai.synth import CLASSES, make_scene
+    from segfromxai.quality.synth import CLASSES, make_scene
 
     img, objs = make_scene(5, 0, 224, "multi")  # two objects of different classes
     x = embedded.preprocess.batch([img])
@@ -315,7 +322,7 @@ def test_class_sensitivity_on_a_two_object_image(embedded):
 
 
 def test_a_loaded_model_is_accepted_as_is(embedded):
-    from segfromxai.synth import make_scene
+    from segfromxai.quality.synth import make_scene
 
     x = embedded.preprocess.batch([make_scene(1, 0, 224, "single")[0]])
     a = explain(embedded, x, ["gradcam", "rollout"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from segfromxai.faithfulness import (
+from segfromxai.quality.faithfulness import (
     MAP_METRICS,
     SUBSTRATES,
     auc,

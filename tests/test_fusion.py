@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from segfromxai.fusion import FUSIONS, arithmetic_mean, fuse, geometric_mean, normalise, product, resample
+from segfromxai.stages.fusion import FUSIONS, arithmetic_mean, fuse, geometric_mean, normalise, product, resample
 
 
 def t(a):
@@ -91,7 +91,7 @@ def test_fuse_rejects_unknown_method_and_weights():
 def test_pool_area_and_smooth_bring_pixel_maps_to_the_coarse_scale():
     import scipy.ndimage
 
-    from segfromxai.fusion import gaussian_blur, pool_maps
+    from segfromxai.stages.fusion import gaussian_blur, pool_maps
 
     rng = np.random.default_rng(0)
     fine = torch.from_numpy((rng.random((2, 28, 21)) > 0.97).astype(np.float32))  # sparse pixels

@@ -1,4 +1,4 @@
-"""Global Attribution Evaluation (segfromxai.gae): baselines, a constructed model with a known relevant region,
+"""Global Attribution Evaluation (segfromxai.quality.gae): baselines, a constructed model with a known relevant region,
 contrastiveness known answers, batch-size independence, forward counts."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from segfromxai.explainers import explain_with_logits
-from segfromxai.gae import SCORES, contrastiveness, gae, make_mosaics
+from segfromxai.quality.gae import SCORES, contrastiveness, gae, make_mosaics
 
 # Five colour directions: an object of colour U[j] has <colour, U[k]> = delta_jk after the ReLU.
 U = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 0], [0, -1, 0]])

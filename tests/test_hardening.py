@@ -17,16 +17,16 @@ from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
 from segfromxai.cli import main
-from segfromxai.dataset import check_out, run_records
-from segfromxai.engine import run, shard_of
-from segfromxai.evaluate import evaluate
-from segfromxai.images import find_images, load_image, ImageLoadError
-from segfromxai.manifest import Manifest
-from segfromxai.model import load_model, read_card, read_state_dict, write_card
-from segfromxai.recipe import parse_recipe
-from segfromxai.recipe_checks import check_recipe_for_model
-from segfromxai.targets import read_labels_csv, write_predictions_csv
-from segfromxai.pipeline import Prediction
+from segfromxai.run.outdir import check_out, run_records
+from segfromxai.run.local import run, shard_of
+from segfromxai.quality.evaluate import evaluate
+from segfromxai.io.images import find_images, load_image, ImageLoadError
+from segfromxai.run.manifest import Manifest
+from segfromxai.models.model import load_model, read_card, read_state_dict, write_card
+from segfromxai.recipe.recipe import parse_recipe
+from segfromxai.recipe.checks import check_recipe_for_model
+from segfromxai.run.targets import read_labels_csv, write_predictions_csv
+from segfromxai.run.pipeline import Prediction
 
 
 def invoke(*args):
@@ -126,7 +126,7 @@ def test_overwrite_removes_only_what_the_run_wrote(tmp_path, images, tiny):
 
 
 def test_unwritable_out_is_refused_before_the_model_loads(tmp_path, images, monkeypatch):
-    import segfromxai.model as model
+    import segfromxai.models.model as model
 
     monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a_file").write_text("x")
@@ -229,7 +229,7 @@ def test_model_card_weights_sha256_is_checked(tmp_path, tiny_card):
     card = _tiny_card_copy(tmp_path, tiny_card, weights_sha256="0" * 64)
     with pytest.raises(ValueError, match="does not match the card's weights_sha256"):
         load_model(checkpoint=card)
-    from segfromxai.model import sha256
+    from segfromxai.models.model import sha256
 
     good = _tiny_card_copy(tmp_path, tiny_card, weights_sha256=sha256(card.parent / "model.safetensors"))
     assert load_model(checkpoint=good).classes
@@ -287,7 +287,7 @@ def test_model_dependent_recipe_values_fail_before_any_image(tmp_path, tiny, dat
 
 
 def test_compare_checks_every_recipe_against_the_model_before_any_image(tmp_path, tiny):
-    from segfromxai.compare import compare
+    from segfromxai.quality.compare import compare
 
     good, bad = parse_recipe({"explainers": {"gradcam": {}}}), parse_recipe({"explainers": {"gradcam": {
         "layer": "blocks.7"}}}, name="deep")
@@ -303,7 +303,7 @@ def test_vit_only_explainer_on_a_cnn_fails_before_any_image(tmp_path):
 
 
 def test_run_failing_in_its_first_chunk_leaves_no_run_folder_behind(tmp_path, images, tiny, monkeypatch):
-    import segfromxai.engine as engine
+    import segfromxai.run.local as engine
 
     def boom(*a, **k):
         raise FloatingPointError("explainer produced NaN")
@@ -482,7 +482,7 @@ def test_cli_bad_files_and_bad_recipes_exit_2_with_one_line_naming_the_file_or_k
 
 
 def test_export_png_names_match_a_voc_style_png_ground_truth_folder():
-    from segfromxai.evaluate import MaskSource, match_names
+    from segfromxai.quality.evaluate import MaskSource, match_names
 
     ref = MaskSource(Path("gt"), "png", {"sub/a.png": None, "b.png": None})
     pairs, missing = match_names(["sub/a.jpg.png", "b.jpg.png"], ref)

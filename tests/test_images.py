@@ -1,4 +1,4 @@
-"""Tests for segfromxai.images: every fixture is built in tmp_path with Pillow, NumPy or OpenCV."""
+"""Tests for segfromxai.io.images: every fixture is built in tmp_path with Pillow, NumPy or OpenCV."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segfromxai.images import (
+from segfromxai.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     Failure,

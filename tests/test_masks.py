@@ -2,7 +2,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from segfromxai import masks
+from segfromxai.ops import masks
 
 # Two blobs that touch only diagonally, plus an isolated pixel.
 DIAG = np.array([

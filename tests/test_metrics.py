@@ -5,7 +5,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
 
-from segfromxai.metrics import METRICS, confusion, summarise
+from segfromxai.quality.metrics import METRICS, confusion, summarise
 
 # 4x4 known answers: TP=2, FP=1, FN=3, TN=10
 PRED = np.array([[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], bool)

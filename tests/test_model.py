@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from segfromxai.model import (Preprocess, data_dir, load_model, read_card, token_grid, write_card)
+from segfromxai.models.model import Preprocess, data_dir, load_model, read_card, token_grid, write_card
 
 
 def _tiny(**kw):
@@ -160,7 +160,7 @@ def test_checkpoint_metadata_kwargs_apply_when_the_name_matches(tmp_path):
 def test_card_with_a_base_shares_its_tensors_and_checks_its_hash(tmp_path, monkeypatch):
     """A card with ``base`` takes the base card's tensors (less the base's head) and overrides them with its own;
     the base's hash is checked, and a base outside data/ is refused."""
-    from segfromxai.model import sha256
+    from segfromxai.models.model import sha256
 
     monkeypatch.setenv("SEGFROMXAI_DATA", str(tmp_path))
     base, own = _tiny(), _tiny()

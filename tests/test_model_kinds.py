@@ -11,12 +11,12 @@ from pycocotools.coco import COCO
 from safetensors.torch import save_file
 
 from segfromxai.cli import main
-from segfromxai.engine import run
+from segfromxai.run.local import run
 from segfromxai.explainers import EXPLAINERS
-from segfromxai.fit import check_fit, is_headless, model_kind, recipe_misfit
-from segfromxai.model import load_model
-from segfromxai.recipe import load_recipe, parse_recipe, recipes_dir, with_features
-from segfromxai.targets import Targets
+from segfromxai.recipe.fit import check_fit, is_headless, model_kind, recipe_misfit
+from segfromxai.models.model import load_model
+from segfromxai.recipe.recipe import load_recipe, parse_recipe, recipes_dir, with_features
+from segfromxai.run.targets import Targets
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_every_top_level_recipe_runs_or_fails_before_reading_images(tmp_path, sy
     misfit = recipe_misfit(recipe, model.module)
     out = tmp_path / "out"
     if misfit is not None:
-        import segfromxai.engine as engine
+        import segfromxai.run.local as engine
 
         monkeypatch.setattr(engine, "load_image", lambda p: pytest.fail("an image was read"))
         with pytest.raises(ValueError, match="recipe"):

@@ -9,10 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from segfromxai.explainers.hooks import count_forwards
+from segfromxai.models.hooks import count_forwards
 from segfromxai.explainers.core import explain_with_logits
-from segfromxai.explainers.moxi import (exact_shapley, self_context_interaction,
-                                        shapley_interaction)
+from segfromxai.explainers.moxi import exact_shapley, self_context_interaction, shapley_interaction
 
 METHODS = ("moxi_insertion", "moxi_deletion")
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from segfromxai.explainers import PERTURBATION_EXPLAINERS
-from segfromxai.model import data_dir, load_model
-from segfromxai.engine import run
-from segfromxai.recipe import load_recipes, parse_recipe
+from segfromxai.models.model import data_dir, load_model
+from segfromxai.run.local import run
+from segfromxai.recipe.recipe import load_recipes, parse_recipe
 
 # small settings so that a CI run stays short; the shipped recipes (recipes/perturbation) use the papers' values
 CHEAP = {

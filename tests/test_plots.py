@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from segfromxai.plots import histogram_svg, scatter_svg
+from segfromxai.quality.plots import histogram_svg, scatter_svg
 
 NS = "{http://www.w3.org/2000/svg}"
 

@@ -42,8 +42,8 @@ def test_port_parity_with_onnxruntime(port, ported):
 def test_finetune_init_from_the_ported_checkpoint(ported, tmp_path):
     from safetensors.torch import load_file
 
-    from segfromxai.synth import write_synth
-    from segfromxai.train import finetune
+    from segfromxai.quality.synth import write_synth
+    from segfromxai.models.finetune import finetune
 
     write_synth(tmp_path / "s", 8, seed=0, size=56)
     card = finetune(tmp_path / "s", "vit_small_patch14_dinov2", tmp_path / "out", init=ported, img_size=56,

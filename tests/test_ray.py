@@ -4,11 +4,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from segfromxai.engine_ray import run_ray  # noqa: E402
-from segfromxai.model import load_model  # noqa: E402
-from segfromxai.engine import run  # noqa: E402
-from segfromxai.recipe import load_recipe  # noqa: E402
-from segfromxai.synth import write_synth  # noqa: E402
+from segfromxai.run.ray import run_ray  # noqa: E402
+from segfromxai.models.model import load_model  # noqa: E402
+from segfromxai.run.local import run  # noqa: E402
+from segfromxai.recipe.recipe import load_recipe  # noqa: E402
+from segfromxai.quality.synth import write_synth  # noqa: E402
 
 from test_scale import content  # noqa: E402
 

@@ -6,10 +6,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from segfromxai.explainers.hooks import capture, count_forwards
+from segfromxai.models.hooks import capture, count_forwards
 from segfromxai.explainers.core import explain_with_logits
 from segfromxai.explainers.rcut import cut_map, rout_weights, topk_channels
-from segfromxai.resize import resize_bilinear
+from segfromxai.ops.resize import resize_bilinear
 
 LAYER = "blocks.1"  # the default for the 2-block tiny ViT (scorecam, topk)
 GRAD_LAYER = "blocks.1.norm1"  # the default for weights="gradient"

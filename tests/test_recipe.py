@@ -4,9 +4,9 @@ import json
 import pytest
 
 from segfromxai.explainers import EXPLAINERS
-from segfromxai.recipe import RecipeError, load_recipe, parse_recipe, recipes_dir, with_output
-from segfromxai.refine import REFINERS
-from segfromxai.threshold import THRESHOLDS
+from segfromxai.recipe.recipe import RecipeError, load_recipe, parse_recipe, recipes_dir, with_output
+from segfromxai.stages.refine import REFINERS
+from segfromxai.stages.threshold import THRESHOLDS
 
 SHIPPED = sorted(recipes_dir().rglob("*.toml"))
 
@@ -132,9 +132,9 @@ def test_every_section_is_declared_by_one_signature():
     """Defaults come from the declaring functions; an explainer's defaults and choices from its declaration."""
     import inspect
 
-    from segfromxai.masks import clean
+    from segfromxai.ops.masks import clean
     from segfromxai.params import declared
-    from segfromxai.recipe import DECLARED
+    from segfromxai.recipe.recipe import DECLARED
 
     r = parse_recipe(base())
     for section, (fn, context) in DECLARED.items():
@@ -174,7 +174,7 @@ def test_domain_sections_not_given_follow_the_recipes_own_and_old_digests_hold()
     """A ``[domain]`` that gives no ``[domain.features]`` uses the recipe's features, also after ``with_features``
     changes them; one that gives its own keeps them. A recipe without ``retry_missed`` keeps the digest it had
     before ncut had that parameter (so a run started then resumes): ``default-synth`` is the former ``default``."""
-    from segfromxai.recipe import with_features, with_output
+    from segfromxai.recipe.recipe import with_features, with_output
 
     follows = parse_recipe({**base(), "refine": {"method": "ncut"}, "domain": {"confidence": 0.5,
                                                                               "refine": {"method": "none"}}})

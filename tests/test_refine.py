@@ -6,9 +6,18 @@ import pytest
 import scipy.linalg
 import torch
 
-import segfromxai.refine as refine
-from segfromxai.refine import CHOICES, REFINERS, affinity, cut_level, grid_positions, ncut, ncut_bipartition, none
-from segfromxai.resize import resize_area, resize_bilinear
+import segfromxai.stages.refine as refine
+from segfromxai.stages.refine import (
+    CHOICES,
+    REFINERS,
+    affinity,
+    cut_level,
+    grid_positions,
+    ncut,
+    ncut_bipartition,
+    none,
+)
+from segfromxai.ops.resize import resize_area, resize_bilinear
 
 
 def _affinity_slow(x, *, tau=0.2, eps=1e-5, positions=None, position_weight=0.0, position_sigma=0.1, prior=None,

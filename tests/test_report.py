@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from segfromxai.report import Sheet, contact_sheet, write_report
+from segfromxai.quality.report import Sheet, contact_sheet, write_report
 
 NAMES = ["a/b c.png", "ünïcødé 画像.jpg", 'x<script>alert("1")</script>.png', "plain.png", "d/e/plain.png"]
 
@@ -205,7 +205,7 @@ def test_ground_truth_and_student_are_solid_so_they_show_on_any_image():
 
 
 def test_figures_are_written_and_linked(tmp_path):
-    from segfromxai.plots import histogram_svg
+    from segfromxai.quality.plots import histogram_svg
 
     svg = histogram_svg({"pseudo vs GT": [0.1, 0.5, 0.55, float("nan")]})
     path = write_report(tmp_path, title="t", summary=[], per_category=None, per_image=[], best=[], worst=[],

@@ -16,11 +16,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from segfromxai.cli import main
-from segfromxai.masks import decode
-from segfromxai.model import load_model
-from segfromxai.engine import run
-from segfromxai.targets import Targets, read_labels_csv
-from segfromxai.recipe import load_recipe, parse_recipe, recipes_dir
+from segfromxai.ops.masks import decode
+from segfromxai.models.model import load_model
+from segfromxai.run.local import run
+from segfromxai.run.targets import Targets, read_labels_csv
+from segfromxai.recipe.recipe import load_recipe, parse_recipe, recipes_dir
 
 
 @pytest.fixture()
@@ -98,7 +98,7 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, synth_images, tiny_
 
 
 def test_bad_recipe_fails_before_any_model_loads(tmp_path, synth_images, monkeypatch):
-    import segfromxai.model as model
+    import segfromxai.models.model as model
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
@@ -124,7 +124,7 @@ def _kill_midway(cmd, out, env):
 
 
 def test_a_killed_run_resumed_gives_the_same_annotations_as_a_clean_run(tmp_path, tiny_card):
-    from segfromxai.synth import write_synth
+    from segfromxai.quality.synth import write_synth
 
     images = write_synth(tmp_path / "synth", 40, seed=11, size=40) / "images"
     clean, killed = tmp_path / "clean", tmp_path / "killed"

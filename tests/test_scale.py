@@ -7,11 +7,11 @@ from click.testing import CliRunner
 from pycocotools.coco import COCO
 
 from segfromxai.cli import main
-from segfromxai.dataset import merge, records
-from segfromxai.manifest import Manifest
-from segfromxai.model import load_model
-from segfromxai.engine import run, shard_of
-from segfromxai.recipe import load_recipe
+from segfromxai.run.outdir import merge, records
+from segfromxai.run.manifest import Manifest
+from segfromxai.models.model import load_model
+from segfromxai.run.local import run, shard_of
+from segfromxai.recipe.recipe import load_recipe
 
 
 def invoke(*args):

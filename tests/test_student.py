@@ -17,17 +17,28 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from segfromxai import masks as mask_ops
+from segfromxai.ops import masks as mask_ops
 from segfromxai.cli import main
-from segfromxai.student import (HEADS, StudentConfig, Tokens, held_out, load_checkpoint, load_student,
-                                pseudo_targets, save_checkpoint, split, train_head, train_student)
+from segfromxai.student.student import (
+    HEADS,
+    StudentConfig,
+    Tokens,
+    held_out,
+    load_checkpoint,
+    load_student,
+    pseudo_targets,
+    save_checkpoint,
+    split,
+    train_head,
+    train_student,
+)
 
 FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_card):
-    from segfromxai.model import load_model
+    from segfromxai.models.model import load_model
 
     return load_model(checkpoint=tiny_card)
 
@@ -35,8 +46,8 @@ def tiny_model(tiny_card):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, synth_images, tmp_path_factory):
     """The default recipe run with the tiny ViT over the twelve synth images."""
-    from segfromxai.engine import run
-    from segfromxai.recipe import load_recipe
+    from segfromxai.run.local import run
+    from segfromxai.recipe.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("run")
     run(load_recipe("default"), synth_images / "images", out, model=tiny_model, batch_size=4)
@@ -103,7 +114,7 @@ def _toy_tokens(n: int = 6, g: int = 4, d: int = 3) -> tuple[Tokens, np.ndarray]
 
 
 def test_linear_probe_learns_a_linearly_separable_known_answer():
-    from segfromxai.student import view_probs
+    from segfromxai.student.student import view_probs
 
     tokens, target = _toy_tokens()
     head = train_head(tokens, target, np.ones(len(target), bool), 2, StudentConfig(epochs=40, lr=0.1, batch_size=4))
@@ -115,7 +126,7 @@ def test_linear_probe_learns_a_linearly_separable_known_answer():
 def test_context_head_learns_a_neighbourhood_label_that_a_linear_probe_cannot():
     """Known answer: one marked token per image, its 3x3 neighbourhood the foreground. Its neighbours' own features
     are those of the background, so only a head that sees a token's neighbours (``context``, 3x3) can learn it."""
-    from segfromxai.student import view_probs
+    from segfromxai.student.student import view_probs
 
     rng = np.random.default_rng(0)
     n, g = 8, 6
@@ -211,8 +222,8 @@ def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp
     cfg = dict(val_fraction=0.4, **FAST)
     script = textwrap.dedent(f"""
         import os, signal
-        from segfromxai.model import load_model
-        from segfromxai.student import StudentConfig, train_student
+        from segfromxai.models.model import load_model
+        from segfromxai.student.student import StudentConfig, train_student
 
         def kill(round_, epoch):
             if epoch == 2:
@@ -259,7 +270,7 @@ def _attributes(path: Path) -> list[dict]:
 
 def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_heads(tiny_model, tiny_run,
                                                                                        synth_images, tmp_path):
-    from segfromxai.boundary import BOUNDARIES
+    from segfromxai.stages.boundary import BOUNDARIES
 
     method = json.loads((tiny_run / "run.json").read_text())["recipe"]["boundary"]["method"]
     assert method != "none" and method in BOUNDARIES  # the default recipe has a boundary stage
@@ -279,7 +290,7 @@ def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_
 
 def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(tiny_model, tiny_run, synth_images,
                                                                                tmp_path):
-    from segfromxai.student import prepare, view_probs
+    from segfromxai.student.student import prepare, view_probs
 
     cfg = StudentConfig(val_fraction=0.4, boundary="none", **FAST)
     train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg)
@@ -299,7 +310,7 @@ def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(ti
 
 def test_trunk_at_a_larger_input_gives_a_finer_grid_and_the_classifiers_own_classes(tiny_model, tiny_run,
                                                                                     synth_images, tmp_path):
-    from segfromxai.student import cache_tokens, student_trunk
+    from segfromxai.student.student import cache_tokens, student_trunk
 
     names = sorted(p.name for p in (synth_images / "images").iterdir())[:3]
     native = cache_tokens(tiny_model, synth_images / "images", names)
@@ -314,7 +325,7 @@ def test_trunk_at_a_larger_input_gives_a_finer_grid_and_the_classifiers_own_clas
 
 
 def test_cli_student_refuses_an_unknown_boundary_naming_the_valid_ones(tiny_card, tiny_run, synth_images, tmp_path):
-    from segfromxai.boundary import BOUNDARIES
+    from segfromxai.stages.boundary import BOUNDARIES
 
     res = CliRunner().invoke(main, ["student", "--train", str(tiny_run), "--images", str(synth_images / "images"),
                                     "--out", str(tmp_path), "--boundary", "snap", "--checkpoint", str(tiny_card)])
@@ -322,7 +333,7 @@ def test_cli_student_refuses_an_unknown_boundary_naming_the_valid_ones(tiny_card
 
 
 def test_tokens_are_cached_on_disk_and_reused(tiny_model, tiny_run, synth_images, tmp_path, monkeypatch):
-    import segfromxai.student as student
+    import segfromxai.student.student as student
 
     cfg = StudentConfig(val_fraction=0.4, **FAST)
     train_student(tiny_run, synth_images / "images", tmp_path / "a", model=tiny_model, config=cfg,
@@ -344,7 +355,7 @@ def test_a_torchvision_segmenter_student_trains_on_the_pixels_and_writes_coco(ti
     through the same rounds, labels, card and reload as a token head."""
     from pycocotools.coco import COCO
 
-    from segfromxai.student import Pixels, Segmenter, student_trunk
+    from segfromxai.student.student import Pixels, Segmenter, student_trunk
 
     trunk = student_trunk(tiny_model, 64, pixels=True)
     assert isinstance(trunk.module, Pixels) and trunk.preprocess.size == (64, 64)
@@ -366,7 +377,7 @@ def test_head_weights_start_a_segmenter_from_a_classification_backbone(tmp_path)
     from safetensors.torch import save_file
     from torchvision.models import mobilenet_v3_large
 
-    from segfromxai.student import Segmenter, load_weights
+    from segfromxai.student.student import Segmenter, load_weights
 
     torch.manual_seed(1)
     cnn = mobilenet_v3_large(weights=None)
@@ -386,7 +397,7 @@ def test_head_weights_start_a_segmenter_from_a_classification_backbone(tmp_path)
 def test_predict_gives_the_same_records_on_one_and_two_threads(tiny_model, tiny_run, synth_images, tmp_path):
     """The masks of a chunk are made on worker threads (GrabCut included); the records must not depend on how
     many."""
-    from segfromxai.student import predict, prepare, run_round
+    from segfromxai.student.student import predict, prepare, run_round
 
     cfg = StudentConfig(val_fraction=0.4, boundary="grabcut", **FAST)
     job = prepare(tiny_run, synth_images / "images", model=tiny_model, config=cfg)

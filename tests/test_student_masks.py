@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segfromxai.boundary import BOUNDARIES
-from segfromxai.student import student_boundary
-from segfromxai.student_masks import SOFT_MAPS, channel_masks, soft_probs, soft_ramp
+from segfromxai.stages.boundary import BOUNDARIES
+from segfromxai.student.student import student_boundary
+from segfromxai.student.masks import SOFT_MAPS, channel_masks, soft_probs, soft_ramp
 
 
 def _probs(k: int = 3, size: int = 12, seed: int = 0) -> np.ndarray:

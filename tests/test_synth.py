@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from segfromxai.cli import main
-from segfromxai.synth import CLASSES, make_scene, shape_mask, write_synth
+from segfromxai.quality.synth import CLASSES, make_scene, shape_mask, write_synth
 
 
 def _digest(folder):

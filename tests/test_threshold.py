@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segfromxai.threshold import THRESHOLDS, fixed, mean, otsu, otsu_value, percentile
+from segfromxai.stages.threshold import THRESHOLDS, fixed, mean, otsu, otsu_value, percentile
 
 
 def _otsu_brute(v):

@@ -8,9 +8,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from segfromxai.cli import main
-from segfromxai.model import create, load_model, read_card
-from segfromxai.synth import write_synth
-from segfromxai.train import finetune, read_labelled_folder
+from segfromxai.models.model import create, load_model, read_card
+from segfromxai.quality.synth import write_synth
+from segfromxai.models.finetune import finetune, read_labelled_folder
 
 TINY = "vit_tiny_patch16_224"
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from .attention import ATTENTION_EXPLAINERS
 from .coalition import COALITION_EXPLAINERS
-from .core import (Explained, Explainer, Needs, Pass, explain, explain_pass, explain_with_logits,
-                   resolve_methods)
+from .core import Explained, Explainer, Needs, Pass, explain, explain_pass, explain_with_logits, resolve_methods
 from .gradient import GRADIENT_EXPLAINERS
 from .lrp import LRP_EXPLAINERS, LRPConfig, lrp_pass
 from .moxi import MOXI_EXPLAINERS

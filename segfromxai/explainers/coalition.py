@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import is_vit, tokens_to_grid
+from ..models.model import is_vit, tokens_to_grid
 from ..params import Fraction, NonNegative, Positive, PositiveInt
 from .core import Explainer, Needs, Pass
 from .gradient import default_layer
-from .hooks import eval_mode
+from ..models.hooks import eval_mode
 
 GRIDS = ("pixel", "feature")
 SUBSTRATES = ("blur", "zeros", "noise")

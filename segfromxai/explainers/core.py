@@ -14,9 +14,9 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..model import is_vit, token_grid
+from ..models.model import is_vit, token_grid
 from ..params import Param, check, declared
-from .hooks import Captured, capture, grad_from
+from ..models.hooks import Captured, capture, grad_from
 
 
 @dataclass(frozen=True)

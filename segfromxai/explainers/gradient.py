@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import is_vit
+from ..models.model import is_vit
 from .core import Explainer, Needs, Pass, Sign, signed
 
 

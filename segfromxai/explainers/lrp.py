@@ -34,7 +34,7 @@ from torch import nn
 
 from ..params import Positive
 from .core import Explainer, Needs, Pass, Sign, signed
-from .hooks import INTERNALS
+from ..models.hooks import INTERNALS
 
 Fn = Callable[[torch.Tensor, int], torch.Tensor]
 RULES = ("epsilon", "alpha1beta0", "abslrp")

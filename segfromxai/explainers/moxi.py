@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import is_vit, token_grid
+from ..models.model import is_vit, token_grid
 from ..params import Fraction, PositiveInt
 from .core import Explainer, Needs, Pass
-from .hooks import eval_mode
+from ..models.hooks import eval_mode
 
 MODES = ("tokens", "pixels")
 

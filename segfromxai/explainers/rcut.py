@@ -5,7 +5,7 @@ Two stages on the patch tokens ``A`` (B, P, C) of one ViT layer, captured in the
 1. **Relationship Weighted Out** (R-Out): a class-aware weight ``w_c`` per channel; the class-aware tokens are
    ``A * w`` (channel-wise) and the R-Out saliency is ``relu(sum_c w_c A_pc)`` per patch.
 2. **Cut**: a normalized cut of the graph over the class-aware tokens (cosine similarity plus a positional term,
-   binarised at ``tau``), solved by :mod:`segfromxai.refine`; the oriented second eigenvector is the map.
+   binarised at ``tau``), solved by :mod:`segfromxai.stages.refine`; the oriented second eigenvector is the map.
 
 Forward passes beyond the shared one (counted in images through the ViT): ``weights="scorecam"``: ``B * C + 1``;
 ``"topk"``: ``B * min(k, C) + 1``; ``"gradient"``: 0. The ``+ 1`` is the baseline input (all zeros after
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
+from ..ops.graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
 from ..params import NonNegative, Positive, PositiveInt, Range
-from ..resize import upsample_maps
+from ..ops.resize import upsample_maps
 from .core import Explainer, Needs, Pass
-from .hooks import eval_mode
+from ..models.hooks import eval_mode
 
 WEIGHTS = ("scorecam", "topk", "gradient")
 SCORES = ("softmax", "logit")
@@ -118,11 +118,11 @@ def cut_map(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int], *
             output: str = "shift") -> np.ndarray:
     """The Cut module: normalized cut of the class-aware token graph, as a continuous map.
 
-    Graph (:func:`segfromxai.refine.affinity`): ``S_ij = cos(f_i, f_j) + position_weight * exp(-d_ij^2 / (2
+    Graph (:func:`segfromxai.stages.refine.affinity`): ``S_ij = cos(f_i, f_j) + position_weight * exp(-d_ij^2 / (2
     position_sigma^2))``, ``d_ij`` the distance of the patches on the grid divided by the grid diagonal
-    (:func:`segfromxai.refine.grid_positions`); ``W_ij = 1 if S_ij > tau else eps``. The generalized eigenvector
+    (:func:`segfromxai.stages.refine.grid_positions`); ``W_ij = 1 if S_ij > tau else eps``. The generalized eigenvector
     ``y`` of the second smallest eigenvalue of ``(D - W) y = lambda D y`` (``y^T D y = 1``) comes from
-    :func:`segfromxai.refine.fiedler` with ``solver``.
+    :func:`segfromxai.stages.refine.fiedler` with ``solver``.
 
     Sign rule: split the tokens at ``mean(y)`` (TokenCut's rule); the side with the larger ``saliency`` mass (sum
     over its tokens) is foreground, on a tie the side with fewer tokens, on a tie of both the side ``y > mean(y)``.
@@ -138,9 +138,9 @@ def cut_map(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int], *
     saliency : ndarray, float, shape (P,), non-negative (the R-Out saliency).
     grid : (gh, gw).
     tau, eps : float, edge threshold and the weight of non-edges, ``0 < eps < 1``. Defaults are TokenCut's
-        (0.2, 1e-5), as in :func:`segfromxai.refine.ncut`; R-Cut's own threshold value is not reproduced here.
+        (0.2, 1e-5), as in :func:`segfromxai.stages.refine.ncut`; R-Cut's own threshold value is not reproduced here.
     position_weight, position_sigma : float, the positional term (``position_weight=0`` switches it off).
-    solver : {"lanczos", "dense"}, see :func:`segfromxai.refine.ncut_bipartition`.
+    solver : {"lanczos", "dense"}, see :func:`segfromxai.stages.refine.ncut_bipartition`.
     output : {"shift", "clip"}
 
     Returns
