@@ -55,18 +55,18 @@ def _load(model_name: str | None, checkpoint: Path | None, device: str):
 
 @main.command("list")
 def list_cmd() -> None:
-    """Print every registry (explainers, thresholds, refiners, metrics), one name per line under a header; an
-    explainer that needs a Vision Transformer or a classifier head says so after its name."""
-    from .explainers import EXPLAINERS
-    from .catalog import names as registries
+    """Print every registry (explainers, fusions, thresholds, refiners, boundaries, formats, metrics, student heads),
+    one name per line under a header, with its summary; an explainer that needs a Vision Transformer or a
+    classifier head says so after its name."""
+    from .catalog import registries
 
-    for title, names in registries().items():
+    for title, registry in registries().items():
         click.echo(f"{title}:")
-        for name in names:
-            e = EXPLAINERS.get(name) if title == "explainers" else None
-            marks = [m for m, on in (("ViT", e and e.vit_only), ("head", e and e.needs_class)) if on]
-            click.echo(f"  {name}" + (f"  [needs {', '.join(marks)}]" if marks else ""))
-        if not names:
+        for name in sorted(registry):
+            e = registry[name]
+            marks = [m for m, need in (("ViT", "vit"), ("head", "class")) if title == "explainers" and need in e.requires]
+            click.echo(f"  {name}" + (f"  [needs {', '.join(marks)}]" if marks else "") + f"  {e.summary}")
+        if not registry:
             click.echo("  (none registered yet)")
 
 

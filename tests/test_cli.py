@@ -22,14 +22,26 @@ def test_list_prints_every_registry_one_name_per_line_under_a_header():
         for line in lines[i + 1:]:
             if not line.startswith("  "):
                 break
-            body.append(line.strip() if title != "explainers" else line.split()[0])
+            body.append(line.split()[0])
         assert body == (names or ["(none registered yet)"])
 
 
 def test_list_marks_explainers_that_need_a_vit_or_a_head():
     lines = CliRunner().invoke(main, ["list"]).output.splitlines()
-    assert "  lrp  [needs ViT, head]" in lines and "  gradcam  [needs head]" in lines
-    assert "  rollout  [needs ViT]" in lines and "  uniform" in lines
+    start = {line.split("  [")[0] + ("  [" + line.split("  [")[1].split("]")[0] + "]" if "  [" in line else "")
+             for line in lines}
+    assert "  lrp  [needs ViT, head]" in start and "  gradcam  [needs head]" in start
+    assert "  rollout  [needs ViT]" in start
+
+
+def test_list_gives_every_entry_its_summary():
+    from segfromxai.catalog import registries
+
+    lines = CliRunner().invoke(main, ["list"]).output.splitlines()
+    for registry in registries().values():
+        for name, entry in registry.items():
+            assert entry.summary and any(ln.split()[0] == name and ln.endswith(entry.summary) for ln in lines
+                                         if ln.startswith("  ")), name
 
 
 def test_every_command_and_registered_name_is_documented_in_the_readme():

@@ -17,7 +17,7 @@ from segfromxai.explainers.coalition import (
     feature_coalitions,
     gaussian_blur,
 )
-from segfromxai.explainers.core import explain_with_logits
+from segfromxai.explainers import explain_with_logits
 
 FAST = {"steps": 4, "cluster_steps": 10, "max_clusters": 8}
 

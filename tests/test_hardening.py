@@ -26,7 +26,7 @@ from segfromxai.models.model import load_model, read_card, read_state_dict, writ
 from segfromxai.recipe.recipe import parse_recipe
 from segfromxai.recipe.checks import check_recipe_for_model
 from segfromxai.run.targets import read_labels_csv, write_predictions_csv
-from segfromxai.run.pipeline import Prediction
+from segfromxai.run.targets import Prediction
 
 
 def invoke(*args):

@@ -66,9 +66,9 @@ def test_no_module_imports_another_modules_private_name():
 
 
 def test_engines_and_compare_label_through_one_function():
-    for name in ("engine.py", "compare.py"):
+    for name in ("run/local.py", "quality/compare.py"):
         tree = ast.parse((PACKAGE / name).read_text())
         called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         assert "label_batch" in called, name
-    ray = (PACKAGE / "engine_ray.py").read_text()
+    ray = (PACKAGE / "run" / "ray.py").read_text()
     assert "process_chunk" in ray and "label_image" not in ray and "explain" not in ray.replace("explained", "")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from segfromxai.cli import main
 from segfromxai.run.local import run
 from segfromxai.explainers import EXPLAINERS
-from segfromxai.recipe.fit import check_fit, is_headless, model_kind, recipe_misfit
+from segfromxai.recipe.checks import check_recipes_for_model, is_headless, model_kind, recipe_misfit
 from segfromxai.models.model import load_model
 from segfromxai.recipe.recipe import load_recipe, parse_recipe, recipes_dir, with_features
 from segfromxai.run.targets import Targets
@@ -117,4 +117,4 @@ def test_cli_on_a_headless_model(tmp_path, synth_images, headless_ckpt):
     assert r.exit_code != 0 and "no classifier head" in r.output
     r = CliRunner().invoke(main, ["run", "tokencut", "--out", str(tmp_path / "t"), *common])
     assert r.exit_code == 0, r.output
-    assert check_fit([load_recipe("tokencut")], load_model(checkpoint=headless_ckpt)) is None
+    assert check_recipes_for_model(load_model(checkpoint=headless_ckpt), [load_recipe("tokencut")]) is None

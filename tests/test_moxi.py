@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segfromxai.models.hooks import count_forwards
-from segfromxai.explainers.core import explain_with_logits
+from segfromxai.explainers import explain_with_logits
 from segfromxai.explainers.moxi import exact_shapley, self_context_interaction, shapley_interaction
 
 METHODS = ("moxi_insertion", "moxi_deletion")

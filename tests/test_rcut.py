@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 
 from segfromxai.models.hooks import capture, count_forwards
-from segfromxai.explainers.core import explain_with_logits
+from segfromxai.explainers import explain_with_logits
 from segfromxai.explainers.rcut import cut_map, rout_weights, topk_channels
 from segfromxai.ops.resize import resize_bilinear
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..params import Positive, Range
-from .core import Explainer, Needs, Pass
+from .core import Needs, Pass, explainer
 from .lrp import LRPConfig, lrp_pass
 
 
@@ -126,11 +126,11 @@ def lrp_params(*, rule: Literal["epsilon", "alpha1beta0", "abslrp"] = "alpha1bet
 
 
 ATTENTION_EXPLAINERS = {
-    "rollout": Explainer(rollout, _attention_needs, rollout_params, vit_only=True, needs_class=False,
+    "rollout": explainer(rollout, _attention_needs, rollout_params, vit_only=True, needs_class=False,
                          summary="attention rollout (class-agnostic)"),
-    "grad_rollout": Explainer(grad_rollout, _gradient_attention_needs, grad_rollout_params, vit_only=True,
+    "grad_rollout": explainer(grad_rollout, _gradient_attention_needs, grad_rollout_params, vit_only=True,
                               summary="gradient-weighted attention rollout (Chefer et al., ICCV 2021)"),
-    "lrp": Explainer(lrp, _lrp_needs, lrp_params, vit_only=True,
+    "lrp": explainer(lrp, _lrp_needs, lrp_params, vit_only=True,
                      summary="transformer attribution: LRP relevance x attention gradient, rolled out "
                              "(Chefer et al., CVPR 2021)"),
 }

@@ -33,8 +33,8 @@ from torch import nn
 
 from ..models.model import is_vit, tokens_to_grid
 from ..params import Fraction, NonNegative, Positive, PositiveInt
-from .core import Explainer, Needs, Pass
-from .gradient import default_layer
+from .core import Explainer, explainer, Needs, Pass
+from ..models.model import default_layer
 from ..models.hooks import eval_mode
 
 GRIDS = ("pixel", "feature")
@@ -257,7 +257,7 @@ def coalition(ps: Pass, params: dict[str, Any]) -> torch.Tensor:
     Parameters
     ----------
     params : the keys below; defaults marked *paper* are the paper's values, the rest our choices.
-    layer : features to cluster; default Grad-CAM's (:func:`~segfromxai.explainers.gradient.default_layer`: a
+    layer : features to cluster; default Grad-CAM's (:func:`~segfromxai.models.model.default_layer`: a
         ViT's last ``norm1``, a CNN's last ``feature_info`` stage); a CNN without ``feature_info`` needs it.
     grid : "pixel" (default): map (B, H, W); "feature": map (B, h, w) on the layer's grid (the ViT token grid).
     max_clusters : ``l`` = 100 (*paper*). min_clusters : ``k`` = 3 (Kim et al. 2020, whose clustering the paper
@@ -301,7 +301,7 @@ def coalition_params(*, layer: str | None = None, grid: Literal["pixel", "featur
 
 
 COALITION_EXPLAINERS: dict[str, Explainer] = {
-    "coalition": Explainer(
+    "coalition": explainer(
         coalition, _needs, coalition_params, vit_only=False,
         summary="Perturbation on Feature Coalition: the largest coalition-consistent perturbation keeping the class"),
 }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.model import is_vit, token_grid
+from ..registry import Entry
 from ..params import Param, check, declared
 from ..models.hooks import Captured, capture, grad_from
 
@@ -41,22 +42,30 @@ class Needs:
         return self.input_grad or bool(self.layers) or self.attention_grad
 
 
-@dataclass(frozen=True)
-class Explainer:
-    """A registered method: its read-out ``fn(pass, params)``, its needs, and its parameters' declaration.
+@dataclass(frozen=True, kw_only=True)
+class Explainer(Entry):
+    """A registered method (the registry's :class:`~segfromxai.registry.Entry` shape): its read-out
+    ``fn(pass, params)``, its summary and what it requires (``"vit"``: a Vision Transformer; ``"class"``: a class to
+    explain, so not a headless model), plus what it needs from the shared pass (``needs(module, params)``) and its
+    parameters' declaration.
 
     ``params`` is a callable whose typed keyword-only signature declares the method's parameters (defaults,
     ``Literal`` choices, ``Annotated`` ranges; see :mod:`segfromxai.params`): the single source that recipe
-    validation, ``segfromxai list`` and the tests read.
+    validation, ``segfromxai list`` and the tests read. Build one with :func:`explainer`.
     """
 
-    fn: Callable[[Pass, dict[str, Any]], torch.Tensor]
     needs: Callable[[nn.Module, dict[str, Any]], Needs]
     params: Callable[..., Any]
-    vit_only: bool
-    summary: str
-    needs_class: bool = True
-    """False for class-agnostic methods (they never read the target class, so they run on a headless model)."""
+
+    @property
+    def vit_only(self) -> bool:
+        """True for methods that read a Vision Transformer's attention or blocks."""
+        return "vit" in self.requires
+
+    @property
+    def needs_class(self) -> bool:
+        """False for class-agnostic methods (they never read the target class, so they run on a headless model)."""
+        return "class" in self.requires
 
     @property
     def declared(self) -> dict[str, Param]:
@@ -77,6 +86,13 @@ class Explainer:
         except ValueError as e:
             raise ValueError(f"explainer {name!r}: {e}") from None
 
+
+
+def explainer(fn: Callable[[Pass, dict[str, Any]], torch.Tensor], needs: Callable[[nn.Module, dict[str, Any]], Needs],
+              params: Callable[..., Any], *, vit_only: bool, summary: str, needs_class: bool = True) -> Explainer:
+    """An :class:`Explainer` whose ``requires`` says ``vit`` when ``vit_only`` and ``class`` when ``needs_class``."""
+    requires = frozenset(k for k, on in (("vit", vit_only), ("class", needs_class)) if on)
+    return Explainer(fn=fn, summary=summary, requires=requires, needs=needs, params=params)
 
 @dataclass
 class Pass:
@@ -176,27 +192,6 @@ class Explained:
     outputs: dict[str, torch.Tensor]
 
 
-def explain(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None],
-            target: Any = None, *, registry: Mapping[str, Explainer] | None = None) -> dict[str, torch.Tensor]:
-    """Explanation maps of a batch for each requested method, sharing the forward and backward passes.
-
-    Same as :func:`explain_with_logits` without the logits.
-    """
-    return explain_pass(model, x, methods, target, registry=registry).maps
-
-
-def explain_with_logits(model: Any, x: torch.Tensor,
-                        methods: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None], target: Any = None, *,
-                        registry: Mapping[str, Explainer] | None = None
-                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Explanation maps of a batch for each requested method, and the logits of the same forward pass.
-
-    Same as :func:`explain_pass`, returning ``(maps, logits)``.
-    """
-    got = explain_pass(model, x, methods, target, registry=registry)
-    return got.maps, got.logits
-
-
 def _needs(model: nn.Module, resolved: dict[str, dict[str, Any]], registry: Mapping[str, Explainer]) -> Needs:
     vit_only = [n for n in resolved if registry[n].vit_only]
     if vit_only and not is_vit(model):
@@ -250,8 +245,7 @@ def _shared_pass(model: nn.Module, x: torch.Tensor, target: Any, needs: Needs, r
 
 
 def explain_pass(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None],
-                 target: Any = None, *, record: Sequence[str] = (),
-                 registry: Mapping[str, Explainer] | None = None) -> Explained:
+                 target: Any = None, *, registry: Mapping[str, Explainer], record: Sequence[str] = ()) -> Explained:
     """Explanation maps of a batch for each requested method from one shared forward and backward pass.
 
     Parameters
@@ -267,8 +261,6 @@ def explain_pass(model: Any, x: torch.Tensor, methods: str | Sequence[str] | Map
     :class:`Explained`; each map float32 (B, gh, gw) on the token grid or (B, H, W) for pixel-level methods,
     finite and non-negative (not normalised).
     """
-    if registry is None:
-        from . import EXPLAINERS as registry
     model = _unwrap(model)
     resolved = resolve_methods(methods, registry)
     ps = _shared_pass(model, x.detach(), target, _needs(model, resolved, registry), tuple(record))

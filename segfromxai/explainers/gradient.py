@@ -12,23 +12,8 @@ import torch
 from torch import nn
 
 from ..models.model import is_vit
-from .core import Explainer, Needs, Pass, Sign, signed
-
-
-def default_layer(model: nn.Module) -> str:
-    """The layer Grad-CAM reads by default.
-
-    ViT: the last block's first LayerNorm (``blocks.{L-1}.norm1``), the token activations that feed the last
-    attention. CNN: the last feature stage that timm's ``feature_info`` names (e.g. ``layer4`` of a ResNet).
-    """
-    if is_vit(model):
-        return f"blocks.{len(model.blocks) - 1}.norm1"
-    info = getattr(model, "feature_info", None)
-    if info:
-        last = info[-1] if isinstance(info, list) else info.info[-1]
-        if last.get("module"):
-            return last["module"]
-    raise ValueError(f"cannot choose a Grad-CAM layer for {type(model).__name__}; pass layer='<module name>'")
+from ..models.model import default_layer
+from .core import Needs, Pass, Sign, explainer, signed
 
 
 def _layer(model: nn.Module, params: dict[str, Any]) -> str:
@@ -116,14 +101,14 @@ def sign_params(*, sign: Sign = "positive") -> None:
 
 
 GRADIENT_EXPLAINERS = {
-    "uniform": Explainer(uniform, _no_needs, no_params, vit_only=False, needs_class=False,
+    "uniform": explainer(uniform, _no_needs, no_params, vit_only=False, needs_class=False,
                          summary="no explanation: a constant map (for TokenCut/MaskCut's own foreground rule)"),
-    "gradcam": Explainer(gradcam, _layer_needs, layer_params, vit_only=False,
+    "gradcam": explainer(gradcam, _layer_needs, layer_params, vit_only=False,
                          summary="Grad-CAM on a layer's activations (ViT tokens or CNN maps)"),
-    "hirescam": Explainer(hirescam, _layer_needs, layer_params, vit_only=False,
+    "hirescam": explainer(hirescam, _layer_needs, layer_params, vit_only=False,
                           summary="HiResCAM: element-wise gradient x activation"),
-    "saliency": Explainer(saliency, _input_needs, no_params, vit_only=False,
+    "saliency": explainer(saliency, _input_needs, no_params, vit_only=False,
                           summary="vanilla gradient, max |grad| over channels"),
-    "gradxinput": Explainer(gradxinput, _input_needs, sign_params, vit_only=False,
+    "gradxinput": explainer(gradxinput, _input_needs, sign_params, vit_only=False,
                             summary="gradient x input, summed over channels"),
 }

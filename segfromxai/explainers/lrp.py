@@ -33,42 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..params import Positive
-from .core import Explainer, Needs, Pass, Sign, signed
+from . import lrp_rules as rules
+from .core import Explainer, Needs, Pass, Sign, explainer, signed
+from .lrp_rules import EPSILON, LRPConfig
 from ..models.hooks import INTERNALS
-
-Fn = Callable[[torch.Tensor, int], torch.Tensor]
-RULES = ("epsilon", "alpha1beta0", "abslrp")
-ATTENTION_MODES = ("full", "constant")
-LAYERNORM_MODES = ("center", "detach")
-EPSILON = {"epsilon": 1e-6, "alpha1beta0": 1e-9, "abslrp": 1e-9}
-
-
-@dataclass(frozen=True)
-class LRPConfig:
-    """Settings of one LRP pass.
-
-    rule : "epsilon", "alpha1beta0" or "abslrp".
-    epsilon : the stabiliser of the rule's denominator.
-    attention : "full" propagates through the attention probabilities into q and k (softmax denominator
-        detached, relevance passed unchanged through the exponential); "constant" treats the probabilities as
-        fixed weights of the value path (Ali et al., 2022), which conserves relevance.
-    layernorm : both keep sigma = sqrt(var + eps) detached. "center" keeps the mean subtraction inside the linear
-        map (I - 11^T/D)/sigma (Ali et al., 2022; conserves relevance); "detach" also detaches the mean, making
-        LayerNorm an element-wise affine map with bias -mu/sigma (the absLRP paper).
-    start : relevance at the logits: "logit" (the target logit, for conservation), "onehot" (1 at the target),
-        "contrastive" (Gu et al., 2019, used by absLRP): two passes, one from the target class and one spread
-        evenly over the other classes; each is rescaled to unit L1 norm per image at the pixels and the second is
-        subtracted from the first. The paper states the start as 1 for the target and -1/N for the others; the
-        rule divides by |z|, which amplifies small logits, so without the rescaling the non-target classes
-        dominate and the map is all negative. The authors' released code does the same two-pass subtraction.
-    """
-
-    rule: str
-    epsilon: float
-    attention: str
-    layernorm: str
-    start: str
-
 
 @dataclass
 class LRPResult:
@@ -79,158 +47,6 @@ class LRPResult:
     attention: list[torch.Tensor] | None
 
 
-# ------------------------------------------------------------------------------------------------ rules
-def _part(w: torch.Tensor, part: int) -> torch.Tensor:
-    return w if part == 0 else (w.clamp(min=0) if part > 0 else w.clamp(max=0))
-
-
-def _den(cfg: LRPConfig, z: torch.Tensor, positive: torch.Tensor | None) -> torch.Tensor:
-    """The rule's denominator for the output z of an operation (a new tensor); ``positive``: the sum of its positive
-    contributions (alpha1beta0 only)."""
-    if cfg.rule == "epsilon":  # z + eps sign(z), sign(+-0) = +1: z + 0.0 turns -0.0 into +0.0 (copysign is cheap)
-        return torch.copysign(z.new_tensor(cfg.epsilon), z + 0.0).add_(z)
-    return positive + cfg.epsilon if cfg.rule == "alpha1beta0" else z.abs().add_(cfg.epsilon)
-
-
-def _num(cfg: LRPConfig, c: torch.Tensor) -> torch.Tensor:
-    """The part of a contribution c that the rule's numerator keeps (epsilon: all of it; the others: c+)."""
-    return c if cfg.rule == "epsilon" else c.clamp(min=0)
-
-
-def _scale(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn) -> torch.Tensor:
-    """s = R_z / denominator of the rule (``fwd(v, part)``: the map with the weights' part applied to v)."""
-    positive = fwd(x.clamp(min=0), 1) + fwd(x.clamp(max=0), -1) if cfg.rule == "alpha1beta0" else None
-    return r / _den(cfg, z, positive)
-
-
-def _apply(cfg: LRPConfig, x: torch.Tensor, s: torch.Tensor, bwd: Fn, *, nonneg: bool = False) -> torch.Tensor:
-    """Relevance of input x given the scaled relevance s and the transpose ``bwd`` of its linear map.
-
-    ``nonneg``: x or the weights are known to be >= 0 (attention probabilities), so x- * L-^T s vanishes.
-    """
-    if cfg.rule == "epsilon":
-        return x * bwd(s, 0)
-    pos = x.clamp(min=0) * bwd(s, 1)
-    return pos if nonneg else pos + x.clamp(max=0) * bwd(s, -1)
-
-
-def _rule(cfg: LRPConfig, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor, fwd: Fn, bwd: Fn) -> torch.Tensor:
-    return _apply(cfg, x, _scale(cfg, x, z, r, fwd), bwd)
-
-
-def _linear(cfg: LRPConfig, lin: nn.Linear, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return _dense(cfg, lin.weight, lin.bias, x, z, r)
-
-
-def _dense(cfg: LRPConfig, w: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, z: torch.Tensor,
-           r: torch.Tensor) -> torch.Tensor:
-    """Relevance of x for z = x W^T + bias, with z from the forward (not recomputed).
-
-    x+ W+^T s + x- W-^T s: the two transposes are one matmul with W+ and W- side by side; alpha1beta0's
-    denominator sum_i (w_ji x_i)+ is (z - bias + |W| |x|) / 2, one matmul.
-    """
-    positive = None
-    if cfg.rule == "alpha1beta0":
-        positive = F.linear(x.abs(), w.abs(), None if bias is None else -bias).add_(z).clamp_(min=0).mul_(0.5)
-    s = r / _den(cfg, z, positive)
-    if cfg.rule == "epsilon":
-        return (s @ w).mul_(x)
-    return _split(x, s @ torch.cat([w.clamp(min=0), w.clamp(max=0)], 1))
-
-
-def _split(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """x+ * u[..., :d] + x- * u[..., d:] for x (..., d): the two parts' transposes side by side in u (..., 2d)."""
-    d = x.shape[-1]
-    return (u[..., :d] * x.clamp(min=0)).addcmul_(u[..., d:], x.clamp(max=0))  # cheaper than a where on x > 0
-
-
-def _diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """z = a * x + b element-wise: each output has one contribution c = a x, so R_x = R_z * num(c) / den."""
-    c = _num(cfg, a * x)
-    return r * (c / _den(cfg, z, c))
-
-
-def _add(cfg: LRPConfig, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, r: torch.Tensor):
-    """z = a + b as one operation with two inputs (identity weights): the shared denominator splits R_z."""
-    na, nb = _num(cfg, a), _num(cfg, b)
-    den = _den(cfg, z, na + nb if cfg.rule == "alpha1beta0" else None)  # alpha1beta0: both inputs' positive parts
-    return r * (na / den), r * (nb / den)
-
-
-def _layer_scale(cfg: LRPConfig, ls: nn.Module, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    if isinstance(ls, nn.Identity):
-        return r
-    if not hasattr(ls, "gamma"):
-        raise NotImplementedError(f"LRP does not know the layer-scale module {type(ls).__name__}")
-    return _diag(cfg, ls.gamma, x, z, r)
-
-
-def _layernorm(cfg: LRPConfig, ln: nn.Module, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Relevance of a LayerNorm's input; sigma (and with "detach" the mean) treated as constants.
-
-    y = gamma u + beta with u = C x / sigma, C = I - 11^T/D ("center": C+ = (1 - 1/D) I, C- = its off-diagonal
-    part), or u = x / sigma - mu / sigma ("detach"). The factors that depend on the forward alone are computed once
-    and applied to every pass.
-    """
-    if isinstance(ln, nn.Identity):
-        return r
-    if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
-        raise NotImplementedError(f"LRP does not know the normalisation {type(ln).__name__}")
-    d = x.shape[-1]
-    u = x - x.mean(-1, keepdim=True)
-    sigma = u.square().mean(-1, keepdim=True).add_(ln.eps).sqrt_()  # (two passes: much faster than Tensor.var on CPU)
-    u = u.div_(sigma)
-    gu = u if ln.weight is None else ln.weight * u
-    c = _num(cfg, gu)
-    f = c / _den(cfg, gu if ln.bias is None else gu + ln.bias, c)  # R_u = R_y * f
-    if cfg.layernorm == "detach":
-        cx = _num(cfg, x / sigma)
-        return r * (f * (cx / _den(cfg, u, cx)))
-    if cfg.rule == "epsilon":  # R_x = x * C^T s / sigma
-        s = r * (f / _den(cfg, u, None))
-        return (s - s.mean(-1, keepdim=True)) * (x / sigma)
-    xp, xn = x.clamp(min=0) / sigma, x.clamp(max=0) / (d * sigma)
-    positive = xp * (1 - 1 / d) + (xn - xn.sum(-1, keepdim=True))  # C+ x+ + C- x-, over sigma
-    s = r * (f / _den(cfg, u, positive))
-    return s * (xp * (1 - 1 / d) + xn) - s.sum(-1, keepdim=True) * xn  # x+ C+^T s + x- C-^T s, over sigma
-
-
-def _patches(cfg: LRPConfig, conv: nn.Conv2d, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """A patchifying convolution (stride = kernel, no padding, no dilation, one group) as the dense layer it is, on
-    the unfolded patches; pixels that no patch covers get no relevance."""
-    (b, c, h, w), (kh, kw), (gh, gw) = x.shape, conv.kernel_size, z.shape[-2:]
-    xp = x[..., :gh * kh, :gw * kw].reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
-    rp = _dense(cfg, conv.weight.reshape(conv.out_channels, -1), conv.bias, xp, z.flatten(2).transpose(1, 2),
-                r.flatten(-2).transpose(-1, -2))
-    lead = rp.shape[:-2]
-    rp = rp.reshape(*lead, gh, gw, c, kh, kw).movedim(-3, -5).movedim(-2, -3).reshape(*lead, c, gh * kh, gw * kw)
-    if (gh * kh, gw * kw) == (h, w):
-        return rp
-    out = rp.new_zeros(*lead, c, h, w)
-    out[..., :gh * kh, :gw * kw] = rp
-    return out
-
-
-def _conv_input(cfg: LRPConfig, conv: nn.Conv2d, x: torch.Tensor, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Relevance at the input of the patch-embedding convolution from that at its output (..., C, gh, gw)."""
-    if (tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ("valid", (0, 0))
-            and tuple(conv.dilation) == (1, 1) and conv.groups == 1):
-        return _patches(cfg, conv, x, z, r)
-    if isinstance(conv.padding, str) and conv.padding != "valid":
-        raise NotImplementedError(f"LRP does not support padding={conv.padding!r} in the patch embedding")
-    pad = 0 if isinstance(conv.padding, str) else conv.padding
-    kw = dict(stride=conv.stride, padding=pad, dilation=conv.dilation, groups=conv.groups)
-    w = conv.weight
-
-    def transpose(s: torch.Tensor, p: int) -> torch.Tensor:  # s carries the leading pass dimension
-        flat = s.reshape(-1, *s.shape[-3:])
-        out = torch.nn.grad.conv2d_input((flat.shape[0], *x.shape[1:]), _part(w, p), flat, **kw)
-        return out.reshape(*s.shape[:-3], *x.shape[1:])
-
-    return _rule(cfg, x, z, r, lambda v, p: F.conv2d(v, _part(w, p), **kw), transpose)
-
-
-# ------------------------------------------------------------------------------------------------ model parts
 def _check(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
     tol = 1e-4 * (1 + float(expected.abs().max()))
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=tol):
@@ -324,11 +140,11 @@ def _query_key(cfg: LRPConfig, attn: nn.Module, q: torch.Tensor, k: torch.Tensor
     positive = None
     if cfg.rule == "alpha1beta0":  # sum_d (q_d sk_d)+ = (S + |q| |sk|^T) / 2
         positive = (q.abs() @ sk.abs().transpose(-2, -1)).add_(logits).clamp_(min=0).mul_(0.5)
-    s = r_a / _den(cfg, logits, positive)
+    s = r_a / rules.denominator(cfg, logits, positive)
     if cfg.rule == "epsilon":
         return _pmm(s, sk).mul_(q), _pmm(s.transpose(-2, -1), sq).mul_(k)
     both = lambda w: torch.cat([w.clamp(min=0), w.clamp(max=0)], -1)  # noqa: E731
-    return _split(q, _pmm(s, both(sk))), _split(k, _pmm(s.transpose(-2, -1), both(sq)))
+    return rules.split(q, _pmm(s, both(sk))), rules.split(k, _pmm(s.transpose(-2, -1), both(sq)))
 
 
 def _attention(cfg: LRPConfig, attn: nn.Module, t: dict[str, torch.Tensor], r_o: torch.Tensor, record: bool,
@@ -342,9 +158,9 @@ def _attention(cfg: LRPConfig, attn: nn.Module, t: dict[str, torch.Tensor], r_o:
     a, q, o = t["a"][:, :, rows], q[:, :, rows], t["o"][:, rows]
     r = r_o.reshape(*r_o.shape[:-1], heads, hd).transpose(-3, -2)
     # O = A V: a pass for V (weights A >= 0) and one for A (weights V), sharing the denominator.
-    vp = _num(cfg, v)  # A >= 0: a contribution a v is positive where v is
+    vp = rules.numerator(cfg, v)  # A >= 0: a contribution a v is positive where v is
     positive = a @ vp if cfg.rule == "alpha1beta0" else None
-    s = r / _den(cfg, o.reshape(b, -1, heads, hd).transpose(1, 2), positive)
+    s = r / rules.denominator(cfg, o.reshape(b, -1, heads, hd).transpose(1, 2), positive)
     tokens = lambda u: u.transpose(-3, -2).flatten(-2)  # noqa: E731  (..., heads, N, hd) -> (..., N, C)
     r_v = tokens(_pmm(a.transpose(-2, -1), s).mul_(vp))
     to_qk = to_qk and cfg.attention == "full"
@@ -376,17 +192,17 @@ def _block(cfg: LRPConfig, blk: nn.Module, t: dict[str, torch.Tensor], r_out: to
     attn, mlp, n = blk.attn, blk.mlp, t["x"].shape[1]
     tr = {**t, **{key: t[key][:, rows] for key in _ROW_KEYS}}
     p1, m1 = blk.ls1(tr["p"]), blk.ls2(tr["m"])
-    r_x1, r_m1 = _add(cfg, tr["x1"], m1, tr["out"], r_out)
-    r_g = _linear(cfg, mlp.fc2, mlp.act(tr["h"]), tr["m"], _layer_scale(cfg, blk.ls2, tr["m"], m1, r_m1))
-    r_x1 = r_x1 + _layernorm(cfg, blk.norm2, tr["x1"], _linear(cfg, mlp.fc1, tr["n2"], tr["h"], r_g))
-    r_x, r_p1 = _add(cfg, tr["x"], p1, tr["x1"], r_x1)
-    r_o = _linear(cfg, attn.proj, tr["o"], tr["p"], _layer_scale(cfg, blk.ls1, tr["p"], p1, r_p1))
+    r_x1, r_m1 = rules.add(cfg, tr["x1"], m1, tr["out"], r_out)
+    r_g = rules.linear(cfg, mlp.fc2, mlp.act(tr["h"]), tr["m"], rules.layer_scale(cfg, blk.ls2, tr["m"], m1, r_m1))
+    r_x1 = r_x1 + rules.layernorm(cfg, blk.norm2, tr["x1"], rules.linear(cfg, mlp.fc1, tr["n2"], tr["h"], r_g))
+    r_x, r_p1 = rules.add(cfg, tr["x"], p1, tr["x1"], r_x1)
+    r_o = rules.linear(cfg, attn.proj, tr["o"], tr["p"], rules.layer_scale(cfg, blk.ls1, tr["p"], p1, r_p1))
     r_qkv, r_a = _attention(cfg, attn, t, r_o, record, to_input, rows)
     if not to_input:
         return None, r_a
     w, bias, width = attn.qkv.weight, attn.qkv.bias, r_qkv.shape[-1]  # width C: the value rows only
-    r_n1 = _dense(cfg, w[-width:], None if bias is None else bias[-width:], t["n1"], t["qkv"][..., -width:], r_qkv)
-    return _layernorm(cfg, blk.norm1, t["x"], r_n1).add_(_scatter(r_x, rows, n)), r_a
+    r_n1 = rules.dense(cfg, w[-width:], None if bias is None else bias[-width:], t["n1"], t["qkv"][..., -width:], r_qkv)
+    return rules.layernorm(cfg, blk.norm1, t["x"], r_n1).add_(_scatter(r_x, rows, n)), r_a
 
 
 def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.Tensor,
@@ -403,11 +219,11 @@ def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.
         t = model.norm(tokens[:, rows])
         y0, y1 = model.head(t[:, 0]), model.head_dist(t[:, 1])
         _check("logits", (y0 + y1) / 2, logits)
-        r0, r1 = _add(cfg, y0 / 2, y1 / 2, logits, r_y)
+        r0, r1 = rules.add(cfg, y0 / 2, y1 / 2, logits, r_y)
         r_t = torch.stack([
-            _linear(cfg, model.head, t[:, 0], y0, _diag(cfg, torch.full_like(y0[:1], 0.5), y0, y0 / 2, r0)),
-            _linear(cfg, model.head_dist, t[:, 1], y1, _diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))], 2)
-        return _layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
+            rules.linear(cfg, model.head, t[:, 0], y0, rules.diag(cfg, torch.full_like(y0[:1], 0.5), y0, y0 / 2, r0)),
+            rules.linear(cfg, model.head_dist, t[:, 1], y1, rules.diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))], 2)
+        return rules.layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
     if pool == "token":
         rows = slice(0, 1)
     elif pool == "avg":
@@ -420,15 +236,15 @@ def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.
     f = model.fc_norm(pooled)
     y = model.head(f)
     _check("logits", y, logits)
-    r_pooled = _layernorm(cfg, model.fc_norm, pooled, _linear(cfg, model.head, f, y, r_y))
+    r_pooled = rules.layernorm(cfg, model.fc_norm, pooled, rules.linear(cfg, model.head, f, y, r_y))
     if pool == "token":
         r_t = r_pooled[:, :, None]
     else:
         cnt = t.shape[1]
         mean = lambda v, p: v.mean(1) * (p >= 0)  # noqa: E731  (1/cnt >= 0: no negative part)
         spread = lambda s, p: (s[..., None, :] * ((p >= 0) / cnt)).expand(*s.shape[:-1], cnt, s.shape[-1])  # noqa: E731
-        r_t = _rule(cfg, t, pooled, r_pooled, mean, spread)
-    return _layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
+        r_t = rules.rule(cfg, t, pooled, r_pooled, mean, spread)
+    return rules.layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
 
 
 def _embedding(cfg: LRPConfig, model: nn.Module, x: torch.Tensor, block0_in: torch.Tensor,
@@ -443,9 +259,9 @@ def _embedding(cfg: LRPConfig, model: nn.Module, x: torch.Tensor, block0_in: tor
     tok = model.patch_drop(model._pos_embed(pe(x)))
     _check("token embedding", model.norm_pre(tok), block0_in)
     npt = model.num_prefix_tokens
-    r_tok = _layernorm(cfg, model.norm_pre, tok, r_tokens)[..., npt:, :]
-    r_e = _diag(cfg, torch.ones_like(e[:1, :1]), e, tok[:, npt:], r_tok)  # patch + position embedding
-    return _conv_input(cfg, conv, x, z, r_e.transpose(-1, -2).reshape(*r_e.shape[:-2], *z.shape[1:]))
+    r_tok = rules.layernorm(cfg, model.norm_pre, tok, r_tokens)[..., npt:, :]
+    r_e = rules.diag(cfg, torch.ones_like(e[:1, :1]), e, tok[:, npt:], r_tok)  # patch + position embedding
+    return rules.conv_input(cfg, conv, x, z, r_e.transpose(-1, -2).reshape(*r_e.shape[:-2], *z.shape[1:]))
 
 
 def _start(cfg: LRPConfig, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -526,7 +342,7 @@ def _lrp_explainer(rule: str, start: str, attention: str, layernorm: str, summar
     fn.__doc__ = f"{summary}. Relevance at the preprocessed pixels, summed over channels; ``sign`` keeps its " \
                  f"positive part (default) or absolute value. Map (B, H, W). See ``LRPConfig``."
     params = functools.partial(pixel_lrp_params, epsilon=EPSILON[rule], attention=attention, layernorm=layernorm)
-    return Explainer(fn, _block_needs, params, vit_only=True, summary=summary)
+    return explainer(fn, _block_needs, params, vit_only=True, summary=summary)
 
 
 LRP_EXPLAINERS = {

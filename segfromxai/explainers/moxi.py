@@ -23,7 +23,7 @@ from torch import nn
 
 from ..models.model import is_vit, token_grid
 from ..params import Fraction, PositiveInt
-from .core import Explainer, Needs, Pass
+from .core import Explainer, explainer, Needs, Pass
 from ..models.hooks import eval_mode
 
 MODES = ("tokens", "pixels")
@@ -264,9 +264,9 @@ def moxi_params(*, mode: Literal["tokens", "pixels"] = "tokens", patch: Positive
     ``stop``: stop when the class is reached/lost; ``tau``: minimum confidence; ``max_steps``; ``batch_size``."""
 
 MOXI_EXPLAINERS: dict[str, Explainer] = {
-    "moxi_insertion": Explainer(moxi_insertion, _no_needs, moxi_params, vit_only=False,
+    "moxi_insertion": explainer(moxi_insertion, _no_needs, moxi_params, vit_only=False,
                                 summary="MoXI greedy patch insertion until classified as the target "
                                         "(Kasahara et al., CVPR 2025)"),
-    "moxi_deletion": Explainer(moxi_deletion, _no_needs, moxi_params, vit_only=False,
+    "moxi_deletion": explainer(moxi_deletion, _no_needs, moxi_params, vit_only=False,
                                summary="MoXI greedy patch deletion until misclassified (Kasahara et al., CVPR 2025)"),
 }

@@ -23,7 +23,7 @@ from torch import nn
 from ..ops.graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
 from ..params import NonNegative, Positive, PositiveInt, Range
 from ..ops.resize import upsample_maps
-from .core import Explainer, Needs, Pass
+from .core import Explainer, explainer, Needs, Pass
 from ..models.hooks import eval_mode
 
 WEIGHTS = ("scorecam", "topk", "gradient")
@@ -242,6 +242,6 @@ def rcut_params(*, layer: str | None = None, weights: Literal["scorecam", "topk"
 
 
 RCUT_EXPLAINERS: dict[str, Explainer] = {
-    "rcut": Explainer(rcut, _needs, rcut_params, vit_only=True,
+    "rcut": explainer(rcut, _needs, rcut_params, vit_only=True,
                       summary="R-Cut: perturbation-weighted class-aware tokens, then a normalized cut"),
 }

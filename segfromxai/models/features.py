@@ -13,6 +13,7 @@ cut made on self-supervised tokens (TokenCut, Wang et al. 2022; CutLER, Wang et 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence
 
@@ -21,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from .hooks import capture
-from ..explainers.gradient import default_layer
-from .model import LoadedModel, Preprocess, data_dir, is_vit, tokens_to_grid
+from .model import LoadedModel, Preprocess, data_dir, default_layer, is_vit, tokens_to_grid
 from ..params import Range
 
 FEATURES = ("k", "q", "v", "tokens")
+"""What a ViT block gives as token features: its attention's keys, queries or values, or its output tokens."""
+Feature = Literal[FEATURES]
 FEATURE_MODELS = ("auto", "classifier", "embedded", "dinov2")
 """Named feature models; any other value of ``[features] model`` is a timm model name (weights from
 ``checkpoint``). ``"dinov2"`` is the self-supervised ViT-S/14 that the embedded model was fine-tuned from
@@ -34,7 +36,7 @@ photos, where the fine-tuned model's tokens know only the synthetic shapes."""
 
 
 def feature_options(*, model: str = "auto", checkpoint: str = "", img_size: Annotated[int, Range(0)] = 0,
-                    feature: Literal["k", "q", "v", "tokens"] = "k", block: int = -1) -> None:
+                    feature: Feature = "k", block: int = -1) -> None:
     """A recipe's ``[features]``: where a refiner that needs token features (``ncut``) reads them. ``model``:
     ``"auto"`` (the classifier when it is a ViT, else the embedded ViT-S/14), ``"classifier"``, ``"embedded"``,
     ``"dinov2"`` (the self-supervised ViT-S/14 the embedded model was fine-tuned from) or a timm name, with local
@@ -42,7 +44,7 @@ def feature_options(*, model: str = "auto", checkpoint: str = "", img_size: Anno
     backward); ``feature`` and ``block`` as in :func:`feature_layer`."""
 
 
-def feature_layer(module: torch.nn.Module, *, feature: Literal["k", "q", "v", "tokens"] = "k", block: int = -1
+def feature_layer(module: torch.nn.Module, *, feature: Feature = "k", block: int = -1
                   ) -> str:
     """The module whose output gives the token features: a block's ``attn.qkv`` (q, k, v) or the block itself
     (tokens) for a ViT; the Grad-CAM layer (last feature stage) for a CNN. Its keyword parameters are a recipe's
@@ -156,9 +158,14 @@ def backbone_outputs(backbone: Backbone, xb: torch.Tensor, layers: Sequence[str]
     return {name: got.outputs[name].detach() for name in layers}
 
 
+_BUILT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Backbone]] = weakref.WeakKeyDictionary()
+"""Backbones built per classifier module; an entry goes with its module (a cache beside the frozen LoadedModel)."""
+
+
 def backbone_for(classifier: LoadedModel, spec: dict[str, Any]) -> Backbone:
-    """The loaded backbone of ``spec``, built once per classifier (kept in ``classifier.feature_models``)."""
+    """The loaded backbone of ``spec``, built once per classifier (per module: copies of a LoadedModel share it)."""
+    built = _BUILT.setdefault(classifier.module, {})
     key = backbone_key(spec)
-    if key not in classifier.feature_models:
-        classifier.feature_models[key] = load_backbone(classifier, spec)
-    return classifier.feature_models[key]
+    if key not in built:
+        built[key] = load_backbone(classifier, spec)
+    return built[key]

@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,12 @@ class Preprocess:
         return torch.stack([self(im) for im in images])
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
-    """A classifier ready to explain: the module (eval mode), its class names and its preprocessing."""
+    """A classifier ready to explain: the module (eval mode), its class names and its preprocessing.
+
+    Frozen: a changed copy is made with :func:`dataclasses.replace` (it shares the module); caches built for the
+    classifier live beside it, keyed by its module (e.g. :func:`segfromxai.models.features.backbone_for`)."""
 
     module: nn.Module
     classes: list[str]
@@ -87,8 +90,6 @@ class LoadedModel:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] | None = None
     source: str = ""
-    feature_models: dict[Any, Any] = field(default_factory=dict, repr=False)
-    """Feature backbones built for this classifier (:func:`segfromxai.models.features.backbone_for` caches them here)."""
 
     @property
     def device(self) -> torch.device:
@@ -419,7 +420,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     if checkpoint is not None and _is_card(Path(checkpoint)):
         loaded = load_card_model(checkpoint, device=device)
         if classes is not None:
-            loaded.classes = list(classes)
+            return replace(loaded, classes=list(classes))
         return loaded
     if name is None and checkpoint is None:
         if pretrained:
@@ -451,3 +452,19 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, pr
     return LoadedModel(module=module.to(device).eval(), classes=list(classes),
                        preprocess=_preprocess_from_timm(module), timm_name=name, timm_kwargs=kwargs,
                        source=str(checkpoint) if checkpoint else ("timm-pretrained" if pretrained else "random-init"))
+
+
+def default_layer(model: nn.Module) -> str:
+    """The layer Grad-CAM reads by default.
+
+    ViT: the last block's first LayerNorm (``blocks.{L-1}.norm1``), the token activations that feed the last
+    attention. CNN: the last feature stage that timm's ``feature_info`` names (e.g. ``layer4`` of a ResNet).
+    """
+    if is_vit(model):
+        return f"blocks.{len(model.blocks) - 1}.norm1"
+    info = getattr(model, "feature_info", None)
+    if info:
+        last = info[-1] if isinstance(info, list) else info.info[-1]
+        if last.get("module"):
+            return last["module"]
+    raise ValueError(f"cannot choose a Grad-CAM layer for {type(model).__name__}; pass layer='<module name>'")

@@ -37,9 +37,10 @@ import torch
 
 from .evaluate import load_source, match_names, union
 from ..models.hooks import count_forwards, eval_mode
-from ..explainers.core import explain_pass
+from ..explainers import explain_pass
 from .faithfulness import deletion_auc
-from ..recipe.fit import fit_classes, is_headless
+from ..recipe.checks import is_headless
+from ..run.targets import fit_classes
 from .gae import gae
 from ..run.local import ChunkLoader, batch_target
 from ..io.images import find_images
@@ -75,7 +76,7 @@ def _warm_up(model: LoadedModel, x: torch.Tensor) -> None:
 def _time_alone(model: LoadedModel, recipe: Recipe, x: torch.Tensor) -> tuple[float, float]:
     """Seconds and forward passes (images through the model, counted) per image of the recipe's explainers."""
     for stages in recipe.stages():  # backbones loaded before the clock starts
-        if REFINERS[stages.refine.method].needs_features and not uses_classifier(model, stages.features):
+        if "features" in REFINERS[stages.refine.method].requires and not uses_classifier(model, stages.features):
             backbone_for(model, stages.features)
     with count_forwards(model.module) as n:
         t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     images = Path(images)
     paths = find_images(images)[:limit]
     rels = [p.name if p == images else p.relative_to(images).as_posix() for p in paths]
-    fit_classes(model, targets, rels)  # a headless model's categories
+    model = fit_classes(model, targets, rels)  # a headless model gets categories
     targets.check(rels, model.classes)
     ref = load_source(gt)
     pairs = dict(match_names(rels, ref)[0])

@@ -40,6 +40,7 @@ from scipy import ndimage
 from torchvision.transforms.functional import gaussian_blur
 
 from ..ops.resize import upsample_maps
+from ..registry import Entry
 
 SUBSTRATES = ("zeros", "blur")
 BLUR_KERNEL = 11
@@ -48,20 +49,20 @@ BLUR_SIGMA = 5.0
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class MapMetric:
-    """A per-image metric of explanation maps, its direction, and whether it calls the model.
+@dataclass(frozen=True, kw_only=True)
+class MapMetric(Entry):
+    """A per-image metric of explanation maps (an :class:`~segfromxai.registry.Entry`), its direction, and whether
+    it calls the model (``requires`` holds ``"model"``).
 
     With ``needs_model`` the call shape is ``fn(model, x, maps, target, **options)``, otherwise
     ``fn(maps, gt_masks, **options)``; either returns a float ``(B,)`` array.
     """
 
-    fn: Callable[..., np.ndarray]
     higher_is_better: bool
-    needs_model: bool
 
-    def __call__(self, *args, **kwargs) -> np.ndarray:
-        return self.fn(*args, **kwargs)
+    @property
+    def needs_model(self) -> bool:
+        return "model" in self.requires
 
 
 def as_maps(maps: torch.Tensor | np.ndarray, batch: int | None = None) -> torch.Tensor:
@@ -299,10 +300,17 @@ def drop_increase_summary(drop: np.ndarray, increase: np.ndarray) -> tuple[float
     return (float(d.mean()) if d.size else float("nan"), float(i.mean() * 100.0) if i.size else float("nan"))
 
 
+_MODEL = frozenset({"model"})
+
 MAP_METRICS: dict[str, MapMetric] = {
-    "deletion_auc": MapMetric(deletion_auc, higher_is_better=False, needs_model=True),
-    "insertion_auc": MapMetric(insertion_auc, higher_is_better=True, needs_model=True),
-    "pointing_game": MapMetric(pointing_game, higher_is_better=True, needs_model=False),
-    "average_drop": MapMetric(average_drop, higher_is_better=False, needs_model=True),
-    "increase_in_confidence": MapMetric(increase_in_confidence, higher_is_better=True, needs_model=True),
+    "deletion_auc": MapMetric(deletion_auc, "area under the class score as the most relevant pixels are deleted",
+                              _MODEL, higher_is_better=False),
+    "insertion_auc": MapMetric(insertion_auc, "area under the class score as the most relevant pixels are inserted",
+                               _MODEL, higher_is_better=True),
+    "pointing_game": MapMetric(pointing_game, "the map's maximum falls inside the ground truth",
+                               higher_is_better=True),
+    "average_drop": MapMetric(average_drop, "relative drop of the class score when only the map's pixels are kept",
+                              _MODEL, higher_is_better=False),
+    "increase_in_confidence": MapMetric(increase_in_confidence, "the class score rises when only the map's pixels "
+                                        "are kept", _MODEL, higher_is_better=True),
 }

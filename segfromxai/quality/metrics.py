@@ -23,6 +23,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ..registry import Entry
+
 Counts = tuple[int, int, int, int]
 
 
@@ -36,16 +38,19 @@ def finite_mean(values: Iterable[float]) -> float:
     return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A metric of the confusion counts (TP, FP, FN, TN), and whether a higher value is better."""
+@dataclass(frozen=True, kw_only=True)
+class Metric(Entry):
+    """A metric of the confusion counts (an :class:`~segfromxai.registry.Entry` whose ``fn`` maps TP, FP, FN, TN
+    to a float), and whether a higher value is better. Called on two masks, it counts them first."""
 
-    from_counts: Callable[[int, int, int, int], float]
-    higher_is_better: bool
-    doc: str
+    higher_is_better: bool = True
+
+    @property
+    def from_counts(self) -> Callable[[int, int, int, int], float]:
+        return self.fn
 
     def __call__(self, pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
-        return self.from_counts(*confusion(pred, gt, ignore))
+        return self.fn(*confusion(pred, gt, ignore))
 
 
 def confusion(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> Counts:
@@ -69,15 +74,15 @@ def _miou(tp: int, fp: int, fn: int, tn: int) -> float:
 
 
 METRICS: dict[str, Metric] = {
-    "iou": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fp + fn), True,
+    "iou": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fp + fn),
                   "TP / (TP + FP + FN); NaN when both masks are empty"),
-    "dice": Metric(lambda tp, fp, fn, tn: _ratio(2 * tp, 2 * tp + fp + fn), True,
+    "dice": Metric(lambda tp, fp, fn, tn: _ratio(2 * tp, 2 * tp + fp + fn),
                    "F1 = 2 TP / (2 TP + FP + FN); NaN when both masks are empty"),
-    "precision": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fp), True, "TP / (TP + FP); NaN for an empty prediction"),
-    "recall": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fn), True, "TP / (TP + FN); NaN for an empty ground truth"),
-    "pixel_accuracy": Metric(lambda tp, fp, fn, tn: _ratio(tp + tn, tp + fp + fn + tn), True,
+    "precision": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fp), "TP / (TP + FP); NaN for an empty prediction"),
+    "recall": Metric(lambda tp, fp, fn, tn: _ratio(tp, tp + fn), "TP / (TP + FN); NaN for an empty ground truth"),
+    "pixel_accuracy": Metric(lambda tp, fp, fn, tn: _ratio(tp + tn, tp + fp + fn + tn),
                              "(TP + TN) / N over all (not ignored) pixels"),
-    "miou": Metric(_miou, True, "mean of foreground and background IoU, over those defined"),
+    "miou": Metric(_miou, "mean of foreground and background IoU, over those defined"),
 }
 
 

@@ -191,7 +191,7 @@ def _stage(where: str, given: Any, registry: Mapping[str, Any], default: str) ->
     method = given.pop("method", default)
     if method not in registry:
         raise _fail(where, f"unknown method {method!r}; valid: {', '.join(sorted(registry))}")
-    fn = getattr(registry[method], "fn", registry[method])
+    fn = registry[method].fn
     return Stage(method, _section(f"{where}] [{method}", given, declared(fn, context=STAGE_CONTEXT[where])))
 
 

@@ -23,7 +23,7 @@ import torch
 from .artifacts import save_artifacts
 from .outdir import check_export_names, done_indices, finish, prepare_out, remove_run
 from ..fileio import atomic_write
-from ..recipe.fit import fit_classes
+from .targets import fit_classes
 from ..io.images import ImageLoadError, find_images, load_image
 from ..ops.masks import encode
 from ..models.model import LoadedModel
@@ -179,7 +179,7 @@ def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedMode
     found = find_images(images)
     every = [p.name if p == root else p.relative_to(root).as_posix() for p in found]
     paths, rels = found[:limit], every[:limit]
-    fit_classes(model, targets, rels)  # a headless model's categories
+    model = fit_classes(model, targets, rels)  # a headless model gets categories
     targets.check(rels, model.classes)
     check_export_names(rels, formats)
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):

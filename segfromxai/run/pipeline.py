@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..stages.boundary import refine_boundary
-from ..explainers.core import Explained, explain_pass
+from ..explainers import Explained, explain_pass
 from ..models.features import (
     backbone_for,
     backbone_input,
@@ -32,7 +32,7 @@ from ..models.features import (
     token_features,
     uses_classifier,
 )
-from ..recipe.fit import is_headless
+from ..recipe.checks import is_headless, needed_layers
 from ..stages.fusion import as_numpy, fuse_on_grid
 from ..io.images import Failure, LoadedImage, iter_images
 from ..ops.masks import clean
@@ -41,15 +41,7 @@ from ..recipe.recipe import Recipe
 from ..stages.refine import REFINERS
 from ..ops.resize import resize_bilinear
 from ..stages.threshold import THRESHOLDS
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The model's top-1 class of one image, with its softmax confidence."""
-
-    rel_path: str
-    label: int
-    confidence: float
+from .targets import Prediction
 
 
 def batched(records: Iterator[LoadedImage], batch_size: int, on_failure: Callable[[Failure], None]
@@ -183,16 +175,6 @@ def explain_calls(recipes: Sequence[Recipe]) -> list[dict[str, dict[str, Any]]]:
     return calls
 
 
-def needed_layers(model: LoadedModel, recipe: Recipe) -> tuple[str, ...]:
-    """The layers whose outputs the recipe's refiners (its own and its ``[domain]``'s) read from the shared pass
-    (their declared needs; none when the features come from a separate backbone)."""
-    out = []
-    for r in recipe.stages():
-        if REFINERS[r.refine.method].needs_features and uses_classifier(model, r.features):
-            out.append(feature_layer(model.module, feature=r.features["feature"], block=r.features["block"]))
-    return tuple(dict.fromkeys(out))
-
-
 def features_key(recipe: Recipe) -> tuple:
     """The key of the recipe's token features in :func:`feature_maps`'s result."""
     return tuple(sorted(recipe.features.items()))
@@ -213,7 +195,7 @@ def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor,
         for s in r.stages():
             if chosen is not None and not any(c is s for c in chosen):
                 continue
-            if REFINERS[s.refine.method].needs_features:
+            if "features" in REFINERS[s.refine.method].requires:
                 specs[features_key(s)] = s.features
     out, by_backbone = {}, {}
     for key, spec in specs.items():

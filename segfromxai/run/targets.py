@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .pipeline import Prediction
+from ..models.model import LoadedModel
+from ..recipe.checks import is_headless
+
+HEADLESS_CLASS = "object"
+"""The one category of a headless model's masks when no labels file names others."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's top-1 class of one image, with its softmax confidence."""
+
+    rel_path: str
+    label: int
+    confidence: float
 
 
 def label_key(file_name: str) -> str:
@@ -124,3 +136,12 @@ class Targets:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "n_labels": len(self.labels or {})}
+
+
+def fit_classes(model: LoadedModel, targets: Targets, rel_paths: Sequence[str]) -> LoadedModel:
+    """The model with categories for its masks: a headless model (it has none) gets the labels given for
+    ``rel_paths`` (sorted), or ``object``; a model with a head is returned as it is."""
+    if not is_headless(model.module):
+        return model
+    names = sorted({n for n in map(targets.name, rel_paths) if n is not None})
+    return replace(model, classes=names or [HEADLESS_CLASS])

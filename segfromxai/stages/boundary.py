@@ -17,12 +17,12 @@ A function never mutates its inputs and is deterministic. Lengths are fractions 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
 
+from ..registry import Entry
 from ..ops.resize import check_size
 
 
@@ -272,22 +272,11 @@ def crf(soft: np.ndarray, image: np.ndarray, *, bias: float = 0.0, floor: float 
     return _grow(q[1] - q[0] + 0.5, s.shape)
 
 
-@dataclass(frozen=True)
-class Boundary:
-    """A registered boundary method: its function and a one-line summary (for ``segfromxai list``)."""
-
-    fn: Callable[..., np.ndarray]
-    summary: str
-
-    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        return self.fn(*args, **kwargs)
-
-
-BOUNDARIES: dict[str, Boundary] = {
-    "none": Boundary(none, "the refined mask as it is"),
-    "guided": Boundary(guided, "guided filter of the refined mask by the image (He et al. 2013)"),
-    "crf": Boundary(crf, "fully connected CRF on the soft map (Kraehenbuehl & Koltun 2011)"),
-    "grabcut": Boundary(grabcut, "GrabCut colour models and graph cut from the refined mask (Rother et al. 2004)"),
+BOUNDARIES: dict[str, Entry] = {
+    "none": Entry(none, "the refined mask as it is"),
+    "guided": Entry(guided, "guided filter of the refined mask by the image (He et al. 2013)"),
+    "crf": Entry(crf, "fully connected CRF on the soft map (Kraehenbuehl & Koltun 2011)"),
+    "grabcut": Entry(grabcut, "GrabCut colour models and graph cut from the refined mask (Rother et al. 2004)"),
 }
 
 

@@ -29,13 +29,14 @@ Choices, stated once:
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..params import NonNegative, Percentile, Positive
+from ..registry import Entry
 
 Maps = torch.Tensor
 
@@ -157,16 +158,16 @@ def arithmetic_mean(maps: Sequence[Maps], *, weights: Sequence[float] | None = N
     return sum(wi * m for wi, m in zip(w, maps)) / sum(w)
 
 
-FUSIONS: dict[str, Callable[..., Maps]] = {
-    "geometric": geometric_mean,
-    "product": product,
-    "mean": arithmetic_mean,
+FUSIONS: dict[str, Entry] = {
+    "geometric": Entry(geometric_mean, "weighted geometric mean, in log space with an eps floor (the default)"),
+    "product": Entry(product, "weighted product of the maps"),
+    "mean": Entry(arithmetic_mean, "weighted arithmetic mean"),
 }
 
 GRIDS = ("tokens", "input")
 """Where maps meet: the model's token grid (for a CNN, the coarsest map's grid), or the model's input size."""
-Method = Literal["geometric", "product", "mean"]
-Grid = Literal["tokens", "input"]
+Method = Literal[tuple(FUSIONS)]  # the choices are the registry's names
+Grid = Literal[GRIDS]
 
 
 def fuse(maps: Mapping[str, Maps], *, method: str = "geometric", size: tuple[int, int] | None = None,

@@ -21,8 +21,7 @@ float64 as two small matrix products (:func:`segfromxai.ops.resize.resize_biline
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import scipy.ndimage
@@ -37,6 +36,7 @@ from ..ops.graphcut import (
     ncut_bipartition,
     similarity,
 )
+from ..registry import Entry
 from ..params import Fraction, NonNegative, Positive, PositiveInt, Range, declared
 from ..ops.resize import check_size, resize_area, resize_bilinear
 
@@ -386,27 +386,16 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
     return found
 
 
-__all__ = ["CHOICES", "REFINERS", "Refiner", "affinity", "cut_level", "grid_positions", "ncut", "ncut_bipartition",
+__all__ = ["CHOICES", "REFINERS", "affinity", "cut_level", "grid_positions", "ncut", "ncut_bipartition",
            "none"]
 
 
-@dataclass(frozen=True)
-class Refiner:
-    """A registered refiner: its function and what it needs from the shared pass (``needs_features``: per-token
-    features of the recipe's ``[features]`` layer, given as ``features``)."""
-
-    fn: Callable[..., list[np.ndarray]]
-    needs_features: bool
-    summary: str
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[np.ndarray]:
-        return self.fn(*args, **kwargs)
-
-
-REFINERS: dict[str, Refiner] = {
-    "none": Refiner(none, needs_features=False, summary="the thresholded map at image size"),
-    "ncut": Refiner(ncut, needs_features=True, summary="normalized cut on token features (TokenCut/MaskCut)"),
+REFINERS: dict[str, Entry] = {
+    "none": Entry(none, "the thresholded map at image size"),
+    "ncut": Entry(ncut, "normalized cut on token features (TokenCut/MaskCut)", frozenset({"features"})),
 }
+"""Refiners; one that requires ``"features"`` gets per-token features of the recipe's ``[features]`` layer from
+the shared pass, as ``features``."""
 
 CHOICES: dict[str, dict[str, tuple]] = {
     name: {k: p.choices for k, p in declared(r.fn, context=("size", "features")).items() if p.choices is not None}

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from ..params import Fraction, Percentile
+from ..registry import Entry
 
 
 def _per_map(fn: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], np.ndarray]:
@@ -78,9 +79,9 @@ def mean(maps: np.ndarray) -> np.ndarray:
     return maps > maps.mean(axis=(-2, -1), keepdims=True)
 
 
-THRESHOLDS: dict[str, Callable[..., np.ndarray]] = {
-    "otsu": otsu,
-    "percentile": percentile,
-    "fixed": fixed,
-    "mean": mean,
+THRESHOLDS: dict[str, Entry] = {
+    "otsu": Entry(otsu, "Otsu's threshold per map (the between-class variance of its histogram at its maximum)"),
+    "percentile": Entry(percentile, "keep the top q percent of each map's values"),
+    "fixed": Entry(fixed, "map > t on the fused [0, 1] scale"),
+    "mean": Entry(mean, "map > the map's mean"),
 }
