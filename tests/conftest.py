@@ -42,3 +42,12 @@ def synth_images(tmp_path_factory):
     from segfromxai.quality.synth import write_synth
 
     return write_synth(tmp_path_factory.mktemp("synth"), 12, seed=3, size=48)
+
+
+def docs_text():
+    """README.md and every docs/*.md, joined: the project's documentation as one text."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    pages = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+    return "\n".join(p.read_text() for p in pages)

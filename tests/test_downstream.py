@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -124,12 +125,14 @@ def test_run_skip_empty_flag(tmp_path, synth_images, tiny_card):
         assert len(json.loads((out / "pseudo_labels.json").read_text())["images"]) == n_images
 
 
-# --- README "Loading it downstream": every snippet runs on a real output ---------------------------------------
+# --- docs/outputs.md "Loading it downstream": every snippet runs on a real output -------------------------------
 
 
 def _readme_blocks(lang):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("### Loading it downstream", 1)[1].split("\n## ", 1)[0]
+    from conftest import docs_text
+
+    readme = docs_text()  # README.md and docs/*.md; the section ends at the next heading of level 1 or 2
+    section = re.split(r"\n#{1,2} ", readme.split("## Loading it downstream\n", 1)[1], maxsplit=1)[0]
     blocks = section.split(f"```{lang}\n")[1:]
     return ["\n".join(line[2:] if line.startswith("  ") else line for line in b.split("```")[0].splitlines())
             for b in blocks]
