@@ -371,8 +371,10 @@ def base_tensors(card_path: str | Path, base: Any, module: nn.Module) -> dict[st
     if "base" in base_card:
         raise ValueError(f"model card {card_path}: its base {base_path} has a base of its own; a base must hold all "
                          "its weights")
-    base_weights = card_weights(base_path, base_card)
-    if sha256(base_weights) != str(base["weights_sha256"]).lower():
+    base_weights = card_weights(base_path, base_card)  # checked against the base card's own hash, if it has one
+    recorded = base_card.get("weights_sha256")  # then that hash is the file's: the file is hashed once
+    actual = str(recorded).lower() if recorded is not None else sha256(base_weights)
+    if actual != str(base["weights_sha256"]).lower():
         raise ValueError(f"model card {card_path}: its base {base_weights} is not the weights it was built on "
                          "(weights_sha256 differs): rebuild it (README: data/)")
     sd, _ = read_state_dict(base_weights)
