@@ -36,7 +36,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     from segfromxai.models.model import load_model
-    from segfromxai.student.student import StudentConfig, Tokens, predict, prepare, run_round
+    from segfromxai.student.config import StudentConfig
+    from segfromxai.student.job import prepare, run_round
+    from segfromxai.student.predict import predict
+    from segfromxai.student.tokens import Tokens
 
     model = load_model()
     config = StudentConfig(epochs=5, boundary=args.boundary)

@@ -15,7 +15,7 @@ from .stages.boundary import BOUNDARIES
 from .stages.fusion import FUSIONS
 from .stages.refine import REFINERS
 from .stages.threshold import THRESHOLDS
-from .student.student import HEADS
+from .student.heads import HEADS
 from .student.masks import SOFT_MAPS
 
 

@@ -486,7 +486,8 @@ def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, g
                 model_name: str | None, checkpoint: Path | None, device: str) -> None:
     """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
     --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
-    from .student.student import StudentConfig, train_student
+    from .student.config import StudentConfig
+    from .student.job import train_student
 
     try:
         config = StudentConfig(head=head, mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,

@@ -19,19 +19,13 @@ from click.testing import CliRunner
 
 from segfromxai.ops import masks as mask_ops
 from segfromxai.cli import main
-from segfromxai.student.student import (
-    HEADS,
-    StudentConfig,
-    Tokens,
-    held_out,
-    load_checkpoint,
-    load_student,
-    pseudo_targets,
-    save_checkpoint,
-    split,
-    train_head,
-    train_student,
-)
+from segfromxai.student.config import StudentConfig
+from segfromxai.student.data import held_out, split
+from segfromxai.student.heads import HEADS
+from segfromxai.student.job import train_student
+from segfromxai.student.targets import pseudo_targets
+from segfromxai.student.tokens import Tokens
+from segfromxai.student.train import load_checkpoint, load_student, save_checkpoint, train_head
 
 FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
 
@@ -114,7 +108,7 @@ def _toy_tokens(n: int = 6, g: int = 4, d: int = 3) -> tuple[Tokens, np.ndarray]
 
 
 def test_linear_probe_learns_a_linearly_separable_known_answer():
-    from segfromxai.student.student import view_probs
+    from segfromxai.student.heads import view_probs
 
     tokens, target = _toy_tokens()
     head = train_head(tokens, target, np.ones(len(target), bool), 2, StudentConfig(epochs=40, lr=0.1, batch_size=4))
@@ -126,7 +120,7 @@ def test_linear_probe_learns_a_linearly_separable_known_answer():
 def test_context_head_learns_a_neighbourhood_label_that_a_linear_probe_cannot():
     """Known answer: one marked token per image, its 3x3 neighbourhood the foreground. Its neighbours' own features
     are those of the background, so only a head that sees a token's neighbours (``context``, 3x3) can learn it."""
-    from segfromxai.student.student import view_probs
+    from segfromxai.student.heads import view_probs
 
     rng = np.random.default_rng(0)
     n, g = 8, 6
@@ -223,7 +217,8 @@ def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp
     script = textwrap.dedent(f"""
         import os, signal
         from segfromxai.models.model import load_model
-        from segfromxai.student.student import StudentConfig, train_student
+        from segfromxai.student.config import StudentConfig
+        from segfromxai.student.job import train_student
 
         def kill(round_, epoch):
             if epoch == 2:
@@ -290,7 +285,8 @@ def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_
 
 def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(tiny_model, tiny_run, synth_images,
                                                                                tmp_path):
-    from segfromxai.student.student import prepare, view_probs
+    from segfromxai.student.heads import view_probs
+    from segfromxai.student.job import prepare
 
     cfg = StudentConfig(val_fraction=0.4, boundary="none", **FAST)
     train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg)
@@ -310,7 +306,7 @@ def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(ti
 
 def test_trunk_at_a_larger_input_gives_a_finer_grid_and_the_classifiers_own_classes(tiny_model, tiny_run,
                                                                                     synth_images, tmp_path):
-    from segfromxai.student.student import cache_tokens, student_trunk
+    from segfromxai.student.tokens import cache_tokens, student_trunk
 
     names = sorted(p.name for p in (synth_images / "images").iterdir())[:3]
     native = cache_tokens(tiny_model, synth_images / "images", names)
@@ -333,7 +329,7 @@ def test_cli_student_refuses_an_unknown_boundary_naming_the_valid_ones(tiny_card
 
 
 def test_tokens_are_cached_on_disk_and_reused(tiny_model, tiny_run, synth_images, tmp_path, monkeypatch):
-    import segfromxai.student.student as student
+    import segfromxai.student.tokens as tokens
 
     cfg = StudentConfig(val_fraction=0.4, **FAST)
     train_student(tiny_run, synth_images / "images", tmp_path / "a", model=tiny_model, config=cfg,
@@ -343,7 +339,7 @@ def test_tokens_are_cached_on_disk_and_reused(tiny_model, tiny_run, synth_images
     def no_trunk(*args, **kwargs):
         raise AssertionError("the trunk ran again")
 
-    monkeypatch.setattr(student, "cache_tokens", no_trunk)
+    monkeypatch.setattr(tokens, "cache_tokens", no_trunk)  # where stored_tokens looks it up
     train_student(tiny_run, synth_images / "images", tmp_path / "b", model=tiny_model, config=cfg,
                   cache=tmp_path / "tok")
     assert _anns(tmp_path / "a" / "student_labels.json") == _anns(tmp_path / "b" / "student_labels.json")
@@ -355,7 +351,8 @@ def test_a_torchvision_segmenter_student_trains_on_the_pixels_and_writes_coco(ti
     through the same rounds, labels, card and reload as a token head."""
     from pycocotools.coco import COCO
 
-    from segfromxai.student.student import Pixels, Segmenter, student_trunk
+    from segfromxai.student.heads import Segmenter
+    from segfromxai.student.tokens import Pixels, student_trunk
 
     trunk = student_trunk(tiny_model, 64, pixels=True)
     assert isinstance(trunk.module, Pixels) and trunk.preprocess.size == (64, 64)
@@ -377,27 +374,28 @@ def test_head_weights_start_a_segmenter_from_a_classification_backbone(tmp_path)
     from safetensors.torch import save_file
     from torchvision.models import mobilenet_v3_large
 
-    from segfromxai.student.student import Segmenter, load_weights
+    from segfromxai.student.heads import Segmenter, load_head_weights
 
     torch.manual_seed(1)
     cnn = mobilenet_v3_large(weights=None)
     path = tmp_path / "mnv3.pt"
     torch.save(cnn.state_dict(), path)
     seg = Segmenter("lraspp", 2)
-    n = load_weights(seg, path)
+    n = load_head_weights(seg, path)
     feats = {k: v for k, v in cnn.state_dict().items() if k.startswith("features.")}
     assert n == len(feats)
     own = seg.state_dict()
     assert all(torch.equal(own["net.backbone." + k.removeprefix("features.")], v) for k, v in feats.items())
     save_file({"nothing": torch.zeros(3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="none of its 1 tensors"):
-        load_weights(seg, tmp_path / "bad.safetensors")
+        load_head_weights(seg, tmp_path / "bad.safetensors")
 
 
 def test_predict_gives_the_same_records_on_one_and_two_threads(tiny_model, tiny_run, synth_images, tmp_path):
     """The masks of a chunk are made on worker threads (GrabCut included); the records must not depend on how
     many."""
-    from segfromxai.student.student import predict, prepare, run_round
+    from segfromxai.student.job import prepare, run_round
+    from segfromxai.student.predict import predict
 
     cfg = StudentConfig(val_fraction=0.4, boundary="grabcut", **FAST)
     job = prepare(tiny_run, synth_images / "images", model=tiny_model, config=cfg)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from segfromxai.stages.boundary import BOUNDARIES
-from segfromxai.student.student import student_boundary
+from segfromxai.student.predict import student_boundary
 from segfromxai.student.masks import SOFT_MAPS, channel_masks, soft_probs, soft_ramp
 
 

@@ -18,10 +18,11 @@ Each function has one call shape ``fn(probs, c, *, grid) -> float32 (H, W) in [0
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ..registry import Entry, lookup
 from ..stages.boundary import BOUNDARIES, mask_soft
 
 
@@ -64,7 +65,10 @@ def soft_ramp(probs: np.ndarray, c: int, *, grid: tuple[int, int]) -> np.ndarray
     return mask_soft(p.argmax(0) == c, (h / grid[0], w / grid[1]))
 
 
-SOFT_MAPS: dict[str, Callable[..., np.ndarray]] = {"probs": soft_probs, "ramp": soft_ramp}
+SOFT_MAPS: dict[str, Entry] = {
+    "probs": Entry(soft_probs, "channel c's probability against its strongest rival, p_c / (p_c + max_{j != c} p_j)"),
+    "ramp": Entry(soft_ramp, "the pixels where channel c wins as a ramp one token wide across their outline"),
+}
 
 
 def channel_masks(probs: np.ndarray, image: np.ndarray | None, *, grid: tuple[int, int], boundary: str = "none",
@@ -92,8 +96,7 @@ def channel_masks(probs: np.ndarray, image: np.ndarray | None, *, grid: tuple[in
     """
     if boundary not in BOUNDARIES:
         raise ValueError(f"unknown boundary method {boundary!r}; choose one of {', '.join(BOUNDARIES)}")
-    if soft not in SOFT_MAPS:
-        raise ValueError(f"unknown soft map {soft!r}; choose one of {', '.join(SOFT_MAPS)}")
+    soft_map = lookup(SOFT_MAPS, soft, "soft map")
     if boundary != "none" and image is None:
         raise ValueError(f"boundary method {boundary!r} needs the image")
     arg = np.asarray(probs).argmax(0)
@@ -101,6 +104,6 @@ def channel_masks(probs: np.ndarray, image: np.ndarray | None, *, grid: tuple[in
     for c in range(1, probs.shape[0]):
         m = arg == c
         if boundary != "none" and m.any():
-            m = BOUNDARIES[boundary](SOFT_MAPS[soft](probs, c, grid=grid), image, **(params or {}))
+            m = BOUNDARIES[boundary](soft_map(probs, c, grid=grid), image, **(params or {}))
         out.append(m)
     return out

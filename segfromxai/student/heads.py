@@ -1,0 +1,121 @@
+"""Student heads: what maps the trunk's tokens (or the image's pixels) to K logits, the :data:`HEADS` registry, and
+starting a head from local weights.
+
+A head from :data:`HEADS` (default: a 1x1 linear probe, the linear evaluation of DINO/DINOv2, Caron et al. 2021,
+Oquab et al. 2023) maps each token to K logits: background plus foreground (``binary``) or background plus one
+channel per category of the run (``classes``). Logits are upsampled bilinearly to the input size for the loss and
+to each image's size for prediction (:func:`view_probs`).
+
+For users with a GPU, ``head`` may instead name a standard segmentation model from torchvision
+(:data:`SEGMENTERS`: LR-ASPP or DeepLabV3 on MobileNetV3-Large), trained end to end on the images themselves (the
+:class:`segfromxai.student.tokens.Pixels` trunk) with the same targets, rounds, checkpoints and outputs; its
+weights come only from a local file (``head_weights``, :func:`load_head_weights`), never from a download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models.model import read_state_dict
+from ..registry import Entry
+
+
+def linear_head(dim: int, k: int) -> nn.Module:
+    """A 1x1 convolution: one linear map per token (``dim * k + k`` parameters)."""
+    return nn.Conv2d(dim, k, 1)
+
+
+def mlp_head(dim: int, k: int, hidden: int = 1024) -> nn.Module:
+    """Two 1x1 convolutions with a GELU between (measured worse than the linear probe: it fits label noise)."""
+    return nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, k, 1))
+
+
+def context_head(dim: int, k: int) -> nn.Module:
+    """A 3x3 convolution: one linear map of each token and its 8 neighbours (``9 dim k + k`` parameters), so a
+    token's label can follow its neighbourhood (a patterned object's tokens that look like background alone)."""
+    return nn.Conv2d(dim, k, 3, padding=1, padding_mode="replicate")
+
+
+# torchvision segmentation models a student can be (trained on the pixels, not on the trunk's tokens)
+SEGMENTERS = {"lraspp": "lraspp_mobilenet_v3_large", "deeplabv3": "deeplabv3_mobilenet_v3_large"}
+
+
+class Segmenter(nn.Module):
+    """A torchvision segmentation model (``SEGMENTERS``: LR-ASPP, Howard et al. 2019, or DeepLabV3, Chen et al.
+    2017, on a MobileNetV3-Large) as a student on the image itself: input the normalised image (B, 3, h, w), output
+    its ``out`` logits (B, K, h, w) at the input size. Built with no weights (``weights=None,
+    weights_backbone=None``: torchvision downloads nothing); start it from local weights with ``head_weights``
+    (:func:`load_head_weights`). Trained end to end, so it wants a GPU: on 2 CPU cores an LR-ASPP from scratch learned
+    nothing in 30 minutes (issue 23)."""
+
+    def __init__(self, arch: str, k: int) -> None:
+        super().__init__()
+        from torchvision.models import segmentation
+
+        self.net = getattr(segmentation, SEGMENTERS[arch])(weights=None, weights_backbone=None, num_classes=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def _segmenter(arch: str) -> Callable[[int, int], nn.Module]:
+    def build(dim: int, k: int) -> nn.Module:
+        if dim != 3:
+            raise ValueError(f"student {arch!r} reads the image's 3 channels, got features of {dim}")
+        return Segmenter(arch, k)
+    build.__doc__ = f"torchvision's {SEGMENTERS[arch]} on the image (:class:`Segmenter`)."
+    return build
+
+
+HEADS: dict[str, Entry] = {
+    "linear": Entry(linear_head, "a 1x1 convolution: one linear map per token (dim * k + k parameters)"),
+    "mlp": Entry(mlp_head, "two 1x1 convolutions with a GELU between (measured worse than the linear probe: it fits "
+                           "label noise)"),
+    "context": Entry(context_head, "a 3x3 convolution: one linear map of each token and its 8 neighbours "
+                                   "(9 dim k + k parameters)"),
+    **{a: Entry(_segmenter(a), f"torchvision's {SEGMENTERS[a]} on the image (Segmenter)")
+       for a in SEGMENTERS},
+}
+
+
+def load_head_weights(module: nn.Module, path: str | Path) -> int:
+    """Start ``module`` from a local state dict (read by :func:`segfromxai.models.model.read_state_dict`:
+    ``.safetensors``, else ``torch.load(weights_only=True)``) and return how many tensors it took.
+
+    Lenient, unlike :func:`segfromxai.models.model.load_weights`: a tensor is taken when its name, or the name with
+    ``net.`` or (for a classification backbone, ``features.N...`` as torchvision's MobileNetV3 names them)
+    ``net.backbone.N...`` in front, is one of the module's with the same shape; the rest (e.g. a classifier of
+    another class count) are left as initialised. Raises ValueError when none fits."""
+    path = Path(path)
+    given, _ = read_state_dict(path)
+    own = module.state_dict()
+    taken = {}
+    for name, t in given.items():
+        for cand in (name, f"net.{name}", "net.backbone." + name.removeprefix("features.")):
+            if cand in own and own[cand].shape == t.shape and cand not in taken:
+                taken[cand] = t
+                break
+    if not taken:
+        raise ValueError(f"{path}: none of its {len(given)} tensors fits the student {type(module).__name__}")
+    module.load_state_dict({**own, **taken})
+    return len(taken)
+
+
+def head_logits(head: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K, gh, gw) of a batch of token grids (B, gh, gw, D)."""
+    return head(grid.float().permute(0, 3, 1, 2))
+
+
+def view_probs(head: nn.Module, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Probabilities (B, K, H, W) at ``size`` of token grids with views (B, V, gh, gw, D): logits upsampled
+    bilinearly, softmax, averaged over the views (view 1 mirrored back)."""
+    out = 0
+    for v in range(grid.shape[1]):
+        p = F.interpolate(head_logits(head, grid[:, v]), size=size, mode="bilinear", align_corners=False).softmax(1)
+        out = out + (p.flip(-1) if v == 1 else p)
+    return out / grid.shape[1]

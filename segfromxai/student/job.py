@@ -1,0 +1,178 @@
+"""The ``student`` job: a light head on a frozen ViT trunk, trained on a run's pseudo-labels, self-trained, and
+scored.
+
+:func:`train_student` reads the training run and splits its images (:mod:`segfromxai.student.data`), caches the
+trunk's tokens once (:mod:`segfromxai.student.tokens`), builds round 1's targets from the pseudo-labels
+(:mod:`segfromxai.student.targets`), trains a head (:mod:`segfromxai.student.heads`,
+:mod:`segfromxai.student.train`), predicts the images (:mod:`segfromxai.student.predict`) and scores them.
+Self-training (``rounds`` > 1) relabels the training images with the previous round's student and trains a fresh
+head on those labels. The seed paper's table (pseudo vs GT, student vs GT, pseudo vs student) comes from
+:func:`segfromxai.quality.evaluate.comparisons`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from torch import nn
+
+from ..fileio import atomic_write
+from ..models.model import LoadedModel
+from .config import UNTRAINED, StudentConfig, settings_key
+from .data import RunSource, Split, read_annotations, read_run, split, subset_coco
+from .predict import Labeller, make_labeller, predict, write_labels
+from .targets import choose_mode, pseudo_targets, student_targets
+from .tokens import Tokens, stored_tokens, student_trunk
+from .train import load_round, save_round, train_head
+
+
+@dataclass
+class Job:
+    """A student job's data: the training run, the split, cached tokens, targets and the labeller."""
+
+    src: RunSource
+    split: Split
+    train: Tokens
+    test: Tokens
+    targets: np.ndarray
+    keep: np.ndarray
+    channels: list[str]
+    labeller: Labeller
+    input_size: tuple[int, int] = (224, 224)
+
+
+def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, config: StudentConfig,
+            progress: bool = False, cache: Path | None = None) -> Job:
+    """Read the training run, split the images, cache the trunk's tokens once (on disk in ``cache`` when given,
+    :func:`stored_tokens`) and build round 1's targets."""
+    src = read_run(train_run)
+    anns, sizes, _ = read_annotations(src.coco)
+    sp = split(list(anns), src.images, Path(images), config)
+    anns = {n: anns[n] for n in sp.train}
+    mode = choose_mode(config.mode, anns)
+    channel = {int(c["id"]): (1 if mode == "binary" else j + 1) for j, c in enumerate(src.categories)}
+    channels = ["background", "foreground"] if mode == "binary" else ["background", *(c["name"] for c in
+                                                                                     src.categories)]
+    trunk = student_trunk(model, config.img_size, pixels=config.pixels)
+    train = stored_tokens(model, src.images, sp.train, cache=cache, trunk=trunk, flip=config.flip, progress=progress,
+                          desc="training tokens")
+    if sp.test == sp.train and Path(images).resolve() == src.images.resolve():
+        test = Tokens(train.names, train.sizes, train.grid[:, :1], train.probs, train.root)
+    else:
+        test = stored_tokens(model, images, sp.test, cache=cache, trunk=trunk, flip=False, progress=progress,
+                             desc="tokens to predict")
+    targets, keep = pseudo_targets(anns, sizes, sp.train, trunk.preprocess.size, channel,
+                                   max_area=config.max_area, min_score=config.min_score)
+    if not keep.any():
+        raise ValueError(f"no training image left: {len(sp.train)} images in {src.coco}, none with a mask that "
+                         "passes the filters (--max-area, --min-score)")
+    return Job(src, sp, train, test, targets, keep, channels, make_labeller(model, src, anns, mode, config),
+               trunk.preprocess.size)
+
+
+def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel, config: StudentConfig,
+              progress: bool = False, on_epoch: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Train (or reload, when ``out/round_<r>`` holds it) round ``round_``'s head and write its labels."""
+    folder = out / f"round_{round_}"
+    dim, k = int(job.train.grid.shape[-1]), len(job.channels)
+    head = load_round(folder, config, dim, k, key)
+    if head is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt = folder / "checkpoint.safetensors"
+        head = train_head(job.train, job.targets, job.keep, k, config, round_=round_, checkpoint=ckpt, key=key,
+                          progress=progress, on_epoch=on_epoch, device=model.device)
+        extra = {"config": config.to_dict(), "round": round_, "mode": job.labeller.mode,
+                 "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out,
+                 "input_size": list(job.input_size)}
+        save_round(folder, head, model, channels=job.channels, key=key, extra=extra)
+        ckpt.unlink(missing_ok=True)
+    return head
+
+
+def label_info(job: Job, config: StudentConfig, round_: int) -> dict[str, Any]:
+    """The COCO ``info`` of a student's labels: what trained it, on what, and the versions."""
+    from ..run.outdir import versions
+
+    return {"description": f"segfromxai student masks (round {round_})", "student": config.to_dict(),
+            "round": round_, "mode": job.labeller.mode, "train_run": str(job.src.folder),
+            "n_train": int(job.keep.sum()), "held_out": job.split.held_out, "versions": versions()}
+
+
+def score(student: Path, *, gt: str | Path | None, pseudo: Path | None) -> dict[str, dict[str, Any]]:
+    """The seed paper's table for a student's masks: pseudo vs GT, student vs GT, pseudo vs student (the columns
+    whose two sources are given), through :mod:`segfromxai.quality.evaluate`."""
+    from ..quality.evaluate import comparisons, evaluate
+
+    if pseudo is not None:
+        return comparisons(pseudo, gt=gt, student=student)
+    if gt is None:
+        return {}
+    return {"student vs GT": evaluate(student, gt)}
+
+
+def train_student(train_run: str | Path, images: str | Path, out: str | Path, *, model: LoadedModel,
+                  config: StudentConfig = StudentConfig(), gt: str | Path | None = None,
+                  pseudo: str | Path | None = None, progress: bool = False,
+                  on_epoch: Callable[[int, int], None] | None = None,
+                  log: Callable[[str], None] | None = None, cache: str | Path | None = "tokens") -> dict[str, Any]:
+    """Train a student on the pseudo-labels of ``train_run``, predict ``images``, and self-train ``config.rounds``.
+
+    Writes ``out/round_<r>/`` (``head.safetensors``, ``card.json``, ``student_labels.json``, and with ``gt`` or
+    ``pseudo`` ``metrics.json`` and ``per_image.csv``), then the last round's ``out/student_labels.json``,
+    ``out/metrics.json`` (:func:`segfromxai.quality.evaluate.write_evaluation`'s format), ``out/report.html`` (the
+    evaluation report with the student column and contact sheets, images from ``images``) and ``out/student.json``
+    (the headline numbers of every round). ``pseudo`` is a run folder over ``images`` (default, when the student
+    holds out part of the training folder: the training run); its labels are scored on the images the student
+    predicts (``out/pseudo_scored.json``). ``log`` receives each round's table. ``cache``: the folder of the
+    trunk's tokens (:func:`stored_tokens`; relative: under ``out``; None: kept in memory only). Returns
+    ``student.json``'s content.
+    """
+    from ..quality.evaluate import headline, table, write_evaluation
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = None if cache is None else out / cache
+    job = prepare(train_run, images, model=model, config=config, progress=progress, cache=cache)
+    source = read_run(pseudo).coco if pseudo is not None else job.src.coco if job.split.held_out else None
+    scored = subset_coco(source, job.split.test, out / "pseudo_scored.json") if source is not None else None
+    trained = {k: v for k, v in config.to_dict().items() if k not in UNTRAINED}
+    key = settings_key(trained, job.split.train, model.source)
+    rounds, results, records = [], {}, []
+    for r in range(1, config.rounds + 1):
+        key = settings_key(key, r)
+        head = run_round(job, r, key, out, model=model, config=config, progress=progress, on_epoch=on_epoch)
+        records = predict(head, job.test, job.labeller)
+        labels = out / f"round_{r}" / "student_labels.json"
+        write_labels(labels, records, job.labeller, label_info(job, config, r))
+        results = score(labels, gt=gt, pseudo=scored)
+        if results:
+            write_evaluation(labels.parent, results)
+            if log is not None:
+                log(f"round {r} ({job.labeller.mode} {config.head} student, {int(job.keep.sum())} training "
+                    f"images, {len(job.split.test)} scored):\n" + table({n: headline(x) for n, x in results.items()}))
+        rounds.append({"round": r, "n_train": int(job.keep.sum()),
+                       "table": {n: headline(x) for n, x in results.items()}})
+        if r < config.rounds:
+            job.targets, job.keep = student_targets(head, job.train, job.input_size,
+                                                    confident=config.confident, max_area=config.max_area)
+    write_labels(out / "student_labels.json", records, job.labeller, label_info(job, config, config.rounds))
+    summary = {"config": config.to_dict(), "train_run": str(job.src.folder), "images": str(images),
+               "held_out": job.split.held_out, "n_predicted": len(job.split.test), "rounds": rounds}
+    write_summary(out, summary, results, images=Path(images))
+    return summary
+
+
+def write_summary(out: Path, summary: dict[str, Any], results: dict[str, dict[str, Any]], *, images: Path) -> None:
+    """The last round's ``metrics.json``, ``per_image.csv`` and ``report.html`` (when ``results`` holds scores,
+    contact sheets from ``images``) and ``student.json`` (``summary``) in ``out``."""
+    from ..quality.evaluate import json_safe, write_evaluation, write_evaluation_report
+
+    if results:
+        write_evaluation(out, results)
+        write_evaluation_report(out, results, settings=summary, images=images, title="segfromxai student report")
+    with atomic_write(out / "student.json") as f:
+        json.dump(json_safe(summary), f, indent=2)
