@@ -14,12 +14,10 @@ from typing import Sequence
 from torch import nn
 
 from ..explainers import EXPLAINERS
+from ..io.coco import AGNOSTIC_CLASS
 from ..models.model import LoadedModel, is_vit
 from .recipe import Recipe
 from ..run.targets import Targets
-
-HEADLESS_CLASS = "object"
-
 
 def is_headless(module: nn.Module) -> bool:
     """True for a model with no classifier head (timm ``num_classes == 0``: the forward returns pooled features)."""
@@ -64,4 +62,4 @@ def fit_classes(model: LoadedModel, targets: Targets, rel_paths: Sequence[str]) 
     if not is_headless(model.module):
         return
     names = sorted({n for n in map(targets.name, rel_paths) if n is not None})
-    model.classes = names or [HEADLESS_CLASS]
+    model.classes = names or [AGNOSTIC_CLASS]

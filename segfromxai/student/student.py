@@ -55,7 +55,7 @@ from ..run.manifest import Manifest
 from ..models.model import LoadedModel, is_vit, tokens_to_grid, write_card
 from .masks import SOFT_MAPS, channel_masks
 
-IGNORE = 255
+from ..io.png import IGNORE
 UNTRAINED = ("rounds", "boundary", "soft")  # settings that do not change a round's head (its checkpoint key)
 MODES = ("auto", "binary", "classes")
 
