@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .explainers import EXPLAINERS
+from .io.exporters import EXPORTERS
 from .quality.faithfulness import MAP_METRICS
 from .quality.metrics import METRICS
 from .stages.boundary import BOUNDARIES
@@ -28,6 +29,7 @@ def registries() -> dict[str, Mapping]:
         "thresholds": THRESHOLDS,
         "refiners": REFINERS,
         "boundaries": BOUNDARIES,
+        "formats": EXPORTERS,
         "metrics": METRICS,
         "map metrics": MAP_METRICS,
         "student heads": HEADS,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .io.exporters import EXPORTERS
 from .version import __version__
 
 
@@ -178,7 +179,7 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="images per chunk (the default keeps a default-recipe run under 1.5 GB peak RSS)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--format", "formats", type=click.Choice(["coco", "png", "yolo"]), multiple=True,
+@click.option("--format", "formats", type=click.Choice(sorted(EXPORTERS)), multiple=True,
               help="extra exports (repeatable); COCO is always written")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
 @click.option("--resume/--overwrite", default=None,
@@ -358,7 +359,7 @@ def evaluate_cmd(pred: Path, gt: Path | None, student: Path | None, out: Path | 
 @main.command("merge")
 @click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
-@click.option("--format", "formats", type=click.Choice(["coco", "png", "yolo"]), multiple=True,
+@click.option("--format", "formats", type=click.Choice(sorted(EXPORTERS)), multiple=True,
               help="extra exports (repeatable); COCO is always written")
 @click.option("--index-only", is_flag=True, help="keep the parts sharded: write only out/index.json listing them")
 @click.option("--overwrite", is_flag=True, help="replace an earlier merge in --out")

@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segfromxai.io import coco
+from segfromxai.io import coco, png, yolo
 from segfromxai.ops import masks
 from segfromxai.run.manifest import Manifest
 
@@ -249,7 +249,7 @@ def _png_records():
 
 
 def test_export_png(tmp_path):
-    assert coco.export_png(tmp_path / "out", _png_records()) == 2
+    assert png.export_png(tmp_path / "out", _png_records()) == 2
     one = cv2.imread(str(tmp_path / "out/x/y/one.jpg.png"), cv2.IMREAD_UNCHANGED)
     assert one.dtype == np.uint8 and one.shape == (6, 8)
     expected = np.zeros((6, 8), np.uint8)
@@ -264,7 +264,7 @@ def test_export_png(tmp_path):
 
 
 def test_export_png_highest_score_wins(tmp_path):
-    coco.export_png(tmp_path, _png_records(), ignore_overlap=False)
+    png.export_png(tmp_path, _png_records(), ignore_overlap=False)
     one = np.asarray(Image.open(tmp_path / "x/y/one.jpg.png"))
     assert one[2, 3] == 1  # cat scores 0.9 > dog 0.5
     assert 255 not in one
@@ -274,25 +274,25 @@ def test_export_png_rejects(tmp_path):
     recs = _png_records()
     recs[0]["annotations"][0]["category_id"] = 255
     with pytest.raises(ValueError, match="1..254"):
-        coco.export_png(tmp_path, recs)
+        png.export_png(tmp_path, recs)
     recs = _png_records()
     recs[1]["image"]["file_name"] = "../escape.png"
     with pytest.raises(ValueError, match="relative"):
-        coco.export_png(tmp_path / "o", recs)
+        png.export_png(tmp_path / "o", recs)
     recs = _png_records()
     recs[1]["image"]["file_name"] = "x/y/one.jpg"
     with pytest.raises(ValueError, match="same label file"):
-        coco.export_png(tmp_path / "p", recs)
+        png.export_png(tmp_path / "p", recs)
 
 
 def test_export_collision_a_png_beside_a_jpg_and_a_backslash_name_get_their_own_files(tmp_path):
     recs = _png_records()
     recs[1]["image"]["file_name"] = "x/y/one.png"  # beside x/y/one.jpg
-    assert coco.export_png(tmp_path / "p", recs) == 2
+    assert png.export_png(tmp_path / "p", recs) == 2
     assert sorted(p.name for p in (tmp_path / "p/x/y").iterdir()) == ["one.jpg.png", "one.png.png"]
     recs = _png_records()
     recs[0]["image"]["file_name"], recs[1]["image"]["file_name"] = "sub/b.png", "sub\\b.png"
-    assert coco.export_png(tmp_path / "q", recs) == 2
+    assert png.export_png(tmp_path / "q", recs) == 2
     assert (tmp_path / "q/sub/b.png.png").is_file() and (tmp_path / "q/sub\\b.png.png").is_file()
     assert coco.export_name("sub/a.jpg", ".npz").as_posix() == "sub/a.jpg.npz"
 
@@ -300,12 +300,12 @@ def test_export_collision_a_png_beside_a_jpg_and_a_backslash_name_get_their_own_
 def test_export_yolo(tmp_path):
     recs = _png_records()
     recs[0]["annotations"][1]["category_id"] = 3
-    assert coco.export_yolo(tmp_path, recs, categories=CATEGORIES) == 2
-    split = {r["image"]["file_name"]: "val" if coco.yolo_split_key(r["image"]["file_name"]) < 0.1 else "train"
+    assert yolo.export_yolo(tmp_path, recs, categories=CATEGORIES) == 2
+    split = {r["image"]["file_name"]: "val" if yolo.yolo_split_key(r["image"]["file_name"]) < 0.1 else "train"
              for r in recs}
     if len(set(split.values())) == 1:  # two images: each split gets one, the smallest key goes to val
-        split[min(split, key=coco.yolo_split_key)] = "val"
-        split[max(split, key=coco.yolo_split_key)] = "train"
+        split[min(split, key=yolo.yolo_split_key)] = "val"
+        split[max(split, key=yolo.yolo_split_key)] = "train"
     lines = (tmp_path / f"labels/{split['x/y/one.jpg']}/x/y/one.txt").read_text().splitlines()
     assert len(lines) == 3
     parsed = [(int(line.split()[0]), np.array(line.split()[1:], float).reshape(-1, 2)) for line in lines]
@@ -348,7 +348,7 @@ def test_export_yolo_links_images_into_a_held_out_split_that_trains_from_anywher
     names = [f"d{k % 3}/img{k:03d}.png" for k in range(60)]
     recs = _yolo_source(src, names)
     out = tmp_path / "yolo"
-    assert coco.export_yolo(out, recs, categories=CATEGORIES, images=src, val_fraction=0.2) == 60
+    assert yolo.export_yolo(out, recs, categories=CATEGORIES, images=src, val_fraction=0.2) == 60
     want = {n: _split_by_hand(n, 0.2) for n in names}
     assert 4 <= sum(s == "val" for s in want.values()) <= 20  # the hash spreads names: about 12 of 60
     for n, split in want.items():
@@ -361,7 +361,7 @@ def test_export_yolo_links_images_into_a_held_out_split_that_trains_from_anywher
     assert f"path: {json.dumps(str(out.resolve()))}\n" in yaml
     assert "train: images/train\n" in yaml and "val: images/val\n" in yaml and "0.2" in yaml
     # an export of fewer images removes the files of the images it no longer holds
-    coco.export_yolo(out, recs[:30], categories=CATEGORIES, images=src, val_fraction=0.2)
+    yolo.export_yolo(out, recs[:30], categories=CATEGORIES, images=src, val_fraction=0.2)
     left = {p.relative_to(out / "images").as_posix().split("/", 1)[1] for p in (out / "images").rglob("*.png")}
     assert left == set(names[:30])
     assert len(list((out / "labels").rglob("*.txt"))) == 30
@@ -375,26 +375,26 @@ def test_export_yolo_copies_when_links_fail_and_keeps_one_image_per_split(tmp_pa
         raise OSError("cross-device link")
 
     monkeypatch.setattr(os, "link", no_link)
-    assert coco.link_or_copy(src / "a.png", tmp_path / "c/a.png") == "copy"
+    assert yolo.link_or_copy(src / "a.png", tmp_path / "c/a.png") == "copy"
     assert not os.path.samefile(src / "a.png", tmp_path / "c/a.png")
     assert (tmp_path / "c/a.png").read_bytes() == (src / "a.png").read_bytes()
-    coco.export_yolo(tmp_path / "y", recs, categories=CATEGORIES, images=src, val_fraction=0.0)
+    yolo.export_yolo(tmp_path / "y", recs, categories=CATEGORIES, images=src, val_fraction=0.0)
     val = [p.name for p in (tmp_path / "y/images/val").iterdir()]
-    assert val == [min(["a.png", "b.png"], key=coco.yolo_split_key)]  # 2 images: val is never empty
+    assert val == [min(["a.png", "b.png"], key=yolo.yolo_split_key)]  # 2 images: val is never empty
     assert len(list((tmp_path / "y/images/train").iterdir())) == 1
-    coco.export_yolo(tmp_path / "one", recs[:1], categories=CATEGORIES, images=src)
+    yolo.export_yolo(tmp_path / "one", recs[:1], categories=CATEGORIES, images=src)
     assert "val: images/train\n" in (tmp_path / "one/data.yaml").read_text()  # one image: nothing to hold out
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        coco.export_yolo(tmp_path / "z", [{"image": {"id": 1, "file_name": "missing.png", "height": 6, "width": 8},
+        yolo.export_yolo(tmp_path / "z", [{"image": {"id": 1, "file_name": "missing.png", "height": 6, "width": 8},
                                            "annotations": []}], categories=CATEGORIES, images=src)
     with pytest.raises(ValueError, match="val_fraction"):
-        coco.export_yolo(tmp_path / "z", recs, categories=CATEGORIES, val_fraction=1.0)
+        yolo.export_yolo(tmp_path / "z", recs, categories=CATEGORIES, val_fraction=1.0)
 
 
 def test_export_yolo_unknown_category(tmp_path):
     recs = _png_records()
     with pytest.raises(ValueError, match="category_id 2"):
-        coco.export_yolo(tmp_path, recs, categories=CATEGORIES[:1])
+        yolo.export_yolo(tmp_path, recs, categories=CATEGORIES[:1])
 
 
 # --- Manifest -------------------------------------------------------------------------------------------------------

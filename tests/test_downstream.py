@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from pycocotools.coco import COCO
 
 from segfromxai.cli import main
-from segfromxai.io.coco import yolo_split_key
+from segfromxai.io.yolo import yolo_split_key
 from segfromxai.run.outdir import finish
 from segfromxai.run.manifest import Manifest
 from segfromxai.io.progress import LogProgress, duration

@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from ..io.coco import export_name
+from ..io.coco import AGNOSTIC_CLASS, export_name
 from ..fileio import atomic_write
+from ..io.png import IGNORE
 from .metrics import METRICS, Counts, confusion, summarise
-
-IGNORE = 255
 
 
 def _quiet(fn, *args, **kwargs):
@@ -152,7 +151,7 @@ def one_category(coco: Any) -> Any:
     from pycocotools.coco import COCO
 
     agnostic = COCO()
-    agnostic.dataset = {**coco.dataset, "categories": [{"id": 1, "name": "object"}],
+    agnostic.dataset = {**coco.dataset, "categories": [{"id": 1, "name": AGNOSTIC_CLASS}],
                         "annotations": [{**a, "category_id": 1} for a in coco.dataset.get("annotations", [])]}
     _quiet(agnostic.createIndex)
     return agnostic
@@ -190,12 +189,8 @@ def average_precision(pred: MaskSource, ref: MaskSource, pairs: list[tuple[str, 
             "ap_agnostic": _coco_ap(one_category(ref.coco), [{**d, "category_id": 1} for d in results], img_ids)}
 
 
-AGNOSTIC = "object"
-"""The one category name of a class-agnostic evaluation."""
-
-
 def _agnostic(masks: dict[int, np.ndarray], size: tuple[int, int]) -> dict[int, np.ndarray]:
-    """All of an image's masks as one category (id 0, named :data:`AGNOSTIC`); no entry when there are none."""
+    """All of an image's masks as one category (id 0, named :data:`AGNOSTIC_CLASS`); no entry when there are none."""
     return {0: union(masks, size)} if masks else {}
 
 
@@ -220,7 +215,7 @@ def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource, *, cla
     ``per_image`` (rows with ``file_name``, the reference's categories, each metric and the four counts) and
     ``warnings`` (see :func:`binary_png_warning`).
 
-    ``class_agnostic``: every mask of an image is one category, :data:`AGNOSTIC`, on both sides (for masks that
+    ``class_agnostic``: every mask of an image is one category, :data:`AGNOSTIC_CLASS`, on both sides (for masks that
     carry no class, e.g. a 0/1 PNG student): ``per_category`` has that one entry and ``ap`` is ``ap_agnostic``.
     The class-agnostic metrics (``iou`` ...) are the same in both modes.
     """
@@ -229,7 +224,7 @@ def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource, *, cla
     pairs, missing = match(pred, ref)
     pred_name, ref_name = _namer(pred, ref), _namer(ref, pred)
     if class_agnostic:
-        pred_name = ref_name = lambda k: AGNOSTIC  # noqa: E731
+        pred_name = ref_name = lambda k: AGNOSTIC_CLASS  # noqa: E731
     agnostic: list[Counts] = []
     per_cat: dict[str, list[Counts]] = {}
     rows = []

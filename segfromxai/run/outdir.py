@@ -17,16 +17,17 @@ import itertools
 import json
 import os
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ..io.coco import export_name, export_png, export_yolo, write_coco, write_results
 from ..fileio import atomic_write
+from ..io.coco import AGNOSTIC_CLASS, export_name, export_stem, named_after, write_coco, write_results
+from ..io.exporters import EXPORTERS
+from ..registry import lookup
 from .manifest import Manifest
 
 RUN_FILES = ("manifest.jsonl", "run.json", "pseudo_labels.json", "pseudo_labels_results.json", "failures.jsonl",
              "metrics.json", "per_image.csv", "report.html", "index.json")
-RUN_DIRS = ("maps", "overlays", "png", "yolo", "sheets")
 RESUME_KEYS = ("recipe", "images", "model", "targets", "shard")
 """Header keys that must match for ``--resume``; the same keys but ``shard`` must match for ``merge``."""
 
@@ -58,9 +59,7 @@ def versions() -> dict[str, str]:
 
 STATUSES = ("ok", "empty", "failed", "skipped")
 TMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
-"""The temporary files of :func:`segfromxai.io.coco.atomic_write` (``.<name>.<pid>.<random>.tmp``)."""
-YOLO_SPLITS = ("train", "val")
-"""Split folders a YOLO export may put under ``labels/`` and ``images/``."""
+"""The temporary files of :func:`segfromxai.fileio.atomic_write` (``.<name>.<pid>.<random>.tmp``)."""
 SHEET_NAME = re.compile(r"^\d{3}_.*\.png$")
 """The report's contact sheets (``sheets/000_<name>.png``)."""
 
@@ -85,25 +84,33 @@ def check_out(out: Path) -> None:
                                   "(--overwrite only replaces an earlier run, never other files)")
 
 
+def run_dirs() -> tuple[str, ...]:
+    """The folders a run writes files in: ``maps``, ``overlays``, each export's folder (:data:`EXPORTERS`) and
+    the report's ``sheets``."""
+    return ("maps", "overlays", *(e.folder for _, e in sorted(EXPORTERS.items()) if e.folder), "sheets")
+
+
 def check_export_names(names: list[str], formats: Iterable[str]) -> None:
-    """Raise ValueError, before any labelling, when two images would write the same export file, or a name cannot
-    be exported. ``png/``, ``maps/`` and ``overlays/`` keep the image's extension (:func:`export_name`), so only
-    unsafe names fail there; ``yolo/labels/`` pairs a label with its image by the name without its extension (as
-    YOLO tools look it up), so ``a.png`` beside ``a.jpg`` is refused with ``--format yolo``."""
-    kinds = {"png": lambda n: export_name(n, ".png").as_posix()}
-    if "yolo" in formats:
-        kinds["yolo"] = lambda n: f"labels/{_relative_posix(n)}.txt"
-    for kind, name_of in kinds.items():
+    """Raise ValueError, before any labelling, when a format is unknown, two images would write the same export
+    file, or a name cannot be exported. ``maps/`` and ``overlays/`` keep the image's extension
+    (:func:`export_name`), so only unsafe names fail there; each format in ``formats`` checks its own file names
+    (:attr:`Exporter.target`: ``yolo/labels/`` pairs a label with its image by the name without its extension, as
+    YOLO tools look it up, so ``a.png`` beside ``a.jpg`` is refused with ``--format yolo``)."""
+    checks = [("overlays", lambda n: export_name(n, ".png").as_posix(), "")]
+    for name in sorted(set(formats)):
+        e = lookup(EXPORTERS, name, "format")
+        if e.target is not None:
+            checks.append((e.folder, e.target, e.clash))
+    for folder, name_of, clash in checks:
         seen: dict[str, str] = {}
         for n in names:
             try:
                 target = name_of(n)
-            except ValueError as e:
-                raise ValueError(f"cannot export {n!r}: {e}") from e
+            except ValueError as err:
+                raise ValueError(f"cannot export {n!r}: {err}") from err
             if target in seen:
-                raise ValueError(f"{seen[target]} and {n} would both be written as {kind}/{target}: rename one"
-                                 + (" (YOLO pairs labels with images by the name without its extension), or "
-                                    "leave out --format yolo" if kind == "yolo" else ""))
+                raise ValueError(f"{seen[target]} and {n} would both be written as {folder}/{target}: rename one"
+                                 + clash)
             seen[target] = n
 
 
@@ -119,31 +126,25 @@ def _written_by_run(where: str, rel: Path, names: set[str], stems: set[str]) -> 
     posix = rel.as_posix()
     if TMP_NAME.match(rel.name):
         return True
-    if where in ("png", "overlays", "maps"):
-        suffix = ".npz" if where == "maps" else ".png"
-        stem = posix[:-len(suffix)]  # this version's names keep the image's extension; earlier ones replaced it
-        return posix.endswith(suffix) and (stem in names or stem in stems)
-    if where == "yolo":  # labels/[train|val/]<stem>.txt, images/[train|val/]<name> (linked or copied images)
-        top, _, rest = posix.partition("/")
-        split, _, inner = rest.partition("/")
-        candidates = [rest, inner] if split in YOLO_SPLITS else [rest]
-        return posix == "data.yaml" or (top == "labels" and any(c.endswith(".txt") and c[:-4] in stems
-                                                                 for c in candidates)) \
-            or (top == "images" and any(c in names for c in candidates))
-    return where == "sheets" and len(rel.parts) == 1 and SHEET_NAME.match(rel.name) is not None
+    if where in ("overlays", "maps"):
+        return named_after(posix, ".npz" if where == "maps" else ".png", names, stems)
+    if where == "sheets":
+        return len(rel.parts) == 1 and SHEET_NAME.match(rel.name) is not None
+    return any(e.folder == where and e.written(posix, names, stems) for e in EXPORTERS.values())
 
 
 def remove_run(out: Path, names: Iterable[str]) -> None:
-    """Remove what a run wrote in ``out`` and nothing else: the files of ``RUN_FILES``; in ``RUN_DIRS`` only the
-    files named after the images ``names`` (``png/<name>.png``, ``overlays/<name>.png``, ``maps/<name>.npz``,
-    ``yolo/labels/[train|val/]<name without suffix>.txt``, ``yolo/images/[train|val/]<name>``), ``yolo/data.yaml``,
-    the report's ``sheets/NNN_*.png`` and leftover temporary files; then the folders that are left empty."""
+    """Remove what a run wrote in ``out`` and nothing else: the files of ``RUN_FILES``; in :func:`run_dirs` only the
+    files named after the images ``names`` (``overlays/<name>.png``, ``maps/<name>.npz`` and each export's, see
+    :attr:`Exporter.written`: ``png/<name>.png``, ``yolo/labels/[train|val/]<name without suffix>.txt``,
+    ``yolo/images/[train|val/]<name>``, ``yolo/data.yaml``), the report's ``sheets/NNN_*.png`` and leftover
+    temporary files; then the folders that are left empty."""
     names = set(names)
-    stems = {_relative_posix(n) for n in names}
+    stems = {export_stem(n) for n in names}
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     remove_stale_tmp(out)
-    for where in RUN_DIRS:
+    for where in run_dirs():
         folder = out / where
         if not folder.is_dir():
             continue
@@ -155,14 +156,10 @@ def remove_run(out: Path, names: Iterable[str]) -> None:
                 Path(dirpath).rmdir()  # only empty folders go
 
 
-def _relative_posix(name: str) -> str:
-    return str(PurePosixPath(export_name(name, "").as_posix()).with_suffix(""))
-
-
 def remove_stale_tmp(out: Path) -> int:
-    """Remove the temporary files (``TMP_NAME``) a killed run left in ``out`` and its ``RUN_DIRS``; their count."""
+    """Remove the temporary files (``TMP_NAME``) a killed run left in ``out`` and its :func:`run_dirs`; their count."""
     n = 0
-    folders = [out] + [out / d for d in RUN_DIRS if (out / d).is_dir()]
+    folders = [out] + [out / d for d in run_dirs() if (out / d).is_dir()]
     for folder in folders:
         rels = [Path(p.name) for p in out.iterdir() if p.is_file()] if folder == out else _walk_files(folder)
         for rel in list(rels):
@@ -260,10 +257,12 @@ def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = (
     """Write the dataset files of ``out`` from the manifests (streamed, atomic) and return the summary.
 
     ``skip_empty`` leaves the images without a mask out of ``pseudo_labels.json`` (a training file where every
-    image has a target); the exports keep them (an all-background PNG, an empty YOLO label file)."""
+    image has a target); the exports (:data:`EXPORTERS`, each in its folder) keep them (an all-background PNG, an
+    empty YOLO label file)."""
+    exporters = {name: lookup(EXPORTERS, name, "format") for name in sorted(set(formats))}
     header = manifests[0].read_header() or {}
     recipe, classes = header["resolved"], header["classes"]
-    categories = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
+    categories = [{"id": k + 1, "name": c, "supercategory": AGNOSTIC_CLASS} for k, c in enumerate(classes)]
     labelled = records(manifests, ("ok", "empty"))
     info = {"description": f"segfromxai pseudo-labels ({recipe['name']})", "version": versions()["segfromxai"],
             "recipe": recipe, "model": header["model"], "versions": versions()}
@@ -273,11 +272,9 @@ def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = (
     with atomic_write(out / "failures.jsonl") as f:
         for r in records(manifests, ("failed",))():
             f.write(json.dumps({"file_name": r["file_name"], "reason": r["reason"]}) + "\n")
-    if "png" in formats:
-        export_png(out / "png", labelled())
-    if "yolo" in formats:
-        root = image_root(header)  # a merge on another machine may not see the images: labels only, then
-        export_yolo(out / "yolo", labelled(), categories=categories, images=root if root.is_dir() else None)
+    root = image_root(header)  # a merge on another machine may not see the images: an export does without, then
+    for exporter in exporters.values():
+        exporter(out / exporter.folder, labelled(), categories=categories, images=root if root.is_dir() else None)
     status: dict[str, int] = {}
     skipped = []
     for r in records(manifests, ("ok", "empty", "failed", "skipped"))():

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io.png import IGNORE
 from ..ops import masks as mask_ops
 from .config import MODES
 from .heads import view_probs
 from .tokens import Tokens
-
-IGNORE = 255
 
 
 def label_map(anns: list[dict], size: tuple[int, int], channel: dict[int, int]) -> np.ndarray:
