@@ -106,7 +106,7 @@ def test_a_registered_format_is_a_cli_choice_and_listed(tmp_path, count_format, 
     monkeypatch.delitem(sys.modules, "segfromxai.cli")
     main = importlib.import_module("segfromxai.cli").main
     lines = CliRunner().invoke(main, ["list"]).output.splitlines()
-    assert lines[lines.index("formats:") + 1:][:4] == ["  coco", "  count", "  png", "  yolo"]
+    assert [ln.split()[0] for ln in lines[lines.index("formats:") + 1:][:4]] == ["coco", "count", "png", "yolo"]
 
     r = CliRunner().invoke(main, ["merge", *map(str, _parts(tmp_path)), "--out", str(tmp_path / "m"),
                                   "--format", "count"])
