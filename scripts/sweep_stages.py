@@ -63,12 +63,13 @@ def cache(args: argparse.Namespace) -> None:
     items = []
     for k in range(len(loader)):
         _, loaded, x = loader[k]
-        ims = [im for _, _, im, _ in loaded]
-        passes = shared_pass(model, [recipe], x, batch_target([t for *_, t in loaded], x.device))
+        ims = [it.image for it in loaded]
+        passes = shared_pass(model, [recipe], x, batch_target([it.target for it in loaded], x.device))
         feats = feature_maps(model, [recipe], x, passes[0], ims)  # every stages' features (a [domain]'s too)
         conf = confidence(model, passes[0])
         fused = fuse_recipe(model, recipe, _maps_of(recipe, explain_calls([recipe]), passes))
-        for j, (_, rel, im, _) in enumerate(loaded):
+        for j, it in enumerate(loaded):
+            rel, im = it.rel_path, it.image
             gm, ignore, size = ref.masks(pairs[rel])
             gt = union(gm, size)
             items.append({"rel": rel, "image": im, "fused": fused[j], "confidence": float(conf[j]),

@@ -4,54 +4,37 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .io.exporters import EXPORTERS
+from .options import (
+    CompareOptions,
+    ModelOptions,
+    RunOptions,
+    StudentOptions,
+    features_options,
+    label_options,
+    limit_option,
+    model_options,
+    resolve_model,
+    resolve_recipes,
+    seed_option,
+    usage_errors,
+)
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .models.model import LoadedModel
+    from .recipe.recipe import Recipe
+    from .run.targets import Targets
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="segfromxai")
 def main() -> None:
     """segfromxai: segmentation pseudo-labels from classifier explanations."""
-
-
-def model_options(f):
-    """--model / --checkpoint / --device, shared by every command that loads a classifier."""
-    f = click.option("--device", default="cpu", show_default=True, help="torch device")(f)
-    f = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                     help="local weights: model card (card.json or its folder), .safetensors or torch file")(f)
-    f = click.option("--model", "model_name", default=None,
-                     help="timm model name (default: the embedded model in data/model)")(f)
-    return f
-
-
-def features_options(f):
-    """--features-model / --features-checkpoint / --features-img-size: the recipe's ``[features]`` model."""
-    f = click.option("--features-img-size", type=click.IntRange(min=1), default=None,
-                     help="run the feature model at this input size (a ViT-S/14 at 392 px: a 28x28 grid)")(f)
-    f = click.option("--features-checkpoint", default=None,
-                     help="local weights of the feature model (model card, .safetensors or torch file)")(f)
-    f = click.option("--features-model", default=None,
-                     help="where ncut's tokens come from: auto, classifier, embedded, dinov2 or a timm name "
-                          "(default: the recipe's [features] model; a [domain.features] section is kept)")(f)
-    return f
-
-
-def _with_features(recs: list, model: str | None, checkpoint: str | None, img_size: int | None) -> list:
-    from .recipe.recipe import with_features
-
-    return [with_features(r, model=model, checkpoint=checkpoint, img_size=img_size) for r in recs]
-
-
-def _load(model_name: str | None, checkpoint: Path | None, device: str):
-    from .models.model import load_model
-
-    try:
-        return load_model(model_name, checkpoint, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from e
 
 
 @main.command("list")
@@ -109,7 +92,7 @@ def synth(out: Path, n: int, seed: int, size: int, mode: str) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="use at most N training images")
 @click.option("--storage-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
               show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option
 @click.option("--device", default="cpu", show_default=True)
 def finetune(data: Path, model_name: str, out: Path, init: Path | None, freeze_blocks: int, epochs: int,
              img_size: int | None, batch_size: int, lr: float, head_lr: float, weight_decay: float,
@@ -134,31 +117,26 @@ def finetune(data: Path, model_name: str, out: Path, init: Path | None, freeze_b
               help="write predictions as CSV (file_name,label,confidence)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @model_options
-def classify(images: Path, labels: Path | None, out: Path | None, batch_size: int, model_name: str | None,
-             checkpoint: Path | None, device: str) -> None:
+def classify(images: Path, labels: Path | None, out: Path | None, batch_size: int, model: ModelOptions) -> None:
     """Top-1 class of every image; with --labels, a table of accuracy per class."""
     from .run.pipeline import classify as run_classify
     from .run.targets import accuracy_table, read_labels_csv
 
-    try:
+    with usage_errors(ValueError):
         truth = read_labels_csv(labels) if labels is not None else None
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    model = _load(model_name, checkpoint, device)
+    loaded, _ = resolve_model(model)
     failures = []
-    try:
-        preds = run_classify(model, images, batch_size=batch_size, on_failure=failures.append)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+    with usage_errors(ValueError):
+        preds = run_classify(loaded, images, batch_size=batch_size, on_failure=failures.append)
     for f in failures:
         click.echo(f"skipped {f.path}: {f.reason}", err=True)
     if out is not None:
         from .run.targets import write_predictions_csv
 
-        write_predictions_csv(out, preds, model.classes)
-    click.echo(f"classified {len(preds)} images ({len(failures)} skipped) with {model.source}")
+        write_predictions_csv(out, preds, loaded.classes)
+    click.echo(f"classified {len(preds)} images ({len(failures)} skipped) with {loaded.source}")
     if labels is not None:
-        rows = accuracy_table(preds, model.classes, truth)
+        rows = accuracy_table(preds, loaded.classes, truth)
         click.echo(f"{'class':<12}{'n':>5}{'correct':>9}{'accuracy':>10}")
         for r in rows:
             click.echo(f"{r['class']:<12}{r['n']:>5}{r['correct']:>9}{r['accuracy']:>10.3f}")
@@ -170,18 +148,16 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
               help="image folder (searched recursively) or one image")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
 @model_options
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="CSV file_name,label: explain these classes (images without a label are skipped)")
-@click.option("--folder-labels", is_flag=True, help="ImageFolder layout: explain the class named by each "
-              "image's top folder")
+@label_options("CSV file_name,label: explain these classes (images without a label are skipped)",
+               "ImageFolder layout: explain the class named by each image's top folder")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
               help="skip images whose explained class has a lower probability (default: the recipe's)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="images per chunk (the default keeps a default-recipe run under 1.5 GB peak RSS)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option
 @click.option("--format", "formats", type=click.Choice(sorted(EXPORTERS)), multiple=True,
               help="extra exports (repeatable); COCO is always written")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
+@limit_option
 @click.option("--resume/--overwrite", default=None,
               help="continue an interrupted run in --out, or start it again (default: refuse to touch one)")
 @click.option("--maps", is_flag=True, help="also save every map per image (maps/*.npz)")
@@ -199,85 +175,71 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
 @click.option("--skip-empty", is_flag=True, help="leave images without a mask out of pseudo_labels.json "
               "(default: kept, with no annotation)")
 @features_options
-def run(recipe: str, images: Path, out: Path, model_name: str | None, checkpoint: Path | None, device: str,
-        labels: Path | None, folder_labels: bool, min_confidence: float | None, batch_size: int, seed: int,
-        formats: tuple[str, ...], limit: int | None, resume: bool | None, maps: bool, overlays: bool,
-        gt: Path | None, shard: int | None, num_shards: int | None, workers: int, engine: str,
-        address: str | None, skip_empty: bool, features_model: str | None, features_checkpoint: str | None,
-        features_img_size: int | None) -> None:
+def run(**kw: Any) -> None:
     """Label a folder of images with RECIPE (a TOML file, or the name of one in recipes/) and write COCO."""
-    from .run.local import run as run_recipe
-    from .recipe.recipe import RecipeError, load_recipe, with_output
-
-    try:
-        rec = with_output(load_recipe(recipe), min_confidence=min_confidence, maps=maps or None,
-                          overlays=overlays or None)
-        rec = _with_features([rec], features_model, features_checkpoint, features_img_size)[0]
-    except (RecipeError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from e
-    if (shard is None) != (num_shards is None) or (shard is not None and shard >= num_shards):
-        raise click.UsageError("give --shard I and --num-shards N together, with 0 <= I < N")
-    targets = _targets(labels, folder_labels)
-    _check_out(out)
-    model_args = {"name": model_name or rec.model["name"] or None, "device": device,
-                  "checkpoint": checkpoint or (Path(rec.model["checkpoint"]) if rec.model["checkpoint"] else None)}
-    if engine == "ray":
+    opts = RunOptions(**kw)
+    rec = opts.resolve_recipe()
+    shard = opts.resolve_shard()
+    targets = opts.labels.targets()
+    _check_out(opts.out)
+    if opts.engine == "ray":
         try:
             import ray  # noqa: F401
         except ImportError as e:
             raise click.UsageError("--engine ray needs Ray: pip install 'segfromxai[ray]'") from e
-    model = _load(model_args["name"], model_args["checkpoint"], device)
-    bar = None
-
-    def progress(advance: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = _progress_bar(total, advance)
-        else:
-            bar.update(advance)
-
-    try:
-        common = dict(model=model, targets=targets, batch_size=batch_size, limit=limit, formats=formats,
-                      resume=bool(resume), overwrite=resume is False, seed=seed,
-                      shard=(shard, num_shards) if num_shards else None, progress=progress, skip_empty=skip_empty)
-        if engine == "ray":
-            from .run.ray import run_ray
-
-            summary = run_ray(rec, images, out, model_args=model_args, address=address, **common)
-        else:
-            summary = run_recipe(rec, images, out, workers=workers, **common)
-    except (FileExistsError, ValueError) as e:
-        raise click.UsageError(str(e)) from e
-    finally:
-        if bar is not None:
-            bar.close()
-    c = summary["counts"]
+    model, model_args = resolve_model(opts.model, [rec])
+    summary = _label(opts, rec, model, model_args, targets, shard)
+    c, out = summary["counts"], opts.out
     click.echo(f"{c['found']} images: {c['labelled']} labelled ({c['annotations']} masks), {c['no_mask']} without "
                f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
     if c["failed"]:
         click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
-    _echo_warnings(summary, labels, out)
-    if gt is not None and skip_empty:
+    _echo_warnings(summary, opts.labels.labels, out)
+    if opts.gt is not None and opts.skip_empty:
         click.echo("note: --skip-empty left the images without a mask out of pseudo_labels.json, so the evaluation "
                    "below lists them as having no prediction and leaves them out of the numbers", err=True)
-    if gt is not None:
-        _evaluate(out / "pseudo_labels.json", gt, None, out, images if images.is_dir() else images.parent,
+    if opts.gt is not None:
+        images = opts.images
+        _evaluate(out / "pseudo_labels.json", opts.gt, None, out, images if images.is_dir() else images.parent,
                   out / "maps", {"recipe": summary["recipe"], "model": summary["model"],
                                  "versions": summary["versions"], "counts": summary["counts"]})
 
 
-def _targets(labels: Path | None, folder_labels: bool):
-    """The label source of --labels / --folder-labels (default: the model's top-1 class); a bad CSV is a usage
-    error naming the file."""
-    from .run.targets import Targets, read_labels_csv
+def _label(opts: RunOptions, rec: Recipe, model: LoadedModel, model_args: dict[str, Any], targets: Targets,
+           shard: tuple[int, int] | None) -> dict[str, Any]:
+    """Label the run with the local or the Ray engine, with a progress bar; returns the run summary."""
+    from .run.local import run as run_recipe
 
-    if labels is not None and folder_labels:
-        raise click.UsageError("give --labels or --folder-labels, not both")
+    progress = _Progress()
+    common = dict(model=model, targets=targets, batch_size=opts.batch_size, limit=opts.limit, formats=opts.formats,
+                  resume=bool(opts.resume), overwrite=opts.resume is False, seed=opts.seed, shard=shard,
+                  progress=progress, skip_empty=opts.skip_empty)
     try:
-        return (Targets("labels", read_labels_csv(labels)) if labels else
-                Targets("folders") if folder_labels else Targets())
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+        with usage_errors(FileExistsError, ValueError):
+            if opts.engine == "ray":
+                from .run.ray import run_ray
+
+                return run_ray(rec, opts.images, opts.out, model_args=model_args, address=opts.address, **common)
+            return run_recipe(rec, opts.images, opts.out, workers=opts.workers, **common)
+    finally:
+        progress.close()
+
+
+class _Progress:
+    """The engines' ``progress(advance, total)``: a bar (:func:`_progress_bar`) made at the first call."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, advance: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = _progress_bar(total, advance)
+        else:
+            self.bar.update(advance)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_out(out: Path) -> None:
@@ -397,44 +359,32 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
 @click.option("--gae-images", type=click.IntRange(min=0), default=16, show_default=True,
               help="GAE on the first N images (each costs 2 x steps - 1 more explanations; 0: no GAE)")
 @click.option("--gae-steps", type=click.IntRange(min=2), default=10, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="CSV file_name,label: explain these classes, as run --labels does")
-@click.option("--folder-labels", is_flag=True, help="ImageFolder layout: the top folder names the class")
+@limit_option
+@seed_option
+@label_options("CSV file_name,label: explain these classes, as run --labels does",
+               "ImageFolder layout: the top folder names the class")
 @features_options
-def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | None, model_name: str | None,
-                checkpoint: Path | None, device: str, batch_size: int, deletion_steps: int, gae_images: int,
-                gae_steps: int, limit: int | None, seed: int, labels: Path | None, folder_labels: bool,
-                features_model: str | None, features_checkpoint: str | None, features_img_size: int | None) -> None:
+def compare_cmd(**kw: Any) -> None:
     """Run several RECIPES (files, names, or folders of recipes such as `vitmix`) on the same images, sharing
     model passes, and print IoU, F1, PA, deletion AUC, GAE, time and forward passes per image against the ground
     truth."""
     from .quality.compare import compare, format_rows, write_comparison
-    from .recipe.recipe import RecipeError, load_recipes
 
-    try:
-        recs = _with_features(load_recipes(list(recipes)), features_model, features_checkpoint, features_img_size)
-    except (RecipeError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from e
-    named = {(r.model["name"], r.model["checkpoint"]) for r in recs}
-    if len(named) > 1 and not (model_name or checkpoint):
-        raise click.UsageError("the recipes name different models; compare runs one model (give --model/--checkpoint)")
-    name, ckpt = named.pop() if len(named) == 1 else ("", "")
-    model = _load(model_name or name or None, checkpoint or (Path(ckpt) if ckpt else None), device)
-    try:
-        result = compare(recs, images, gt, model=model, batch_size=batch_size, deletion_steps=deletion_steps,
-                         gae_images=gae_images, gae_steps=gae_steps, limit=limit, seed=seed,
-                         targets=_targets(labels, folder_labels))
-    except (ValueError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from e
+    opts = CompareOptions(**kw)
+    recs = resolve_recipes(opts.recipes, opts.features)
+    model, _ = resolve_model(opts.model, recs)
+    targets = opts.labels.targets()
+    with usage_errors(ValueError, FileNotFoundError):
+        result = compare(recs, opts.images, opts.gt, model=model, batch_size=opts.batch_size,
+                         deletion_steps=opts.deletion_steps, gae_images=opts.gae_images, gae_steps=opts.gae_steps,
+                         limit=opts.limit, seed=opts.seed, targets=targets)
     click.echo(format_rows(result["rows"]))
     click.echo(f"{result['n_images']} images, {len(result['failures'])} unreadable; IoU/F1/PA per-image means, "
-               f"deletion AUC lower is better, GAE (higher is better) on the first {gae_images} images, "
+               f"deletion AUC lower is better, GAE (higher is better) on the first {opts.gae_images} images, "
                f"s/img = the recipe alone on this machine")
-    if out is not None:
-        write_comparison(out, result)
-        click.echo(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")
+    if opts.out is not None:
+        write_comparison(opts.out, result)
+        click.echo(f"wrote {opts.out / 'compare.json'} and {opts.out / 'compare.csv'}")
 
 
 @main.command("student")
@@ -453,7 +403,7 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
               show_default=True, help="share held out (by a hash of file names) when --images is the training folder")
 @click.option("--score-train", is_flag=True, help="with --images the training folder: train on every image and "
               "predict every image (scores then include images the student trained on)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option
 @click.option("--head", default="linear", show_default=True,
               help="the trainable head on the frozen trunk's tokens, or a torchvision segmenter trained on the images "
                    "(lraspp, deeplabv3; `segfromxai list`: student heads)")
@@ -480,32 +430,20 @@ def compare_cmd(recipes: tuple[str, ...], images: Path, gt: Path, out: Path | No
 @click.option("--token-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the trunk's cached tokens, reused by later jobs on the same images [default: OUT/tokens]")
 @model_options
-def student_cmd(train_run: Path, images: Path, out: Path, pseudo: Path | None, gt: Path | None, rounds: int,
-                val_fraction: float, score_train: bool, seed: int, head: str, mode: str, epochs: int, lr: float,
-                batch_size: int, max_area: float | None, min_score: float | None, confident: float | None,
-                boundary: str | None, soft: str, img_size: int, head_weights: str | None, token_cache: Path | None,
-                model_name: str | None, checkpoint: Path | None, device: str) -> None:
+def student_cmd(**kw: Any) -> None:
     """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
     --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
-    from .student.config import StudentConfig
     from .student.job import train_student
 
-    try:
-        config = StudentConfig(head=head, mode=mode, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                               max_area=max_area, min_score=min_score, rounds=rounds, confident=confident,
-                               val_fraction=val_fraction, holdout=not score_train, boundary=boundary, soft=soft,
-                               img_size=img_size, head_weights=head_weights)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    model = _load(model_name, checkpoint, device)
-    try:
-        summary = train_student(train_run, images, out, model=model, config=config, gt=gt, pseudo=pseudo,
-                                progress=sys.stderr.isatty(), log=click.echo,
-                                cache=token_cache.resolve() if token_cache is not None else "tokens")
-    except (ValueError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from e
+    opts = StudentOptions(**kw)
+    config = opts.config()
+    model, _ = resolve_model(opts.model)
+    cache = opts.token_cache.resolve() if opts.token_cache is not None else "tokens"
+    with usage_errors(ValueError, FileNotFoundError):
+        summary = train_student(opts.train_run, opts.images, opts.out, model=model, config=config, gt=opts.gt,
+                                pseudo=opts.pseudo, progress=sys.stderr.isatty(), log=click.echo, cache=cache)
     held = " (held out of training)" if summary["held_out"] else ""
-    click.echo(f"{summary['n_predicted']} images predicted{held} -> {out / 'student_labels.json'}")
+    click.echo(f"{summary['n_predicted']} images predicted{held} -> {opts.out / 'student_labels.json'}")
 
 
 def _entry() -> None:  # pragma: no cover - `python -m segfromxai`

@@ -66,9 +66,11 @@ def test_no_module_imports_another_modules_private_name():
 
 
 def test_engines_and_compare_label_through_one_function():
-    for name in ("run/local.py", "quality/compare.py"):
+    def called(name: str) -> set[str]:
         tree = ast.parse((PACKAGE / name).read_text())
-        called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-        assert "label_batch" in called, name
+        return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+    assert "label_batch" in called("run/local.py")
+    assert called("quality/compare.py") & {"label_batch", "label_items"}  # label_items is run/local's, over label_batch
     ray = (PACKAGE / "run" / "ray.py").read_text()
     assert "process_chunk" in ray and "label_image" not in ray and "explain" not in ray.replace("explained", "")

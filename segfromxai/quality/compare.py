@@ -40,10 +40,8 @@ from ..models.hooks import count_forwards, eval_mode
 from ..explainers import explain_pass
 from .faithfulness import deletion_auc
 from ..recipe.checks import is_headless
-from ..run.targets import fit_classes
 from .gae import gae
-from ..run.local import ChunkLoader, batch_target
-from ..io.images import find_images
+from ..run.local import ChunkLoader, Item, find_run_images, label_items
 from .metrics import METRICS, confusion, finite_mean, summarise
 from ..models.model import LoadedModel
 from ..models.features import backbone_for, uses_classifier
@@ -52,7 +50,6 @@ from ..run.pipeline import (
     explain_calls,
     feature_maps,
     fuse_recipe,
-    label_batch,
     seed_everything,
     shared_pass,
 )
@@ -132,19 +129,17 @@ class _Tally:
                 "gae_images": int(np.isfinite(gaes).sum())}
 
 
-def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list, x: torch.Tensor, gts: list,
+def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list[Item], x: torch.Tensor, gts: list,
                  tally: _Tally, settings: dict[str, Any]) -> None:
     """Label one batch with every recipe (one shared pass) and add its scores to ``tally``."""
     x = x.to(model.device)
-    target = batch_target([t for _, _, _, t in loaded], model.device)
     if not tally.alone:  # each recipe's explainers alone, on the first batch
         _warm_up(model, x)
         tally.alone = {r.name: _time_alone(model, r, x) for r in recipes}
-    got = label_batch(model, recipes, x, [im.shape[:2] for _, _, im, _ in loaded], target,
-                      images=[im for _, _, im, _ in loaded])
+    got = label_items(model, recipes, loaded, x)
     for r, lab in zip(recipes, got):
-        for j, (_, _, im, _) in enumerate(loaded):
-            pred = np.zeros(im.shape[:2], bool)
+        for j, item in enumerate(loaded):
+            pred = np.zeros(item.image.shape[:2], bool)
             for m in lab.masks[j] or []:  # an image under min_confidence has no mask, as in a run
                 pred |= m
             tally.counts[r.name].append(confusion(pred, *gts[j]))
@@ -177,10 +172,8 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     seed_everything(seed)
     check_recipes_for_model(model, recipes)  # before any image is read
     images = Path(images)
-    paths = find_images(images)[:limit]
-    rels = [p.name if p == images else p.relative_to(images).as_posix() for p in paths]
-    model = fit_classes(model, targets, rels)  # a headless model gets categories
-    targets.check(rels, model.classes)
+    found = find_run_images(images, model, targets, limit)
+    paths, rels, model = found.paths, found.rels, found.model
     ref = load_source(gt)
     pairs = dict(match_names(rels, ref)[0])
     chunks = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
@@ -194,8 +187,8 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
         records, loaded, x = loader[k]
         tally.failures += [{"file_name": r["file_name"], "reason": r["reason"]} for r in records]
         if loaded:
-            tally.files += [rel for _, rel, _, _ in loaded]
-            gts = [_gt_union(ref, pairs[rel]) for _, rel, _, _ in loaded]
+            tally.files += [it.rel_path for it in loaded]
+            gts = [_gt_union(ref, pairs[it.rel_path]) for it in loaded]
             _score_batch(model, recipes, loaded, x, gts, tally, settings)
             tally.n_done += len(loaded)
         if progress is not None:

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,11 +40,22 @@ def shard_of(rel_path: str, num_shards: int) -> int:
 
 
 @dataclass(frozen=True)
+class Item:
+    """One loaded image of a chunk: its index in the run's sorted list, its relative path, the RGB image
+    ``uint8 (H, W, 3)`` and the class to explain (``None``: the model's top-1)."""
+
+    index: int
+    rel_path: str
+    image: np.ndarray
+    target: int | None
+
+
+@dataclass(frozen=True)
 class ChunkLoader(torch.utils.data.Dataset):
     """Loads and preprocesses one chunk of images per item (run in DataLoader workers when ``--workers`` > 0).
 
     An item is ``(records, loaded, x)``: records of images that failed to load or were skipped, the loaded images
-    ``(index, rel, image, target)``, and their preprocessed batch (or None).
+    (:class:`Item`), and their preprocessed batch (or None).
     """
 
     chunks: list[list[int]]
@@ -57,7 +68,7 @@ class ChunkLoader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> tuple[list[dict], list[Item], torch.Tensor | None]:
         records, loaded = [], []
         for i in self.chunks[k]:
             try:
@@ -70,9 +81,39 @@ class ChunkLoader(torch.utils.data.Dataset):
             if isinstance(t, str):
                 records.append({"index": i, "file_name": self.rels[i], "status": "skipped", "reason": t})
                 continue
-            loaded.append((i, self.rels[i], im, t))
-        x = self.preprocess.batch([im for _, _, im, _ in loaded]) if loaded else None
+            loaded.append(Item(i, self.rels[i], im, t))
+        x = self.preprocess.batch([it.image for it in loaded]) if loaded else None
         return records, loaded, x
+
+
+@dataclass(frozen=True)
+class Found:
+    """The images of a run: their paths in sorted order (the first ``limit``), their relative paths, the relative
+    paths of every image found, and the model with the categories its masks get (a headless model's fitted)."""
+
+    paths: list[Path]
+    rels: list[str]
+    every: list[str]
+    model: LoadedModel
+
+
+def find_run_images(images: str | Path, model: LoadedModel, targets: Targets, limit: int | None) -> Found:
+    """Find the images under ``images``, give a headless model its categories and check the targets against them."""
+    root = Path(images)
+    found = find_images(images)
+    every = [p.name if p == root else p.relative_to(root).as_posix() for p in found]
+    paths, rels = found[:limit], every[:limit]
+    model = fit_classes(model, targets, rels)  # a headless model gets categories
+    targets.check(rels, model.classes)
+    return Found(paths, rels, every, model)
+
+
+def check_shard(shard: int | None, num_shards: int | None) -> tuple[int, int] | None:
+    """The shard ``(shard, num_shards)``, or None when neither is given; ValueError unless both are given with
+    0 <= shard < num_shards."""
+    if (shard is None) != (num_shards is None) or (shard is not None and not 0 <= shard < num_shards):
+        raise ValueError("give --shard I and --num-shards N together, with 0 <= I < N")
+    return None if shard is None else (shard, num_shards)
 
 
 def die_with_parent(parent: int, worker_id: int = 0) -> None:
@@ -98,13 +139,22 @@ def batch_target(targets: list[int | None], device: Any) -> torch.Tensor | None:
     return None if all(t is None for t in targets) else torch.tensor(targets, device=device)
 
 
-def records_of(recipe: Recipe, loaded: list[tuple[int, str, np.ndarray, int | None]], got: Labelled
-               ) -> tuple[list[dict], dict[int, dict]]:
+def label_items(model: LoadedModel, recipes: Sequence[Recipe], loaded: list[Item], x: torch.Tensor,
+                clock: Clock | None = None) -> list[Labelled]:
+    """Label a chunk's loaded images (``x``: their preprocessed batch) with every recipe, each image explaining its
+    own target (see :func:`segfromxai.run.pipeline.label_batch`)."""
+    target = batch_target([it.target for it in loaded], model.device)
+    return label_batch(model, recipes, x, [it.image.shape[:2] for it in loaded], target, clock,
+                       images=[it.image for it in loaded])
+
+
+def records_of(recipe: Recipe, loaded: list[Item], got: Labelled) -> tuple[list[dict], dict[int, dict]]:
     """Manifest records (COCO image and annotations) of a labelled chunk, and the artefacts to save by index."""
     records, saved = [], {}
     provenance = {"recipe": recipe.name, "explainers": list(recipe.explainers), "fusion": recipe.fusion["method"],
                   "threshold": recipe.threshold.method, "refiner": recipe.refine.method}
-    for j, (index, rel, im, _) in enumerate(loaded):
+    for j, item in enumerate(loaded):
+        index, rel, im = item.index, item.rel_path, item.image
         h, w = im.shape[:2]
         cls, conf = int(got.target[j]), float(got.confidence[j])
         rec = {"index": index, "file_name": rel, "class": cls, "confidence": conf}
@@ -125,15 +175,14 @@ def records_of(recipe: Recipe, loaded: list[tuple[int, str, np.ndarray, int | No
     return records, saved
 
 
-def process_chunk(model: LoadedModel, recipe: Recipe, out: Path, item: tuple, todo: set[int], clock: Clock
+def process_chunk(model: LoadedModel, recipe: Recipe, out: Path,
+                  item: tuple[list[dict], list[Item], torch.Tensor | None], todo: set[int], clock: Clock
                   ) -> list[dict]:
     """Label one loaded chunk (an item of :class:`ChunkLoader`), save its artefacts, and return the manifest records
     of the images in ``todo``, by index (the whole chunk is labelled so that each image sees the same batch)."""
     records, loaded, x = item
     if loaded:
-        target = batch_target([t for _, _, _, t in loaded], model.device)
-        got = label_batch(model, [recipe], x, [im.shape[:2] for _, _, im, _ in loaded], target, clock,
-                          images=[im for _, _, im, _ in loaded])[0]
+        got = label_items(model, [recipe], loaded, x, clock)[0]
         with clock("encode"):
             more, saved = records_of(recipe, loaded, got)
         records = records + more
@@ -175,15 +224,10 @@ def plan_run(recipe: Recipe, images: str | Path, out: Path, *, model: LoadedMode
     ``batch_size`` consecutive files. Nothing is written before the checks pass."""
     seed_everything(seed)
     check_recipes_for_model(model, [recipe])  # before the images or the folder are touched
-    root = Path(images)
-    found = find_images(images)
-    every = [p.name if p == root else p.relative_to(root).as_posix() for p in found]
-    paths, rels = found[:limit], every[:limit]
-    model = fit_classes(model, targets, rels)  # a headless model gets categories
-    targets.check(rels, model.classes)
+    found = find_run_images(images, model, targets, limit)
+    paths, rels, every, model = found.paths, found.rels, found.every, found.model
     check_export_names(rels, formats)
-    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    shard = None if shard is None else check_shard(*shard)
     mine = [i for i in range(len(paths)) if shard is None or shard_of(rels[i], shard[1]) == shard[0]]
     header = {"recipe": recipe.digest(), "images": str(Path(images).resolve()), "model": model.source,
               "targets": targets.to_dict(), "shard": list(shard) if shard else None, "classes": list(model.classes),
