@@ -65,3 +65,13 @@ def test_a_broken_link_or_anchor_is_caught(tmp_path):
                     "[no file](missing.md) [no anchor](other.md#nope) [no local\nanchor](#nowhere)\n"
                     "```\n[in code](not-a-link.md)\n```\n")
     assert [b.split(" (")[0] for b in broken_links(page)] == ["missing.md", "other.md#nope", "#nowhere"]
+
+
+PATH_MENTION = re.compile(r"`((?:segfromxai|scripts|bench|tests|recipes)/[\w/.\-]*\.(?:py|toml|sh))`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_file_a_page_names_exists(page):
+    """A module, script or recipe named in backticks (``segfromxai/run/local.py``) is where the page says."""
+    missing = sorted({p for p in PATH_MENTION.findall(page.read_text()) if not (ROOT / p).is_file()})
+    assert missing == []
