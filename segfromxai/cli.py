@@ -48,7 +48,8 @@ def list_cmd() -> None:
         click.echo(f"{title}:")
         for name in sorted(registry):
             e = registry[name]
-            marks = [m for m, need in (("ViT", "vit"), ("head", "class")) if title == "explainers" and need in e.requires]
+            marks = [m for m, need in (("ViT", "vit"), ("head", "class"))
+                     if title == "explainers" and need in e.requires]
             click.echo(f"  {name}" + (f"  [needs {', '.join(marks)}]" if marks else "") + f"  {e.summary}")
         if not registry:
             click.echo("  (none registered yet)")

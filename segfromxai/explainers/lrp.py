@@ -222,7 +222,8 @@ def _head(cfg: LRPConfig, model: nn.Module, tokens: torch.Tensor, logits: torch.
         r0, r1 = rules.add(cfg, y0 / 2, y1 / 2, logits, r_y)
         r_t = torch.stack([
             rules.linear(cfg, model.head, t[:, 0], y0, rules.diag(cfg, torch.full_like(y0[:1], 0.5), y0, y0 / 2, r0)),
-            rules.linear(cfg, model.head_dist, t[:, 1], y1, rules.diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))], 2)
+            rules.linear(cfg, model.head_dist, t[:, 1], y1,
+                         rules.diag(cfg, torch.full_like(y1[:1], 0.5), y1, y1 / 2, r1))], 2)
         return rules.layernorm(cfg, model.norm, tokens[:, rows], r_t), rows
     if pool == "token":
         rows = slice(0, 1)

@@ -123,7 +123,8 @@ def diag(cfg: LRPConfig, a: torch.Tensor, x: torch.Tensor, z: torch.Tensor, r: t
 def add(cfg: LRPConfig, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, r: torch.Tensor):
     """z = a + b as one operation with two inputs (identity weights): the shared denominator splits R_z."""
     na, nb = numerator(cfg, a), numerator(cfg, b)
-    den = denominator(cfg, z, na + nb if cfg.rule == "alpha1beta0" else None)  # alpha1beta0: both inputs' positive parts
+    # alpha1beta0: both inputs' positive parts
+    den = denominator(cfg, z, na + nb if cfg.rule == "alpha1beta0" else None)
     return r * (na / den), r * (nb / den)
 
 

@@ -75,10 +75,10 @@ def _check_layer(modules: dict[str, nn.Module], where: str, layer: object) -> No
 def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
     """Raise ValueError (naming the recipe, its section and the key) when ``recipe`` cannot run on ``model``.
 
-    Checked: :func:`recipe_misfit` (ViT-only explainers need a Vision Transformer, explainers that
-    need a class need a head); every layer an explainer or the refiner's features
-    read exists in ``model.module.named_modules()``; ``start_layer`` lies in ``[-depth, depth)`` (as the attention explainers take it); ``[features] block``
-    lies in ``[-depth, depth)``.
+    Checked: :func:`recipe_misfit` (ViT-only explainers need a Vision Transformer, explainers that need a class
+    need a head); every layer an explainer or the refiner's features read exists in
+    ``model.module.named_modules()``; ``start_layer`` lies in ``[-depth, depth)`` (as the attention explainers take
+    it); ``[features] block`` lies in ``[-depth, depth)``.
     """
     module = model.module
     vit = is_vit(module)

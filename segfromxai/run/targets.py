@@ -137,7 +137,8 @@ class Targets:
 
 def fit_classes(model: LoadedModel, targets: Targets, rel_paths: Sequence[str]) -> LoadedModel:
     """The model with categories for its masks: a headless model (it has none) gets the labels given for
-    ``rel_paths`` (sorted), or ``object`` (:data:`~segfromxai.io.coco.AGNOSTIC_CLASS`); a model with a head is returned as it is."""
+    ``rel_paths`` (sorted), or ``object`` (:data:`~segfromxai.io.coco.AGNOSTIC_CLASS`); a model with a head is
+    returned as it is."""
     if not is_headless(model.module):
         return model
     names = sorted({n for n in map(targets.name, rel_paths) if n is not None})
