@@ -14,6 +14,7 @@ from torch import nn
 from ..params import Positive, Range
 from .core import Needs, Pass, explainer
 from .lrp import LRPConfig, lrp_pass
+from .lrp_rules import AttentionMode, LayerNormMode, Rule
 
 
 def _fuse_heads(a: torch.Tensor, how: str) -> torch.Tensor:
@@ -118,8 +119,8 @@ def grad_rollout_params(*, start_layer: int = 0) -> None:
     """``start_layer``: the first block rolled out."""
 
 
-def lrp_params(*, rule: Literal["epsilon", "alpha1beta0", "abslrp"] = "alpha1beta0", epsilon: Positive = 1e-6,
-               attention: Literal["full", "constant"] = "full", layernorm: Literal["center", "detach"] = "center",
+def lrp_params(*, rule: Rule = "alpha1beta0", epsilon: Positive = 1e-6,
+               attention: AttentionMode = "full", layernorm: LayerNormMode = "center",
                start_layer: int = 0) -> None:
     """The LRP rule and its ``epsilon``, how attention and LayerNorm pass relevance (see ``LRPConfig``), and
     ``start_layer``, the first block rolled out."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import nn
 from ..params import Positive
 from . import lrp_rules as rules
 from .core import Explainer, Needs, Pass, Sign, explainer, signed
-from .lrp_rules import EPSILON, LRPConfig
+from .lrp_rules import EPSILON, AttentionMode, LayerNormMode, LRPConfig
 from ..models.hooks import INTERNALS
 
 @dataclass
@@ -332,8 +332,8 @@ def _block_needs(model: nn.Module, params: dict[str, Any]) -> Needs:
     return Needs(blocks=True)
 
 
-def pixel_lrp_params(*, epsilon: Positive = 1e-6, attention: Literal["full", "constant"] = "full",
-                     layernorm: Literal["center", "detach"] = "center", sign: Sign = "positive") -> None:
+def pixel_lrp_params(*, epsilon: Positive = 1e-6, attention: AttentionMode = "full",
+                     layernorm: LayerNormMode = "center", sign: Sign = "positive") -> None:
     """The rule's ``epsilon``, how attention and LayerNorm pass relevance (see ``LRPConfig``), and ``sign``; each
     LRP explainer declares its own defaults (a ``functools.partial`` of this signature)."""
 

@@ -9,7 +9,7 @@ LayerScale, element-wise products and residual adds. Pure tensor functions: no h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ Fn = Callable[[torch.Tensor, int], torch.Tensor]
 RULES = ("epsilon", "alpha1beta0", "abslrp")
 ATTENTION_MODES = ("full", "constant")
 LAYERNORM_MODES = ("center", "detach")
+Rule = Literal[RULES]
+AttentionMode = Literal[ATTENTION_MODES]
+LayerNormMode = Literal[LAYERNORM_MODES]
 EPSILON = {"epsilon": 1e-6, "alpha1beta0": 1e-9, "abslrp": 1e-9}
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops.graphcut import affinity, fiedler, foreground_is_high, grid_positions, has_cut
+from ..ops.graphcut import Solver, affinity, fiedler, foreground_is_high, grid_positions, has_cut
 from ..params import NonNegative, Positive, PositiveInt, Range
 from ..ops.resize import upsample_maps
 from .core import Explainer, explainer, Needs, Pass
@@ -236,7 +236,7 @@ def rcut_params(*, layer: str | None = None, weights: Literal["scorecam", "topk"
                 tau: Annotated[float, Range(-1.0, lo_open=True)] = 0.2,
                 eps: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 1e-5,
                 position_weight: NonNegative = 1.0, position_sigma: Positive = 0.1,
-                solver: Literal["lanczos", "dense"] = "lanczos", output: Literal["shift", "clip"] = "shift") -> None:
+                solver: Solver = "lanczos", output: Literal["shift", "clip"] = "shift") -> None:
     """R-Out weighting (``layer``, ``weights``, ``k``, ``score``, ``batch_size``) and the Cut (``tau``, ``eps``,
     the positional term, ``solver``, ``output``); see :func:`rcut` and :func:`cut_map`."""
 

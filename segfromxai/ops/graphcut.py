@@ -8,12 +8,15 @@ adds a positional term. Which side of a cut is the foreground is :func:`foregrou
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import scipy.linalg
 from scipy.sparse.linalg import LinearOperator, eigsh
 from scipy.spatial.distance import cdist
 
 SOLVERS = ("lanczos", "dense")
+Solver = Literal[SOLVERS]
 FOREGROUND_RULES = ("mass", "mean")
 _LANCZOS_MIN_NODES = 8  # ARPACK needs a Krylov space of a few vectors; smaller graphs go to the dense solver
 _LANCZOS_TOL = 1e-12

@@ -33,6 +33,7 @@ from ..ops.graphcut import (
     foreground_is_high,
     grid_positions,
     has_cut,
+    Solver,
     ncut_bipartition,
     similarity,
 )
@@ -240,7 +241,7 @@ def ncut(fused: np.ndarray, mask: np.ndarray, *, size: tuple[int, int], features
          tau: Annotated[float, Range(-1.0, lo_open=True)] = 0.2,
          eps: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 1e-5,
          position_weight: NonNegative = 0.0, position_sigma: Positive = 0.1, prior_weight: NonNegative = 0.0,
-         solver: Literal["lanczos", "dense"] = "lanczos", foreground: Literal["mass", "mean", "eigvec", "corners"] = "mass",
+         solver: Solver = "lanczos", foreground: Literal["mass", "mean", "eigvec", "corners"] = "mass",
          components: Literal["overlap", "largest", "all", "seed"] = "overlap",
          combine: Literal["none", "intersection", "union"] = "none", instances: PositiveInt = 1,
          min_area: Fraction = 0.0, max_overlap: Fraction = 0.5, tau_quantile: Fraction | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..registry import lookup
 from ..stages.boundary import BOUNDARIES
@@ -15,6 +15,7 @@ from .masks import SOFT_MAPS
 
 UNTRAINED = ("rounds", "boundary", "soft")  # settings that do not change a round's head (its checkpoint key)
 MODES = ("auto", "binary", "classes")
+Mode = Literal[MODES]
 
 
 @dataclass(frozen=True)

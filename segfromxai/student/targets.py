@@ -11,8 +11,6 @@ and Learn for Unsupervised Object Detection and Instance Segmentation").
 
 from __future__ import annotations
 
-from typing import Literal
-
 import cv2
 import numpy as np
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 
 from ..io.png import IGNORE
 from ..ops import masks as mask_ops
-from .config import MODES
+from .config import MODES, Mode
 from .heads import view_probs
 from .tokens import Tokens
 
@@ -34,7 +32,7 @@ def label_map(anns: list[dict], size: tuple[int, int], channel: dict[int, int]) 
     return out
 
 
-def choose_mode(mode: Literal["auto", "binary", "classes"], anns: dict[str, list[dict]]) -> str:
+def choose_mode(mode: Mode, anns: dict[str, list[dict]]) -> str:
     """``auto``: ``classes`` when some training image has masks of two categories, else ``binary``."""
     if mode not in MODES:
         raise ValueError(f"unknown student mode {mode!r}; choose one of {', '.join(MODES)}")
