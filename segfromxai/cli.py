@@ -247,10 +247,8 @@ def _check_out(out: Path) -> None:
     """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
     from .run.outdir import check_out
 
-    try:
+    with usage_errors(ValueError, FileExistsError):
         check_out(out)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from e
 
 
 def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
@@ -276,12 +274,9 @@ def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | Non
 
     from .quality.evaluate import comparisons, headline, table, worst, write_evaluation, write_evaluation_report
 
-    try:
-        with warnings.catch_warnings():  # shown once below, through click
-            warnings.simplefilter("ignore")
-            results = comparisons(pred, gt=gt, student=student, class_agnostic=class_agnostic)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from e
+    with usage_errors(ValueError, FileNotFoundError), warnings.catch_warnings():  # warnings shown once below
+        warnings.simplefilter("ignore")
+        results = comparisons(pred, gt=gt, student=student, class_agnostic=class_agnostic)
     for message in dict.fromkeys(w for r in results.values() for w in r["warnings"]):
         click.echo(f"warning: {message}", err=True)
     click.echo(table({name: headline(r) for name, r in results.items()}))
@@ -332,11 +327,9 @@ def merge_cmd(parts: tuple[Path, ...], out: Path, formats: tuple[str, ...], inde
     """Combine the output folders of a sharded run (run --shard I --num-shards N) into one COCO dataset."""
     from .run.outdir import merge
 
-    try:
+    with usage_errors(ValueError, FileExistsError):
         summary = merge(list(parts), out, formats=formats, index_only=index_only, overwrite=overwrite,
                         skip_empty=skip_empty)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from e
     if index_only:
         click.echo(f"{len(parts)} parts indexed -> {out / 'index.json'}")
         return

@@ -44,8 +44,7 @@ def feature_options(*, model: str = "auto", checkpoint: str = "", img_size: Anno
     backward); ``feature`` and ``block`` as in :func:`feature_layer`."""
 
 
-def feature_layer(module: torch.nn.Module, *, feature: Feature = "k", block: int = -1
-                  ) -> str:
+def feature_layer(module: torch.nn.Module, *, feature: Feature = "k", block: int = -1) -> str:
     """The module whose output gives the token features: a block's ``attn.qkv`` (q, k, v) or the block itself
     (tokens) for a ViT; the Grad-CAM layer (last feature stage) for a CNN. Its keyword parameters are a recipe's
     ``[features]`` section: ``feature`` (keys, queries, values of the block's attention, or its output tokens) and

@@ -72,13 +72,16 @@ def remove_small(mask: np.ndarray, *, min_area: int, connectivity: int = 8) -> n
     -------
     ndarray of bool, shape (H, W)
     """
-    labels, n = components(mask, connectivity=connectivity)
-    if n == 0:
-        return labels > 0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    labels, sizes = _sized_components(mask, connectivity)
     keep = sizes >= min_area
-    keep[0] = False
+    keep[0] = False  # the background
     return keep[labels]
+
+
+def _sized_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`components`' labels and each label's pixel count (index 0: the background; length n + 1)."""
+    labels, n = components(mask, connectivity=connectivity)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)
 
 
 def fill_holes(mask: np.ndarray, *, max_area: int | None = None) -> np.ndarray:
@@ -124,10 +127,9 @@ def keep_largest(mask: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
     -------
     ndarray of bool, shape (H, W)
     """
-    labels, n = components(mask, connectivity=connectivity)
-    if n == 0:
+    labels, sizes = _sized_components(mask, connectivity)
+    if len(sizes) == 1:  # no component
         return labels > 0
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
 
@@ -148,11 +150,8 @@ def split_components(mask: np.ndarray, *, min_area: int = 1, connectivity: int =
     list of ndarray of bool, shape (H, W)
         Ordered by each component's first pixel in raster order (row by row, left to right).
     """
-    labels, n = components(mask, connectivity=connectivity)
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    return [labels == k for k in range(1, n + 1) if sizes[k] >= min_area]
+    labels, sizes = _sized_components(mask, connectivity)
+    return [labels == k for k in range(1, len(sizes)) if sizes[k] >= min_area]
 
 
 def encode(mask: np.ndarray) -> dict:
