@@ -75,6 +75,22 @@ def test_png_label_folders_match_coco_and_ignore_255(tmp_path, pair):
     assert math.isnan(r_png["ap"])  # AP needs COCO instances on both sides
 
 
+def test_ignore_segmentation_pixels_count_for_neither_object_nor_background(tmp_path, pair):
+    pred, gt = pair
+    doc = json.loads(gt.read_text())
+    ignore = np.zeros((4, 4), bool)
+    ignore[0, 2] = ignore[1, 0] = ignore[3, 3] = True  # an FP pixel, an FN pixel and a TN pixel of image a
+    doc["annotations"][0]["ignore_segmentation"] = encode(ignore)  # compressed RLE, counts as str
+    gt.write_text(json.dumps(doc))
+    r = evaluate(pred, gt)
+    a = next(row for row in r["per_image"] if row["file_name"] == "images/a.jpg")
+    assert (a["tp"], a["fp"], a["fn"], a["tn"]) == (2, 0, 2, 9)  # was (2, 1, 3, 10): 13 pixels counted, not 16
+    assert a["iou"] == pytest.approx(2 / 4) and a["pixel_accuracy"] == pytest.approx(11 / 13)
+    assert r["per_category"]["circle"]["iou"]["pooled"] == pytest.approx(2 / 4)
+    b = next(row for row in r["per_image"] if row["file_name"] == "images/b.jpg")
+    assert (b["tp"], b["fp"], b["fn"], b["tn"]) == (1, 0, 0, 15)  # another image's ignore mask does not leak
+
+
 def test_unmatched_predictions_are_an_error_that_names_them(tmp_path, pair):
     _, gt = pair
     pred = coco(tmp_path / "p.json", [("a.jpg", []), ("zzz/nope.jpg", [])])

@@ -13,9 +13,12 @@ Class-agnostic numbers compare the union of all masks of an image; per-category 
 union of the masks of one category (categories matched by name when both sides name them, else by id). Each
 metric is given as the mean over images (``per_image_mean``, NaN images skipped, ``n`` counted) and pooled over
 all pixels of the dataset (``pooled``); see :mod:`segfromxai.quality.metrics`. Pixels a PNG reference marks 255 are
-ignored. ``ap`` is COCOeval's segm AP@[.5:.95] with categories (matched by name), ``ap_agnostic`` the same with
-every category of both sides mapped to one; both need COCO files on both sides (instances and scores) and are NaN
-otherwise.
+ignored, and so are the pixels of a COCO reference annotation's ``ignore_segmentation`` (a compressed RLE of pixels
+whose label is unknown, e.g. GrabCut's unlabelled band): they count for neither the object nor the background (no
+TP, FP, FN or TN), in the class-agnostic and the per-category numbers alike. ``ap`` is COCOeval's segm
+AP@[.5:.95] with categories (matched by name), ``ap_agnostic`` the same with every category of both sides mapped
+to one; both need COCO files on both sides (instances and scores) and are NaN otherwise (COCOeval does not read
+``ignore_segmentation``).
 """
 
 from __future__ import annotations
@@ -68,12 +71,34 @@ class MaskSource:
         img = self.coco.imgs[self.files[file_name]]
         size = (int(img["height"]), int(img["width"]))
         out: dict[int, np.ndarray] = {}
+        ignore = np.zeros(size, bool)
         for ann in self.coco.imgToAnns.get(img["id"], []):
             m = self.coco.annToMask(ann).astype(bool)
-            if m.shape != size:
-                raise ValueError(f"{self.path}: an annotation of {file_name} is {m.shape}, its image {size}")
+            extra = _ignored(ann)
+            for x in (m, extra):
+                if x is not None and x.shape != size:
+                    raise ValueError(f"{self.path}: an annotation of {file_name} is {x.shape}, its image {size}")
             out[ann["category_id"]] = out.get(ann["category_id"], np.zeros(size, bool)) | m
-        return out, None, size
+            if extra is not None:
+                ignore |= extra
+        return out, (ignore if ignore.any() else None), size
+
+    def image_entry(self, file_name: str) -> dict[str, Any]:
+        """The COCO ``images`` entry of a file (an empty dict for a PNG source)."""
+        return dict(self.coco.imgs[self.files[file_name]]) if self.kind == "coco" else {}
+
+
+def _ignored(ann: dict[str, Any]) -> np.ndarray | None:
+    """An annotation's ``ignore_segmentation`` (a compressed RLE of pixels whose label is unknown, as in GrabCut's
+    trimap band; non-standard, so pycocotools and COCOeval do not read it) as a bool mask, or None."""
+    rle = ann.get("ignore_segmentation")
+    if not rle:
+        return None
+    from pycocotools import mask as mask_utils
+
+    if isinstance(rle.get("counts"), str):
+        rle = {**rle, "counts": rle["counts"].encode()}
+    return mask_utils.decode(rle).astype(bool)
 
 
 def load_source(path: str | Path) -> MaskSource:
