@@ -212,6 +212,7 @@ class CompareOptions:
     deletion_steps: int
     gae_images: int
     gae_steps: int
+    resamples: int
     limit: int | None
     seed: int
     labels: LabelOptions

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from segfromxai.cli import main
 from segfromxai.quality.compare import COLUMNS, compare
+from segfromxai.quality.paired import paired_bootstrap, paired_rows, subset_of, subset_rows
 from segfromxai.run.pipeline import explain_calls
 from segfromxai.quality.evaluate import evaluate
 from segfromxai.explainers import explain_with_logits
@@ -82,16 +83,37 @@ def test_gae_column_is_gae_of_the_fused_map_and_perturbation_forwards_are_counte
 
 
 def test_compare_command_prints_and_writes_the_table(tmp_path, synth_images, tiny_card):
+    gt = json.loads((synth_images / "annotations.json").read_text())
+    for im in gt["images"]:  # two subsets by the ground truth's image entries
+        im["subset"] = "odd" if im["id"] % 2 else "even"
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "out"
     r = CliRunner().invoke(main, ["compare", "vitmix/saliency", "vitmix/rollout", "--images",
-                                  str(synth_images / "images"), "--gt", str(synth_images / "annotations.json"),
+                                  str(synth_images / "images"), "--gt", str(tmp_path / "gt.json"),
                                   "--checkpoint", str(tiny_card), "--limit", "4", "--deletion-steps", "2",
-                                  "--gae-steps", "2",
-                                  "--out", str(tmp_path)], catch_exceptions=False)
+                                  "--gae-steps", "2", "--resamples", "300",
+                                  "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "vitmix-saliency" in r.output and "del.AUC" in r.output and "GAE" in r.output
-    doc = json.loads((tmp_path / "compare.json").read_text())
-    assert len(doc["rows"]) == 2 and doc["n_images"] == 4
-    assert (tmp_path / "compare.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert "against vitmix-saliency" in r.output and "300 resamples, seed 0" in r.output
+    doc = json.loads((out / "compare.json").read_text())
+    assert len(doc["rows"]) == 2 and doc["n_images"] == 4 and doc["settings"]["resamples"] == 300
+    assert (out / "compare.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    iou = {(row["recipe"], row["file_name"]): row["iou"] for row in doc["per_image"]}
+    files = sorted({f for _, f in iou})
+    a = [np.nan if iou["vitmix-saliency", f] is None else iou["vitmix-saliency", f] for f in files]
+    b = [np.nan if iou["vitmix-rollout", f] is None else iou["vitmix-rollout", f] for f in files]
+    (row,) = doc["paired"]  # the second recipe against the first one given
+    expect = paired_bootstrap(a, b, resamples=300, seed=0)
+    assert row["recipe"] == "vitmix-rollout" and row["baseline"] == "vitmix-saliency"
+    assert [row[k] for k in ("mean_diff", "lo", "hi")] == pytest.approx(list(expect[:3]))
+    assert (row["better"], row["worse"]) == expect[3:]
+    subsets = {s["subset"]: s for s in doc["subsets"]}
+    assert set(subsets) == {"odd", "even", "all"} and subsets["all"]["images"] == 4
+    assert subsets["odd"]["images"] + subsets["even"]["images"] == 4
+    assert {row["subset"] for row in doc["per_image"]} == {"odd", "even"}
+    assert (out / "paired.csv").exists() and (out / "subsets.csv").read_text().startswith("subset,images,")
+    assert "mean IoU per subset" in r.output and "even" in r.output
     bad = CliRunner().invoke(main, ["compare", "nope", "--images", str(synth_images / "images"), "--gt",
                                     str(synth_images / "annotations.json")])
     assert bad.exit_code != 0 and "shipped recipes" in bad.output
@@ -131,3 +153,24 @@ def test_compare_and_run_give_the_same_masks_for_labels_targets(tmp_path, synth_
                 pred |= mask_utils.decode(a["segmentation"]).astype(bool)
         expected = METRICS["iou"].from_counts(*confusion(pred, union(gm, size), ignore))
         assert got[rel] == pytest.approx(expected, nan_ok=True), rel
+
+
+def test_subset_is_the_subset_field_else_the_source_else_the_file_name_prefix():
+    assert subset_of("dev/grabcut_153093.jpg", {"subset": "grabcut", "source": "GrabCut (via RITM)"}) == "grabcut"
+    assert subset_of("grabcut_153093.jpg", {"source": "GrabCut (via RITM)"}) == "GrabCut (via RITM)"
+    assert subset_of("images/davis345_044_car-turn.jpg", {"subset": ""}) == "davis345"
+    assert subset_of("quokka.jpg") == "quokka"
+
+
+def test_paired_rows_compare_every_recipe_with_the_first_and_leave_out_undefined_images():
+    rows = [{"file_name": f, "recipe": r, "subset": f[0], "iou": v} for r, f, v in [
+        ("base", "a1", 0.5), ("base", "a2", 0.6), ("base", "b1", float("nan")), ("base", "b2", 0.2),
+        ("new", "a1", 0.9), ("new", "a2", 0.6), ("new", "b1", 0.7), ("new", "b2", 0.0),
+        ("old", "a1", 0.4)]]
+    new, old = paired_rows(rows, ["base", "new", "old"], resamples=200)
+    assert new["n"] == 3 and new["mean_diff"] == pytest.approx((0.4 + 0 - 0.2) / 3)  # b1: base undefined
+    assert (new["better"], new["worse"]) == (1, 1) and new["baseline"] == "base"
+    assert old["n"] == 1 and old["lo"] == old["hi"] == pytest.approx(-0.1)  # old scored a1 only
+    by = {s["subset"]: s for s in subset_rows(rows, ["base", "new"])}
+    assert by["a"]["images"] == 2 and by["a"]["new"] == pytest.approx(0.75)
+    assert by["b"]["base"] == pytest.approx(0.2) and by["all"]["images"] == 4  # NaN left out of the mean

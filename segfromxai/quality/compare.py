@@ -23,6 +23,15 @@ Columns, per recipe:
 - ``forwards_per_image``: forward passes per image of the classifier by the recipe's explainers alone on the first
   batch, counted by a hook (:func:`segfromxai.models.hooks.count_forwards`), not estimated; the shared pass
   counts 1 (a feature backbone's extra forward is not counted here).
+
+The evidence, every recipe against the first one given (``paired``), from the per-image IoU: the mean difference
+(recipe minus first) with a paired bootstrap 95% percentile interval (images resampled with replacement,
+``resamples`` = 10,000 resamples by default, seed 0, :func:`segfromxai.quality.paired.paired_bootstrap`) and the
+number of images better and worse by more than 0.02; an image where a recipe gives no mask is scored against an
+empty mask (IoU 0 when the ground truth is not empty), and an image whose IoU is undefined for either recipe is left
+out of that pair. ``subsets``: each recipe's mean IoU per subset of the ground truth (its image entry's ``subset``,
+else ``source``, else the file-name prefix before the first ``_``; :func:`segfromxai.quality.paired.subset_of`) and
+over all images.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from ..recipe.checks import is_headless
 from .gae import gae
 from ..run.local import ChunkLoader, Item, find_run_images, label_items
 from .metrics import METRICS, confusion, finite_mean, summarise
+from .paired import RESAMPLES, SEED, paired_rows, subset_of, subset_rows
 from ..models.model import LoadedModel
 from ..models.features import backbone_for, uses_classifier
 from ..run.pipeline import (
@@ -106,12 +116,14 @@ class _Tally:
         self.alone: dict[str, tuple[float, float]] = {}
         self.failures: list[dict] = []
         self.files: list[str] = []
+        self.subsets: dict[str, str] = {}
         self.n_done = 0
 
     def per_image(self, recipes: list[Recipe]) -> list[dict[str, Any]]:
-        """One row per image and recipe: ``file_name``, ``recipe``, ``iou``, ``precision``, ``recall``, ``pa``."""
+        """One row per image and recipe: ``file_name``, ``recipe``, ``subset``, ``iou``, ``precision``,
+        ``recall``, ``pa``."""
         names = {"iou": "iou", "precision": "precision", "recall": "recall", "pa": "pixel_accuracy"}
-        return [{"file_name": f, "recipe": r.name,
+        return [{"file_name": f, "recipe": r.name, "subset": self.subsets[f],
                  **{k: METRICS[m].from_counts(*c) for k, m in names.items()}}
                 for r in recipes for f, c in zip(self.files, self.counts[r.name])]
 
@@ -157,15 +169,17 @@ def _score_batch(model: LoadedModel, recipes: list[Recipe], loaded: list[Item], 
 
 def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model: LoadedModel, batch_size: int = 16,
             deletion_steps: int = 10, gae_images: int = 16, gae_steps: int = 10, limit: int | None = None,
-            seed: int = 0, targets: Targets = Targets(), progress: Callable[[int, int], None] | None = None
-            ) -> dict[str, Any]:
+            seed: int = 0, targets: Targets = Targets(), progress: Callable[[int, int], None] | None = None,
+            resamples: int = RESAMPLES) -> dict[str, Any]:
     """Run every recipe on the images under ``images`` and score it against ``gt`` (COCO file or PNG folder).
 
     Images are labelled by :func:`segfromxai.run.pipeline.label_batch`, as ``segfromxai run`` labels them: the same
     ``targets`` (top-1, a labels CSV or class folders; images without a label are skipped and listed) and each
     recipe's ``min_confidence`` (an image under it has no mask). Returns ``{"rows": [one dict per recipe with
-    COLUMNS], "failures": [...], "n_images": int, "settings": {...}}``; rows are ordered by the number of
-    explainers, then by name. Unreadable images are skipped and listed.
+    COLUMNS], "per_image": [...], "paired": [...], "subsets": [...], "failures": [...], "n_images": int,
+    "settings": {...}}``; rows are ordered by the number of explainers, then by name. Unreadable images are skipped
+    and listed. ``paired`` compares every recipe with the first one given (``recipes[0]``), ``subsets`` gives each
+    recipe's mean IoU per subset (see the module docstring); ``resamples`` is the number of bootstrap resamples.
     """
     if not recipes:
         raise ValueError("no recipes to compare")
@@ -181,21 +195,25 @@ def compare(recipes: list[Recipe], images: str | Path, gt: str | Path, *, model:
     settings = {"recipes": {r.name: r.to_dict() for r in recipes}, "images": str(images), "gt": str(gt),
                 "model": model.source, "batch_size": batch_size, "deletion_steps": deletion_steps,
                 "gae_images": gae_images, "gae_steps": gae_steps, "seed": seed, "targets": targets.to_dict(),
-                "explain_calls": len(explain_calls(recipes))}
+                "explain_calls": len(explain_calls(recipes)), "resamples": resamples, "bootstrap_seed": SEED}
     tally = _Tally(recipes)
     for k in range(len(loader)):
         records, loaded, x = loader[k]
         tally.failures += [{"file_name": r["file_name"], "reason": r["reason"]} for r in records]
         if loaded:
             tally.files += [it.rel_path for it in loaded]
+            tally.subsets.update({it.rel_path: subset_of(pairs[it.rel_path], ref.image_entry(pairs[it.rel_path]))
+                                  for it in loaded})
             gts = [_gt_union(ref, pairs[it.rel_path]) for it in loaded]
             _score_batch(model, recipes, loaded, x, gts, tally, settings)
             tally.n_done += len(loaded)
         if progress is not None:
             progress(len(chunks[k]), len(paths))
     rows = sorted((tally.row(r) for r in recipes), key=lambda row: (row["k"], row["recipe"]))
-    return {"rows": rows, "per_image": tally.per_image(recipes), "failures": tally.failures,
-            "n_images": tally.n_done, "settings": settings}
+    per_image, names = tally.per_image(recipes), [r.name for r in recipes]
+    return {"rows": rows, "per_image": per_image, "failures": tally.failures, "n_images": tally.n_done,
+            "settings": settings, "paired": paired_rows(per_image, names, resamples=resamples, seed=SEED),
+            "subsets": subset_rows(per_image, names)}
 
 
 def _gt_union(ref: Any, key: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -217,9 +235,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
-    """``out/compare.json`` (rows, per-image rows, failures, settings; NaN as null), ``out/compare.csv`` (one row per
-    recipe), ``out/per_image.csv`` (one row per image and recipe) and ``out/compare.svg`` (IoU against seconds per
-    image, one labelled point per recipe), atomically."""
+    """``out/compare.json`` (rows, per-image rows, paired and per-subset evidence, failures, settings; NaN as null),
+    ``out/compare.csv`` (one row per recipe), ``out/per_image.csv`` (one row per image and recipe),
+    ``out/paired.csv`` (one row per recipe after the first), ``out/subsets.csv`` (one row per subset, one column per
+    recipe) and ``out/compare.svg`` (IoU against seconds per image, one labelled point per recipe), atomically."""
     import csv
     import json
 
@@ -236,9 +255,15 @@ def write_comparison(out: str | Path, result: dict[str, Any]) -> None:
         w.writeheader()
         w.writerows(result["rows"])
     with atomic_write(out / "per_image.csv") as f:
-        w = csv.DictWriter(f, fieldnames=["file_name", "recipe", "iou", "precision", "recall", "pa"])
+        w = csv.DictWriter(f, fieldnames=["file_name", "recipe", "subset", "iou", "precision", "recall", "pa"])
         w.writeheader()
         w.writerows(result.get("per_image", []))
+    for name, rows in (("paired", result.get("paired", [])), ("subsets", result.get("subsets", []))):
+        if rows:
+            with atomic_write(out / f"{name}.csv") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
     points = [(r["recipe"], r["s_per_image"], r["iou"]) for r in result["rows"]]
     with atomic_write(out / "compare.svg") as f:
         f.write(scatter_svg(points, title=f"IoU against seconds per image ({result['n_images']} images)"))
