@@ -155,9 +155,9 @@ def test_compare_and_run_give_the_same_masks_for_labels_targets(tmp_path, synth_
         assert got[rel] == pytest.approx(expected, nan_ok=True), rel
 
 
-def test_subset_is_the_subset_field_else_the_source_else_the_file_name_prefix():
+def test_subset_is_the_subset_field_else_the_file_name_prefix():
     assert subset_of("dev/grabcut_153093.jpg", {"subset": "grabcut", "source": "GrabCut (via RITM)"}) == "grabcut"
-    assert subset_of("grabcut_153093.jpg", {"source": "GrabCut (via RITM)"}) == "GrabCut (via RITM)"
+    assert subset_of("grabcut_153093.jpg", {"source": "GrabCut (via RITM)"}) == "grabcut"  # a source is provenance
     assert subset_of("images/davis345_044_car-turn.jpg", {"subset": ""}) == "davis345"
     assert subset_of("quokka.jpg") == "quokka"
 

@@ -77,12 +77,12 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
 
 
 def subset_of(file_name: str, entry: dict[str, Any] | None = None) -> str:
-    """The subset of a ground-truth image: ``entry["subset"]``, else ``entry["source"]``, else the base file name's
-    prefix before the first ``_`` (the stem when it has none)."""
+    """The subset of a ground-truth image: ``entry["subset"]``, else the base file name's prefix before the first
+    ``_`` (the stem when it has none). A ``source`` field is not used: in the sets we know it names the file's
+    origin (a path, a repository), one per image."""
     entry = entry or {}
-    for key in ("subset", "source"):
-        if entry.get(key):
-            return str(entry[key])
+    if entry.get("subset"):
+        return str(entry["subset"])
     stem = PurePosixPath(file_name).stem
     return stem.split("_", 1)[0]
 
