@@ -153,6 +153,9 @@ def classify(images: Path, labels: Path | None, out: Path | None, batch_size: in
                "ImageFolder layout: explain the class named by each image's top folder")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
               help="skip images whose explained class has a lower probability (default: the recipe's)")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None,
+              help="leave out masks whose quality score (the annotation's score, a label-free estimate of its IoU) "
+              "is lower (default: the recipe's)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="images per chunk (the default keeps a default-recipe run under 1.5 GB peak RSS)")
 @seed_option

@@ -170,6 +170,7 @@ class RunOptions:
     labels: LabelOptions
     features: FeatureOptions
     min_confidence: float | None
+    min_score: float | None
     batch_size: int
     seed: int
     formats: tuple[str, ...]
@@ -186,8 +187,9 @@ class RunOptions:
     skip_empty: bool
 
     def resolve_recipe(self) -> Recipe:
-        """The recipe, with ``--min-confidence``, ``--maps``, ``--overlays`` and ``--features-*`` applied."""
-        output = {"min_confidence": self.min_confidence, "maps": self.maps or None,
+        """The recipe, with ``--min-confidence``, ``--min-score``, ``--maps``, ``--overlays`` and ``--features-*``
+        applied."""
+        output = {"min_confidence": self.min_confidence, "min_score": self.min_score, "maps": self.maps or None,
                   "overlays": self.overlays or None}
         return resolve_recipes([self.recipe], self.features, output)[0]
 

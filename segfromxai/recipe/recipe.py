@@ -61,9 +61,11 @@ def model_options(*, name: str = "", checkpoint: str = "") -> None:
 
 
 
-def output_options(*, min_confidence: Fraction = 0.0, maps: bool = False, overlays: bool = False) -> None:
+def output_options(*, min_confidence: Fraction = 0.0, min_score: Fraction = 0.0, maps: bool = False,
+                   overlays: bool = False) -> None:
     """A recipe's ``[output]``: ``min_confidence``, skip (and list) images whose explained class has a lower softmax
-    probability; ``maps``, save every map and the fused map per image (``maps/*.npz``); ``overlays``, overlay PNGs."""
+    probability; ``min_score``, leave out masks whose quality score (:mod:`segfromxai.stages.quality`, each
+    annotation's ``score``) is lower; ``maps``, save every map and the fused map per image (``maps/*.npz``); ``overlays``, overlay PNGs."""
 
 
 def domain_options(*, confidence: Fraction = 1.0) -> None:
@@ -160,6 +162,8 @@ class Recipe:
         """SHA-256 of everything that changes the annotations (not the name, description or saved artefacts)."""
         d = self.to_dict()
         d.pop("name"), d.pop("description"), d["output"].pop("maps"), d["output"].pop("overlays")
+        if d["output"].get("min_score") == 0:  # recipes from before the quality score keep their digest
+            d["output"].pop("min_score")
         if d["boundary"] == {"method": "none"}:  # recipes from before the boundary stage keep their digest
             d.pop("boundary")
         for refine in (d["refine"], d.get("domain", {}).get("refine", {})):

@@ -165,8 +165,10 @@ def records_of(recipe: Recipe, loaded: list[Item], got: Labelled) -> tuple[list[
             continue
         stages = recipe.stages_for(conf)  # a [domain]'s stages for an image the classifier is sure of
         where = {} if recipe.domain is None else {"refiner": stages.refine.method, "domain": stages is not recipe}
+        quality = got.quality[j] if got.quality else [{} for _ in masks]
         anns = [{"category_id": cls + 1, "segmentation": encode(m), "score": s,
-                 "attributes": {**provenance, **where, "confidence": conf}} for m, s in zip(masks, got.scores[j])]
+                 "attributes": {**provenance, **where, "confidence": conf, "quality": q}}
+                for m, s, q in zip(masks, got.scores[j], quality) if s >= recipe.output.get("min_score", 0.0)]
         image = {"id": index + 1, "file_name": rel, "height": h, "width": w}
         records.append({**rec, "status": "ok" if anns else "empty", "image": image, "annotations": anns})
         if recipe.output["maps"] or recipe.output["overlays"]:

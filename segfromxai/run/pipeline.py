@@ -13,7 +13,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -40,6 +40,7 @@ from ..models.model import LoadedModel, token_grid
 from ..recipe.recipe import Recipe
 from ..stages.refine import REFINERS
 from ..ops.resize import resize_bilinear
+from ..stages.quality import quality_score, quality_terms
 from ..stages.threshold import THRESHOLDS
 from .targets import Prediction
 
@@ -117,27 +118,58 @@ def refine_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, featu
                  ) -> list[np.ndarray]:
     """Threshold and refine one fused map (h, w) into bool instance masks at the image's ``size``: the refiner's
     masks, before the boundary stage and cleaning."""
-    mask = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
-    return REFINERS[recipe.refine.method](fused, mask, size=size, features=features, **recipe.refine.params)
+    return cut_image(fused, size, recipe, features).refined
 
 
-def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None,
-                image: np.ndarray | None = None) -> list[np.ndarray]:
-    """Threshold, refine (:func:`refine_image`), snap to edges and clean one fused map (h, w) into bool instance
-    masks at the image's ``size``; ``image`` (uint8 (H, W, 3) RGB) is the boundary stage's guide, needed unless its
-    method is ``none``."""
-    masks = refine_image(fused, size, recipe, features)
+@dataclass
+class Cut:
+    """One image's masks through the later stages: ``explained``, the threshold stage's mask on the fused map's
+    grid; ``refined``, the refiner's masks at the image's size; ``masks``, the final masks (snapped and cleaned;
+    ``None`` until the boundary stage ran)."""
+
+    explained: np.ndarray
+    refined: list[np.ndarray]
+    masks: list[np.ndarray] | None = None
+
+
+def cut_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None,
+              image: np.ndarray | None = None, *, snap: bool = False) -> Cut:
+    """Threshold and refine one fused map (h, w); with ``snap``, also snap to edges and clean (``image``: uint8
+    (H, W, 3) RGB, the boundary stage's guide, needed unless its method is ``none``)."""
+    explained = THRESHOLDS[recipe.threshold.method](fused, **recipe.threshold.params)
+    cut = Cut(explained, REFINERS[recipe.refine.method](fused, explained, size=size, features=features,
+                                                        **recipe.refine.params))
+    if not snap:
+        return cut
+    masks = cut.refined
     if recipe.boundary.method != "none":
         if image is None:
             raise ValueError(f"boundary method {recipe.boundary.method!r} needs the image")
         cell = (size[0] / fused.shape[0], size[1] / fused.shape[1])
         masks = refine_boundary(masks, image, cell, recipe.boundary.method, recipe.boundary.params)
-    return clean(masks, **recipe.masks)
+    cut.masks = clean(masks, **recipe.masks)
+    return cut
 
 
-def annotation_score(confidence: float, fused_pixels: np.ndarray, mask: np.ndarray) -> float:
-    """Confidence of the explained class times the mean fused explanation (in [0, 1]) inside the mask."""
-    return float(confidence * fused_pixels[mask].mean())
+def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, features: np.ndarray | None = None,
+                image: np.ndarray | None = None) -> list[np.ndarray]:
+    """Threshold, refine, snap to edges and clean one fused map (h, w) into bool instance masks at the image's
+    ``size`` (:func:`cut_image`); ``image`` (uint8 (H, W, 3) RGB) is the boundary stage's guide, needed unless its
+    method is ``none``."""
+    return cut_image(fused, size, recipe, features, image, snap=True).masks or []
+
+
+def scored_masks(cut: Cut, fused: np.ndarray, confidence: float, tokens: np.ndarray | None
+                 ) -> tuple[list[np.ndarray], list[float], list[dict[str, float]]]:
+    """The cut's final masks, their quality scores and the terms behind them
+    (:mod:`segfromxai.stages.quality`; ``fused``: the fused map on its grid; ``tokens``: the refiner's features)."""
+    masks = cut.masks or []
+    if not masks:
+        return [], [], []
+    fused_px = resize_bilinear(fused, masks[0].shape)
+    terms = [quality_terms(m, fused_px=fused_px, confidence=confidence, refined=cut.refined,
+                           explained=cut.explained, tokens=tokens) for m in masks]
+    return masks, [quality_score(t) for t in terms], terms
 
 
 # ------------------------------------------------------------------------------------------------ one batch
@@ -148,7 +180,8 @@ class Labelled:
     ``maps``: the recipe's maps ``{name: (B, h, w)}``; ``fused``: float32 (B, h, w) in [0, 1]; ``target``: (B,) the
     class explained; ``confidence``: (B,) its softmax probability; ``masks[j]``: bool (H_j, W_j) instance masks of
     image j, or ``None`` when the image's confidence is below the recipe's ``min_confidence``; ``scores[j]``: one
-    score per mask (:func:`annotation_score`); ``seconds``: time spent after the shared pass (fuse to clean).
+    quality score per mask (:func:`scored_masks`) and ``quality[j]`` the terms behind each; ``seconds``: time spent
+    after the shared pass (fuse to clean).
     """
 
     maps: dict[str, torch.Tensor]
@@ -157,6 +190,7 @@ class Labelled:
     confidence: np.ndarray
     masks: list[list[np.ndarray] | None]
     scores: list[list[float]]
+    quality: list[list[dict[str, float]]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -256,23 +290,20 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
         fused = fuse_recipe(model, recipe, maps)
     todo = [j for j in range(len(sizes)) if conf[j] >= recipe.output["min_confidence"]]
 
-    def one(j: int) -> list[np.ndarray]:
+    def one(j: int) -> tuple[list[np.ndarray], list[float], list[dict[str, float]]]:
         stages = recipe.stages_for(float(conf[j]))
         f = (feats or {}).get(features_key(stages))
-        return label_image(fused[j], sizes[j], stages, None if f is None else f[j],
-                           None if images is None else images[j])
+        f = None if f is None else f[j]
+        cut = cut_image(fused[j], sizes[j], stages, f, None if images is None else images[j], snap=True)
+        return scored_masks(cut, fused[j], float(conf[j]), f)
 
     with clock("refine"):
         labelled = dict(zip(todo, thread_map(one, todo)))
-    masks: list[list[np.ndarray] | None] = []
-    scores: list[list[float]] = []
-    with clock("encode"):
-        for j, size in enumerate(sizes):
-            ms = labelled.get(j)
-            fused_px = resize_bilinear(fused[j], size) if ms else None
-            scores.append([annotation_score(float(conf[j]), fused_px, m) for m in ms or ()])
-            masks.append(ms)
-    return Labelled(maps, fused, target, conf, masks, scores, time.perf_counter() - t0)
+    got = [labelled.get(j) for j in range(len(sizes))]
+    masks = [None if g is None else g[0] for g in got]
+    scores = [[] if g is None else g[1] for g in got]
+    quality = [[] if g is None else g[2] for g in got]
+    return Labelled(maps, fused, target, conf, masks, scores, quality, time.perf_counter() - t0)
 
 
 def thread_map(fn: Callable[[int], Any], items: Sequence[int], workers: int | None = None) -> list[Any]:
