@@ -211,3 +211,26 @@ def test_labelling_a_batch_on_two_threads_gives_the_masks_of_one(tiny_card, synt
         torch.set_num_threads(threads)
     assert sum(len(ms) for ms in got[1]) >= 3
     assert [[m.tolist() for m in ms] for ms in got[1]] == [[m.tolist() for m in ms] for ms in got[2]]
+
+
+def test_checked_is_grabcut_where_it_agrees_with_the_guided_filter_else_the_guided_filter():
+    """The ring of the test above: GrabCut carves the hole, the guided filter keeps the disc; their IoU is the
+    ring's share of the guided disc, about 0.75. At min_iou 0 the result is GrabCut's, above their IoU the guided
+    filter's, exactly."""
+    from segfromxai.stages.boundary import checked, grabcut, guided
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:224, :224]
+    r = np.hypot(yy - 112, xx - 112)
+    ring = (r < 80) & (r >= 40)
+    image = np.where(ring[..., None], rng.normal(200, 4, (224, 224, 3)), rng.normal(50, 4, (224, 224, 3)))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    soft = mask_soft(r < 86, (16.0, 16.0))
+    carved, snapped = grabcut(soft, image, iterations=2), guided(soft, image)
+    agree = iou(carved, snapped)
+    assert 0.6 < agree < 0.8 and iou(carved, ring) > 0.95
+    assert np.array_equal(checked(soft, image, min_iou=0.0), carved)
+    assert np.array_equal(checked(soft, image, min_iou=agree - 0.01), carved)
+    assert np.array_equal(checked(soft, image, min_iou=agree + 0.01), snapped)
+    with pytest.raises(ValueError, match="min_iou"):
+        checked(soft, image, min_iou=1.5)
