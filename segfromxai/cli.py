@@ -259,6 +259,8 @@ def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
     if w.get("labels_without_image"):
         click.echo(f"warning: {w['labels_without_image']} rows of {labels} name no image (first: "
                    f"{', '.join(w['labels_without_image_first'][:5])}); listed in {out / 'run.json'}", err=True)
+    if w.get("no_mask"):
+        click.echo(f"warning: {w['no_mask']}", err=True)
 
 
 def _progress_bar(total: int, initial: int):

@@ -12,6 +12,8 @@ from segfromxai.models.features import (
     backbone_input,
     backbone_outputs,
     feature_layer,
+    key_bias,
+    layer_features,
     token_features,
     uses_classifier,
 )
@@ -40,12 +42,15 @@ def _images(folder, n=3):
 
 def test_recipe_features_section_defaults_and_checks():
     r = _recipe()
-    assert r.features == {"feature": "k", "block": -1, "model": "auto", "checkpoint": "", "img_size": 0}
+    assert r.features == {"feature": "k", "block": -1, "model": "auto", "checkpoint": "", "img_size": 0,
+                          "drop_key_bias": False}
     assert with_features(r, model="embedded", img_size=392).features["img_size"] == 392
     with pytest.raises(RecipeError, match="img_size"):
         _recipe(img_size=-1)
     with pytest.raises(RecipeError, match="feature = 'x' is not one of"):
         _recipe(feature="x")
+    with pytest.raises(RecipeError, match="drop_key_bias applies to keys"):
+        _recipe(feature="q", drop_key_bias=True)
 
 
 def test_which_pass_gives_the_features(tiny_card, tiny_cnn):
@@ -80,6 +85,34 @@ def test_backbone_at_a_larger_input_matches_timm_dynamic_size(tiny_card, synth_i
         qkv = ref.blocks[1].attn.qkv(ref.blocks[1].norm1(h))
     k = qkv.reshape(3, 65, 3, -1)[:, 1:, 1].reshape(3, 8, 8, -1).numpy()
     np.testing.assert_allclose(got, k, atol=1e-4)
+
+
+def test_drop_key_bias_subtracts_the_qkv_key_bias_which_no_attention_weight_depends_on(tiny_card, synth_images):
+    """``drop_key_bias`` gives the keys less the key slice of the block's qkv bias; the attention weights computed
+    by hand from the block's queries are the same with either keys (the bias adds ``q_i . b``, constant over j)."""
+    vit = load_model(checkpoint=tiny_card)
+    qkv = vit.module.blocks[-1].attn.qkv
+    c = qkv.weight.shape[1]
+    b = qkv.bias.detach().numpy()[c:2 * c]
+    np.testing.assert_array_equal(key_bias(vit.module, -1), b)
+    x = vit.preprocess.batch(_images(synth_images / "images"))
+    layer = feature_layer(vit.module, feature="k", block=-1)
+    outs = backbone_outputs(type("B", (), {"module": vit.module})(), x, [layer])
+    keep = layer_features(vit.module, outs, {"feature": "k", "block": -1}, (32, 32))
+    drop = layer_features(vit.module, outs, {"feature": "k", "block": -1, "drop_key_bias": True}, (32, 32))
+    np.testing.assert_allclose(keep - drop, np.broadcast_to(b, keep.shape), atol=1e-6)
+    q = layer_features(vit.module, outs, {"feature": "q", "block": -1}, (32, 32)).reshape(3, 16, -1)
+    heads = vit.module.blocks[-1].attn.num_heads
+
+    def weights(k: np.ndarray) -> np.ndarray:
+        qh, kh = q.reshape(3, 16, heads, -1), k.reshape(3, 16, heads, -1)
+        s = np.einsum("bihd,bjhd->bhij", qh, kh)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    np.testing.assert_allclose(weights(keep.reshape(3, 16, -1)), weights(drop.reshape(3, 16, -1)), atol=1e-5)
+    with pytest.raises(ValueError, match="drop_key_bias applies to keys"):
+        layer_features(vit.module, outs, {"feature": "q", "block": -1, "drop_key_bias": True}, (32, 32))
 
 
 def test_backbone_input_from_the_batch_equals_preprocessing_the_images_at_the_same_size(tiny_card, synth_images):

@@ -85,6 +85,26 @@ def test_near_parallel_features_need_the_per_image_threshold():
     assert (m == truth).all()
 
 
+def test_tokencut_with_a_large_key_bias_has_no_cut_and_dropping_the_bias_finds_the_object():
+    """Known answer for ``[features] drop_key_bias`` (DINOv2's keys): a bias vector as long as the keys, added to
+    every token, puts every cosine above tau = 0.2, so TokenCut's graph is complete and gives no mask; the keys less
+    that bias give the object, exactly the block of tokens built as the object."""
+    rng = np.random.default_rng(3)
+    f = _block_features()
+    bias = rng.normal(size=f.shape[-1])
+    bias *= 3.0 * np.linalg.norm(f, axis=-1).max() / np.linalg.norm(bias)
+    zeros = np.zeros((8, 8))
+    common = dict(size=(8, 8), tau=0.2, foreground="eigvec", components="seed")
+    x = (f + bias).reshape(64, -1)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert (x @ x.T).min() > 0.2
+    assert ncut(zeros, zeros > 0, features=f + bias, **common) == []
+    (m,) = ncut(zeros, zeros > 0, features=(f + bias) - bias, **common)
+    truth = np.zeros((8, 8), bool)
+    truth[2:5, 3:6] = True
+    assert (m == truth).all()
+
+
 @pytest.mark.parametrize("components", ["overlap", "largest", "all", "seed"])
 def test_explanation_free_rules_keep_components_without_reading_the_map(components):
     """With TokenCut's rule and an all-zero map (no thresholded token), every way of keeping components still

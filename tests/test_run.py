@@ -245,3 +245,35 @@ def test_folder_labels_maps_and_overlays(tmp_path, synth_images, tiny_card):
         saved = np.load(out / "maps" / (rel + ".npz"))
         assert set(saved.files) == {"fused", "map_rollout"} and saved["fused"].shape == (4, 4)
         assert (out / "overlays" / (rel + ".png")).exists()
+
+
+def test_a_run_where_no_image_gets_a_mask_exits_0_and_warns_with_the_likely_cause(tmp_path, synth_images, tiny_card):
+    """TokenCut with tau = -0.99 joins every pair of tokens (cosines are above -0.99): the graph has no cut, no image
+    gets a mask (the real-photo bug of issue 31 on DINOv2's keys); the run still exits 0, and warns why."""
+    recipe = tmp_path / "nocut.toml"
+    recipe.write_text((recipes_dir() / "tokencut.toml").read_text().replace("tau = 0.2", "tau = -0.99")
+                      .replace("drop_key_bias = true", "drop_key_bias = false"))
+    res = CliRunner().invoke(main, ["run", str(recipe), "--images", str(synth_images / "images"), "--out",
+                                    str(tmp_path / "o"), "--checkpoint", str(tiny_card), "--limit", "3"])
+    assert res.exit_code == 0, res.output
+    assert "0 labelled (0 masks), 3 without a mask" in res.output
+    assert ("warning: no image got a mask (3 without a mask, 0 skipped): the ncut graph most likely had no cut: "
+            "every pair of token features was more similar than tau = -0.99") in res.output
+    assert "drop_key_bias = true" in res.output
+    saved = json.loads((tmp_path / "o" / "run.json").read_text())["warnings"]["no_mask"]
+    assert saved.startswith("no image got a mask")
+    ok = CliRunner().invoke(main, ["run", "tokencut", "--images", str(synth_images / "images"), "--out",
+                                   str(tmp_path / "t"), "--checkpoint", str(tiny_card), "--limit", "3"])
+    assert ok.exit_code == 0 and "no image got a mask" not in ok.output
+
+
+def test_empty_run_cause_names_the_constant_map_and_min_confidence():
+    from segfromxai.run.diagnose import empty_run_cause
+
+    uniform = parse_recipe({"explainers": {"uniform": {}}, "refine": {"method": "none"}}).to_dict()
+    gradcam = parse_recipe({"explainers": {"gradcam": {}}, "output": {"min_confidence": 0.9}}).to_dict()
+    assert empty_run_cause(uniform, {"labelled": 1, "no_mask": 4, "skipped": 0}) is None
+    assert empty_run_cause(uniform, {"labelled": 0, "no_mask": 0, "skipped": 0}) is None
+    assert "the fused map was constant" in empty_run_cause(uniform, {"labelled": 0, "no_mask": 2, "skipped": 0})
+    assert "the threshold (" in empty_run_cause(gradcam, {"labelled": 0, "no_mask": 2, "skipped": 1})
+    assert "min_confidence = 0.9" in empty_run_cause(gradcam, {"labelled": 0, "no_mask": 0, "skipped": 3})

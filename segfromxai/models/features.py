@@ -36,12 +36,13 @@ photos, where the fine-tuned model's tokens know only the synthetic shapes."""
 
 
 def feature_options(*, model: str = "auto", checkpoint: str = "", img_size: Annotated[int, Range(0)] = 0,
-                    feature: Feature = "k", block: int = -1) -> None:
+                    feature: Feature = "k", block: int = -1, drop_key_bias: bool = False) -> None:
     """A recipe's ``[features]``: where a refiner that needs token features (``ncut``) reads them. ``model``:
     ``"auto"`` (the classifier when it is a ViT, else the embedded ViT-S/14), ``"classifier"``, ``"embedded"``,
     ``"dinov2"`` (the self-supervised ViT-S/14 the embedded model was fine-tuned from) or a timm name, with local
     weights ``checkpoint``; ``img_size`` > 0 runs that model at another input size (one extra forward, no
-    backward); ``feature`` and ``block`` as in :func:`feature_layer`."""
+    backward); ``feature`` and ``block`` as in :func:`feature_layer`; ``drop_key_bias`` (ViT keys only) subtracts
+    the block's key bias from every key (:func:`key_bias`)."""
 
 
 def feature_layer(module: torch.nn.Module, *, feature: Feature = "k", block: int = -1) -> str:
@@ -68,6 +69,38 @@ def token_features(module: torch.nn.Module, out: torch.Tensor, feature: str, inp
         b, n, three_d = out.shape
         out = out.reshape(b, n, 3, three_d // 3)[:, :, "qkv".index(feature)]
     return tokens_to_grid(module, out, input_size).cpu().numpy()
+
+
+def key_bias(module: torch.nn.Module, block: int = -1) -> np.ndarray:
+    """The key part of a ViT block's ``attn.qkv`` bias, float32 (C,); zeros when the layer has no bias.
+
+    Attention is ``softmax_j(q_i . (k_j + b))`` and ``q_i . b`` is the same for every key ``j``, so the bias ``b``
+    shared by all keys never changes an attention weight: it is the part of the keys the model does not use. It
+    does dominate their cosines when it is large: in DINOv2's ViT-S/14 (Oquab et al. 2024) its norm (47.7 in the
+    last block) equals a key's typical norm, every pair of keys of a photo has cosine above 0.58, and TokenCut's
+    graph at ``tau = 0.2`` is complete, with no cut. DINO's ViT-S/16, on which TokenCut was tuned, has no such
+    offset.
+    """
+    if not is_vit(module):
+        raise ValueError("drop_key_bias needs a ViT's keys; this model is not a ViT")
+    qkv = module.blocks[block].attn.qkv
+    c = qkv.weight.shape[0] // 3
+    if qkv.bias is None:
+        return np.zeros(c, dtype=np.float32)
+    return qkv.bias.detach().float().cpu().numpy()[c:2 * c]
+
+
+def layer_features(module: torch.nn.Module, outputs: dict[str, torch.Tensor], spec: dict[str, Any],
+                   input_size: tuple[int, int]) -> np.ndarray:
+    """The token features float32 (B, fh, fw, C) of a ``[features]`` section ``spec`` from the recorded ``outputs``
+    of ``module`` (keyed by :func:`feature_layer`'s name), less the key bias when ``spec`` asks."""
+    layer = feature_layer(module, feature=spec["feature"], block=spec["block"])
+    out = token_features(module, outputs[layer], spec["feature"], input_size)
+    if spec.get("drop_key_bias"):
+        if spec["feature"] != "k":
+            raise ValueError(f"drop_key_bias applies to keys (feature = \"k\"), not {spec['feature']!r}")
+        out = out - key_bias(module, spec["block"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ backbones

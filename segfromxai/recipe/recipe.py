@@ -169,6 +169,9 @@ class Recipe:
         for refine in (d["refine"], d.get("domain", {}).get("refine", {})):
             if refine.get("retry_missed") == 0:  # nor those from before ncut's retry_missed
                 refine.pop("retry_missed")
+        for features in (d["features"], d.get("domain", {}).get("features", {})):
+            if features.get("drop_key_bias") is False:  # nor those from before [features] drop_key_bias
+                features.pop("drop_key_bias")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -224,6 +227,8 @@ def _features(given: Any) -> dict[str, Any]:
     out = _declared_section("features", given)
     if not out["model"]:
         raise _fail("features", f"model must be one of {', '.join(FEATURE_MODELS)} or a timm model name")
+    if out["drop_key_bias"] and out["feature"] != "k":
+        raise _fail("features", f"drop_key_bias applies to keys (feature = \"k\"), not {out['feature']!r}")
     return out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .artifacts import save_artifacts
+from .diagnose import empty_run_cause
 from .outdir import check_export_names, done_indices, finish, prepare_out, remove_run
 from ..fileio import atomic_write
 from .targets import fit_classes
@@ -287,7 +288,10 @@ def close_run(out: Path, job: Job, clock: Clock, processed: int, *, formats: tup
     summary["processed_now"] = processed
     summary.update(engine)
     summary["images_per_second"] = processed / sum(clock.seconds.values()) if processed else None
-    summary["warnings"] = job.warnings
+    summary["warnings"] = dict(job.warnings)
+    cause = empty_run_cause(summary["recipe"], summary["counts"])
+    if cause:
+        summary["warnings"]["no_mask"] = cause
     summary["peak_rss_mb"] = peak_rss_mb()  # of this process (the driver, on Ray)
     with atomic_write(out / "run.json") as f:
         json.dump(summary, f, indent=2)

@@ -29,7 +29,7 @@ from ..models.features import (
     backbone_key,
     backbone_outputs,
     feature_layer,
-    token_features,
+    layer_features,
     uses_classifier,
 )
 from ..recipe.checks import is_headless, needed_layers
@@ -234,8 +234,7 @@ def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor,
     out, by_backbone = {}, {}
     for key, spec in specs.items():
         if uses_classifier(model, spec):
-            layer = feature_layer(model.module, feature=spec["feature"], block=spec["block"])
-            out[key] = token_features(model.module, got.outputs[layer], spec["feature"], tuple(x.shape[-2:]))
+            out[key] = layer_features(model.module, got.outputs, spec, tuple(x.shape[-2:]))
         else:
             by_backbone.setdefault(backbone_key(spec), []).append((key, spec))
     for wanted in by_backbone.values():
@@ -245,7 +244,7 @@ def feature_maps(model: LoadedModel, recipes: Sequence[Recipe], x: torch.Tensor,
                   for key, spec in wanted}
         outs = backbone_outputs(bb, xb, list(dict.fromkeys(layers.values())))
         for key, spec in wanted:
-            out[key] = token_features(bb.module, outs[layers[key]], spec["feature"], tuple(xb.shape[-2:]))
+            out[key] = layer_features(bb.module, outs, spec, tuple(xb.shape[-2:]))
     return out
 
 
