@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from ..registry import Entry
+from ..ops.masks import keep_largest
 from ..ops.resize import check_size
 
 
@@ -275,8 +276,9 @@ def crf(soft: np.ndarray, image: np.ndarray, *, bias: float = 0.0, floor: float 
 def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: float = 0.6, iterations: int = 2, far: float = 0.25,
             radius: float = 0.12, eps: float = 3e-3) -> np.ndarray:
     """GrabCut (:func:`grabcut`), kept only where it agrees with the guided filter (:func:`guided`) of the same
-    soft map: when the two masks' IoU is below ``min_iou``, GrabCut's colour models have taken or dropped a region
-    (a road, a wall, half the object) and the guided filter's mask, which keeps the cut's outline, is returned.
+    soft map: when the IoU of the two masks' largest connected components (the object a ``keep = "largest"``
+    recipe keeps) is below ``min_iou``, GrabCut's colour models have taken or dropped a region (a road, a wall, half
+    the object) and the guided filter's mask, which keeps the cut's outline, is returned.
 
     GrabCut snaps outlines to colour edges and opens holes, which the guided filter cannot; on the dev benchmark it
     also carves parts off real objects and spreads into similar-coloured background, the failures the check
@@ -291,8 +293,9 @@ def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: float = 0.6, iterat
         raise ValueError(f"need 0 <= min_iou <= 1, got {min_iou}")
     snapped = guided(soft, image, radius=radius, eps=eps)
     carved = grabcut(soft, image, far=far, iterations=iterations)
-    union = np.logical_or(snapped, carved).sum()
-    agree = np.logical_and(snapped, carved).sum() / union if union else 1.0
+    a, b = keep_largest(snapped), keep_largest(carved)
+    union = np.logical_or(a, b).sum()
+    agree = np.logical_and(a, b).sum() / union if union else 1.0
     return carved if agree >= min_iou else snapped
 
 
