@@ -159,7 +159,7 @@ def test_subset_is_the_subset_field_else_the_file_name_prefix():
     assert subset_of("dev/grabcut_153093.jpg", {"subset": "grabcut", "source": "GrabCut (via RITM)"}) == "grabcut"
     assert subset_of("grabcut_153093.jpg", {"source": "GrabCut (via RITM)"}) == "grabcut"  # a source is provenance
     assert subset_of("images/davis345_044_car-turn.jpg", {"subset": ""}) == "davis345"
-    assert subset_of("quokka.jpg") == "quokka"
+    assert subset_of("quokka.jpg") == "" and subset_of("000042.png", {}) == ""  # no subset: counted in "all" only
 
 
 def test_paired_rows_compare_every_recipe_with_the_first_and_leave_out_undefined_images():

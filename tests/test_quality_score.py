@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from segfromxai.models.model import load_model
-from segfromxai.ops.resize import resize_bilinear
 from segfromxai.recipe.recipe import load_recipe, parse_recipe
 from segfromxai.run.local import run
 from segfromxai.stages.quality import (
@@ -16,7 +15,6 @@ from segfromxai.stages.quality import (
     WEIGHTS,
     border_share,
     cohesion,
-    contrast,
     quality_score,
     quality_terms,
 )
@@ -45,12 +43,6 @@ def test_border_share_is_the_outer_ring_covered():
     assert border_share(np.ones((10, 10), bool)) == 1.0
 
 
-def test_contrast_is_the_mean_inside_minus_the_mean_outside():
-    obj, fused_px, _, _ = scene()
-    assert contrast(obj, fused_px) == pytest.approx(0.8)
-    assert contrast(np.zeros_like(obj), fused_px) == 0.0 and contrast(np.ones_like(obj), fused_px) == 0.0
-
-
 def test_cohesion_matches_a_plain_loop_and_prefers_the_true_split():
     obj, _, tokens, _ = scene()
     t = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
@@ -68,19 +60,17 @@ def test_cohesion_matches_a_plain_loop_and_prefers_the_true_split():
 
 
 def test_the_score_ranks_a_good_mask_above_a_bad_one():
-    obj, fused_px, tokens, explained = scene()
+    obj, _, tokens, _ = scene()
     frame = np.zeros_like(obj)  # the background along the frame: the classic wrong side of a cut
     frame[:8], frame[-8:], frame[:, :8], frame[:, -8:] = True, True, True, True
-    terms = {name: quality_terms(m, fused_px=fused_px, confidence=0.8, refined=[obj], explained=explained,
-                                 tokens=tokens) for name, m in [("good", obj), ("bad", frame)]}
-    inside = resize_bilinear(explained.astype(np.float32), obj.shape) >= 0.5  # the grid's mask at image size
-    assert terms["good"] == pytest.approx({"border": 0.0, "contrast": 0.8, "confidence": 0.8,
-                                           "cohesion": cohesion(obj, tokens), "kept": 1.0,
-                                           "explained": (obj & inside).sum() / obj.sum()})
-    assert terms["good"]["explained"] > 0.95  # only the square's corners round off
-    assert terms["bad"]["border"] == 1.0 and terms["bad"]["kept"] == 0.0 and terms["bad"]["explained"] == 0.0
+    terms = {name: quality_terms(m, confidence=0.5, refined=[obj], tokens=tokens)
+             for name, m in [("good", obj), ("bad", frame)]}
+    assert terms["good"] == pytest.approx({"border": 0.0, "area": 0.25, "confidence": 0.5,
+                                           "cohesion": cohesion(obj, tokens), "kept": 1.0})
+    assert terms["bad"] == pytest.approx({"border": 1.0, "area": 1 - 48 * 48 / 64 / 64, "confidence": 0.5,
+                                          "cohesion": cohesion(frame, tokens), "kept": 0.0})
     good, bad = quality_score(terms["good"]), quality_score(terms["bad"])
-    assert 0.0 <= bad < good <= 1.0 and good - bad > 0.3
+    assert 0.0 <= bad < good <= 1.0 and good - bad > 0.5
     assert set(WEIGHTS) == set(TERMS)
     by_hand = BIAS + sum(WEIGHTS[t] * terms["good"][t] for t in TERMS)
     assert good == pytest.approx(min(max(by_hand, 0.0), 1.0))

@@ -78,13 +78,13 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
 
 def subset_of(file_name: str, entry: dict[str, Any] | None = None) -> str:
     """The subset of a ground-truth image: ``entry["subset"]``, else the base file name's prefix before the first
-    ``_`` (the stem when it has none). A ``source`` field is not used: in the sets we know it names the file's
-    origin (a path, a repository), one per image."""
+    ``_``, else ``""`` (no subset: a name without ``_``, such as synth's ``000042.png``). A ``source`` field is not
+    used: in the sets we know it names the file's origin (a path, a repository), one per image."""
     entry = entry or {}
     if entry.get("subset"):
         return str(entry["subset"])
     stem = PurePosixPath(file_name).stem
-    return stem.split("_", 1)[0]
+    return stem.split("_", 1)[0] if "_" in stem else ""
 
 
 def paired_rows(per_image: list[dict[str, Any]], recipes: Sequence[str], *, key: str = "iou",
@@ -109,10 +109,10 @@ def paired_rows(per_image: list[dict[str, Any]], recipes: Sequence[str], *, key:
 
 def subset_rows(per_image: list[dict[str, Any]], recipes: Sequence[str], *, key: str = "iou"
                 ) -> list[dict[str, Any]]:
-    """Per-image mean of ``key`` of every recipe per subset (rows need ``subset``), then over ``all``: rows with
+    """Per-image mean of ``key`` of every recipe per subset (rows need ``subset``; ``""``: none), then over ``all``: rows with
     ``subset``, ``images`` (images in the subset) and one column per recipe (mean over images where it is
     defined)."""
-    subsets = sorted({row["subset"] for row in per_image})
+    subsets = sorted({row["subset"] for row in per_image} - {""})  # images without a subset count in "all" only
     out = []
     for s in [*subsets, "all"]:
         rows = [r for r in per_image if s == "all" or r["subset"] == s]

@@ -159,16 +159,12 @@ def label_image(fused: np.ndarray, size: tuple[int, int], recipe: Recipe, featur
     return cut_image(fused, size, recipe, features, image, snap=True).masks or []
 
 
-def scored_masks(cut: Cut, fused: np.ndarray, confidence: float, tokens: np.ndarray | None
+def scored_masks(cut: Cut, confidence: float, tokens: np.ndarray | None
                  ) -> tuple[list[np.ndarray], list[float], list[dict[str, float]]]:
     """The cut's final masks, their quality scores and the terms behind them
-    (:mod:`segfromxai.stages.quality`; ``fused``: the fused map on its grid; ``tokens``: the refiner's features)."""
+    (:mod:`segfromxai.stages.quality`; ``tokens``: the refiner's features)."""
     masks = cut.masks or []
-    if not masks:
-        return [], [], []
-    fused_px = resize_bilinear(fused, masks[0].shape)
-    terms = [quality_terms(m, fused_px=fused_px, confidence=confidence, refined=cut.refined,
-                           explained=cut.explained, tokens=tokens) for m in masks]
+    terms = [quality_terms(m, confidence=confidence, refined=cut.refined, tokens=tokens) for m in masks]
     return masks, [quality_score(t) for t in terms], terms
 
 
@@ -294,7 +290,7 @@ def label_maps(model: LoadedModel, recipe: Recipe, maps: dict[str, torch.Tensor]
         f = (feats or {}).get(features_key(stages))
         f = None if f is None else f[j]
         cut = cut_image(fused[j], sizes[j], stages, f, None if images is None else images[j], snap=True)
-        return scored_masks(cut, fused[j], float(conf[j]), f)
+        return scored_masks(cut, float(conf[j]), f)
 
     with clock("refine"):
         labelled = dict(zip(todo, thread_map(one, todo)))
