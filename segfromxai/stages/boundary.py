@@ -274,7 +274,7 @@ def crf(soft: np.ndarray, image: np.ndarray, *, bias: float = 0.0, floor: float 
 
 
 def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: float = 0.6, iterations: int = 2, far: float = 0.25,
-            radius: float = 0.12, eps: float = 3e-3) -> np.ndarray:
+            work_side: int = 320, radius: float = 0.12, eps: float = 3e-3) -> np.ndarray:
     """GrabCut (:func:`grabcut`), kept only where it agrees with the guided filter (:func:`guided`) of the same
     soft map: when the IoU of the two masks' largest connected components (the object a ``keep = "largest"``
     recipe keeps) is below ``min_iou``, GrabCut's colour models have taken or dropped a region (a road, a wall, half
@@ -282,8 +282,9 @@ def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: float = 0.6, iterat
 
     GrabCut snaps outlines to colour edges and opens holes, which the guided filter cannot; on the dev benchmark it
     also carves parts off real objects and spreads into similar-coloured background, the failures the check
-    catches. ``min_iou`` = 0.6 was chosen there (README: "Deciding on evidence"); GrabCut runs with its own
-    defaults otherwise (``pad``, ``work_side``, ``init_stride``).
+    catches. ``min_iou`` = 0.6 was chosen there (README: "Deciding on evidence"); ``iterations``, ``far`` and
+    ``work_side`` are GrabCut's, ``radius`` and ``eps`` the guided filter's; GrabCut's ``pad`` and ``init_stride``
+    keep their defaults.
 
     Returns
     -------
@@ -292,7 +293,7 @@ def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: float = 0.6, iterat
     if not 0 <= min_iou <= 1:
         raise ValueError(f"need 0 <= min_iou <= 1, got {min_iou}")
     snapped = guided(soft, image, radius=radius, eps=eps)
-    carved = grabcut(soft, image, far=far, iterations=iterations)
+    carved = grabcut(soft, image, far=far, iterations=iterations, work_side=work_side)
     a, b = keep_largest(snapped), keep_largest(carved)
     union = np.logical_or(a, b).sum()
     agree = np.logical_and(a, b).sum() / union if union else 1.0
