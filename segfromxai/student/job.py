@@ -87,7 +87,7 @@ def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel,
                           progress=progress, on_epoch=on_epoch, device=model.device)
         extra = {"config": config.to_dict(), "round": round_, "mode": job.labeller.mode,
                  "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out,
-                 "input_size": list(job.input_size)}
+                 "input_size": list(job.input_size), "labeller": job.labeller.to_dict()}
         save_round(folder, head, model, channels=job.channels, key=key, extra=extra)
         ckpt.unlink(missing_ok=True)
     return head
