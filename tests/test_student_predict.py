@@ -71,6 +71,8 @@ def test_predict_writes_what_run_writes_and_skips_bad_files(trained, messy, synt
                "--format", "yolo", "--batch-size", "5", "--gt", synth_images / "annotations.json")
     assert r.exit_code == 0, r.output
     assert "14 images: " in r.output and "2 failed" in r.output and "IoU" in r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("progress: ")]  # off a terminal: lines
+    assert lines[0].startswith("progress: 0/14 images") and lines[-1].startswith("progress: 14/14 images")
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["file_name"] for f in failures) == ["notes.jpg", "truncated.png"] and all(f["reason"] for f in failures)
     coco = COCO(str(out / "pseudo_labels.json"))
