@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .io.exporters import EXPORTERS
+from .io.progress import LazyBar
 from .options import (
     CompareOptions,
     ModelOptions,
+    PredictOptions,
     RunOptions,
     StudentOptions,
     features_options,
@@ -193,11 +195,8 @@ def run(**kw: Any) -> None:
             raise click.UsageError("--engine ray needs Ray: pip install 'segfromxai[ray]'") from e
     model, model_args = resolve_model(opts.model, [rec])
     summary = _label(opts, rec, model, model_args, targets, shard)
-    c, out = summary["counts"], opts.out
-    click.echo(f"{c['found']} images: {c['labelled']} labelled ({c['annotations']} masks), {c['no_mask']} without "
-               f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
-    if c["failed"]:
-        click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
+    out = opts.out
+    _echo_counts(summary, out)
     _echo_warnings(summary, opts.labels.labels, out)
     if opts.gt is not None and opts.skip_empty:
         click.echo("note: --skip-empty left the images without a mask out of pseudo_labels.json, so the evaluation "
@@ -214,7 +213,7 @@ def _label(opts: RunOptions, rec: Recipe, model: LoadedModel, model_args: dict[s
     """Label the run with the local or the Ray engine, with a progress bar; returns the run summary."""
     from .run.local import run as run_recipe
 
-    progress = _Progress()
+    progress = LazyBar()
     common = dict(model=model, targets=targets, batch_size=opts.batch_size, limit=opts.limit, formats=opts.formats,
                   resume=bool(opts.resume), overwrite=opts.resume is False, seed=opts.seed, shard=shard,
                   progress=progress, skip_empty=opts.skip_empty)
@@ -229,29 +228,20 @@ def _label(opts: RunOptions, rec: Recipe, model: LoadedModel, model_args: dict[s
         progress.close()
 
 
-class _Progress:
-    """The engines' ``progress(advance, total)``: a bar (:func:`_progress_bar`) made at the first call."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def __call__(self, advance: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = _progress_bar(total, advance)
-        else:
-            self.bar.update(advance)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _check_out(out: Path) -> None:
     """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
     from .run.outdir import check_out
 
     with usage_errors(ValueError, FileExistsError):
         check_out(out)
+
+
+def _echo_counts(summary: dict, out: Path) -> None:
+    c = summary["counts"]
+    click.echo(f"{c['found']} images: {c['labelled']} labelled ({c['annotations']} masks), {c['no_mask']} without "
+               f"a mask, {c['skipped']} skipped, {c['failed']} failed -> {out / 'pseudo_labels.json'}")
+    if c["failed"]:
+        click.echo(f"failures listed in {out / 'failures.jsonl'}", err=True)
 
 
 def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
@@ -261,16 +251,6 @@ def _echo_warnings(summary: dict, labels: Path | None, out: Path) -> None:
                    f"{', '.join(w['labels_without_image_first'][:5])}); listed in {out / 'run.json'}", err=True)
     if w.get("no_mask"):
         click.echo(f"warning: {w['no_mask']}", err=True)
-
-
-def _progress_bar(total: int, initial: int):
-    """A tqdm bar on a terminal; elsewhere (a log, a pipe, a job scheduler) a progress line every 100 images or
-    30 seconds on stderr."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, unit="img")
-    from .io.progress import LogProgress
-    return LogProgress(total, initial, stream=sys.stderr)
 
 
 def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | None, images: Path | None,
@@ -393,12 +373,13 @@ def compare_cmd(**kw: Any) -> None:
         click.echo(f"wrote compare.json and its CSV files to {opts.out}")
 
 
-@main.command("student")
-@click.option("--train", "train_run", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="a run folder: the student learns its pseudo_labels.json on the images it labelled")
-@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="images to predict (the training folder: only a held-out share, see --val-fraction)")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
+@main.group("student", invoke_without_command=True)
+@click.option("--train", "train_run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="a run folder: the student learns its pseudo_labels.json on the images it labelled  [required]")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="images to predict (the training folder: only a held-out share, see --val-fraction)  [required]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output folder  [required]")
 @click.option("--pseudo", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="a run folder over --images: its pseudo-labels join the table (pseudo vs GT, pseudo vs student)")
 @click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
@@ -436,11 +417,22 @@ def compare_cmd(**kw: Any) -> None:
 @click.option("--token-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the trunk's cached tokens, reused by later jobs on the same images [default: OUT/tokens]")
 @model_options
-def student_cmd(**kw: Any) -> None:
+@click.pass_context
+def student_cmd(ctx: click.Context, **kw: Any) -> None:
     """Train a student segmenter (a light head on the frozen classifier trunk) on a run's pseudo-labels, predict
-    --images (student_labels.json), self-train --rounds, and with --gt print the table after each round."""
+    --images (student_labels.json), self-train --rounds, and with --gt print the table after each round.
+
+    `segfromxai student predict --student DIR --images DIR --out DIR` labels a folder with a trained student."""
     from .student.job import train_student
 
+    if ctx.invoked_subcommand is not None:
+        if any(kw[k] is not None for k in ("train_run", "images", "out")):
+            raise click.UsageError(f"the training options go without a subcommand: `segfromxai student "
+                                   f"{ctx.invoked_subcommand}` takes its own (see its --help)")
+        return
+    for param in ("train_run", "images", "out"):
+        if kw[param] is None:
+            raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == param))
     opts = StudentOptions(**kw)
     config = opts.config()
     model, _ = resolve_model(opts.model)
@@ -450,6 +442,47 @@ def student_cmd(**kw: Any) -> None:
                                 pseudo=opts.pseudo, progress=sys.stderr.isatty(), log=click.echo, cache=cache)
     held = " (held out of training)" if summary["held_out"] else ""
     click.echo(f"{summary['n_predicted']} images predicted{held} -> {opts.out / 'student_labels.json'}")
+
+
+@student_cmd.command("predict")
+@click.option("--student", "student", type=click.Path(exists=True, path_type=Path), required=True,
+              help="a trained student: the folder `segfromxai student` wrote (its last round), a round_<r> folder "
+                   "or its card.json")
+@click.option("--images", type=click.Path(exists=True, path_type=Path), required=True,
+              help="image folder (searched recursively) or one image")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="output folder")
+@click.option("--format", "formats", type=click.Choice(sorted(EXPORTERS)), multiple=True,
+              help="extra exports (repeatable); COCO is always written")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="images per chunk")
+@limit_option
+@click.option("--resume/--overwrite", default=None,
+              help="continue an interrupted job in --out, or start it again (default: refuse to touch one)")
+@click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
+              help="ground truth (COCO file or PNG label folder): evaluate the masks, write metrics and report.html")
+@click.option("--boundary", default=None, help="boundary method for the masks (default: the student's own)")
+@click.option("--skip-empty", is_flag=True, help="leave images without a mask out of pseudo_labels.json")
+@click.option("--device", default="cpu", show_default=True, help="torch device")
+def student_predict_cmd(**kw: Any) -> None:
+    """Label a folder with a trained student and write what `run` writes (COCO, exports, run.json, failures)."""
+    from .student.label import label_folder, open_student
+
+    opts = PredictOptions(**kw)
+    _check_out(opts.out)
+    with usage_errors(ValueError, FileNotFoundError):
+        student = open_student(opts.student, boundary=opts.boundary, device=opts.device)
+    progress = LazyBar()
+    try:
+        with usage_errors(FileExistsError, ValueError):
+            summary = label_folder(student, opts.images, opts.out, batch_size=opts.batch_size, limit=opts.limit,
+                                   formats=opts.formats, resume=bool(opts.resume), overwrite=opts.resume is False,
+                                   progress=progress, skip_empty=opts.skip_empty)
+    finally:
+        progress.close()
+    _echo_counts(summary, opts.out)
+    if opts.gt is not None:
+        images = opts.images if opts.images.is_dir() else opts.images.parent
+        _evaluate(opts.out / "pseudo_labels.json", opts.gt, None, opts.out, images, None,
+                  {k: summary[k] for k in ("recipe", "model", "versions", "counts")})
 
 
 def _entry() -> None:  # pragma: no cover - `python -m segfromxai`

@@ -3,8 +3,8 @@ where a command's recipes and classifier are resolved.
 
 A group decorator (:data:`model_options`, :data:`features_options`, :func:`label_options`) declares its options once
 and hands the command one dataclass in their place; a command then builds its own options (:class:`RunOptions`,
-:class:`CompareOptions`, :class:`StudentOptions`) from its keyword arguments. Library imports are made inside the
-functions, so that ``segfromxai --help`` stays fast.
+:class:`CompareOptions`, :class:`StudentOptions`, :class:`PredictOptions`) from its keyword arguments. Library
+imports are made inside the functions, so that ``segfromxai --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -260,3 +260,20 @@ class StudentOptions:
                                  val_fraction=self.val_fraction, holdout=not self.score_train,
                                  boundary=self.boundary, soft=self.soft, img_size=self.img_size,
                                  head_weights=self.head_weights)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """``segfromxai student predict``'s options."""
+
+    student: Path
+    images: Path
+    out: Path
+    formats: tuple[str, ...]
+    batch_size: int
+    limit: int | None
+    resume: bool | None
+    gt: Path | None
+    boundary: str | None
+    skip_empty: bool
+    device: str

@@ -12,8 +12,9 @@ run's finished images are in the count, not in the rate).
 from __future__ import annotations
 
 import math
+import sys
 import time
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 
 def duration(seconds: float) -> str:
@@ -82,3 +83,32 @@ class LogProgress:
         """Print the final state, unless the last line already shows it."""
         if self.last_done != self.done:
             self.line(self.clock())
+
+
+def progress_bar(total: int, initial: int, *, stream: TextIO | None = None) -> Any:
+    """A tqdm bar on a terminal; elsewhere (a log, a pipe, a job scheduler) a :class:`LogProgress` line every 100
+    images or 30 seconds, on ``stream`` (default: ``sys.stderr``)."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, unit="img", file=stream)
+    return LogProgress(total, initial, stream=stream)
+
+
+class LazyBar:
+    """The engines' ``progress(advance, total)``: a :func:`progress_bar` made at the first call (which gives the
+    total and the images already done), updated by the later ones."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.bar: Any = None
+        self.stream = stream
+
+    def __call__(self, advance: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total, advance, stream=self.stream)
+        else:
+            self.bar.update(advance)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

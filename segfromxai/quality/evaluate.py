@@ -38,7 +38,7 @@ import numpy as np
 from ..io.coco import AGNOSTIC_CLASS, export_name
 from ..fileio import atomic_write
 from ..io.png import IGNORE
-from .metrics import METRICS, Counts, confusion, summarise
+from .metrics import METRICS, Counts, confusion, spearman, summarise
 
 
 def _quiet(fn, *args, **kwargs):
@@ -338,11 +338,46 @@ def write_evaluation(out: str | Path, results: dict[str, dict[str, Any]], *, wor
     with atomic_write(out / "metrics.json") as f:
         json.dump(json_safe(doc), f, indent=2, allow_nan=False)
     with atomic_write(out / "per_image.csv") as f:
-        rows = [{"comparison": name, **row} for name, r in results.items() for row in r["per_image"]]
+        rows = per_image_rows(results)
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+
+
+AGREEMENT = "pseudo vs student IoU"
+"""The per-image column of a table with the student's masks: the IoU of the image's pseudo-label with the student's
+mask (ViTmiX's "pseudo vs student"), a label-free flag of a bad pseudo-label."""
+
+
+def agreement(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per pseudo-labelled image (file name), the IoU of its pseudo-label with the student's mask (the rows of the
+    "pseudo vs student" comparison); empty without that comparison."""
+    return {row["file_name"]: row["iou"] for row in results.get("pseudo vs student", {}).get("per_image", [])}
+
+
+def per_image_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every comparison's per-image rows, each led by its comparison's name and, when the student's masks are
+    compared, ending with the image's :data:`AGREEMENT` (NaN where the image has none)."""
+    agree = agreement(results)
+    to_pseudo = {row["reference"]: row["file_name"] for row in results.get("pseudo vs student", {}).get("per_image",
+                                                                                                     [])}
+    rows = []
+    for name, r in results.items():
+        for row in r["per_image"]:
+            key = to_pseudo.get(row["file_name"]) if name == "student vs GT" else row["file_name"]
+            rows.append({"comparison": name, **row, **({AGREEMENT: agree.get(key, math.nan)} if agree else {})})
+    return rows
+
+
+def agreement_spearman(results: dict[str, dict[str, Any]]) -> float:
+    """Spearman's rank correlation (:func:`segfromxai.quality.metrics.spearman`) over images of the pseudo-labels'
+    agreement with the student (:func:`agreement`) and their true IoU (the "pseudo vs GT" comparison's): how well
+    the agreement ranks the pseudo-labels by quality. NaN without both comparisons or with fewer than two images."""
+    agree = agreement(results)
+    rows = results.get("pseudo vs GT", {}).get("per_image", [])
+    pairs = [(agree[r["file_name"]], r["iou"]) for r in rows if r["file_name"] in agree]
+    return spearman([a for a, _ in pairs], [t for _, t in pairs])
 
 
 def comparisons(pred: str | Path, *, gt: str | Path | None = None, student: str | Path | None = None,
@@ -426,9 +461,10 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
                             images: str | Path | None = None, maps: str | Path | None = None, n_sheets: int = 6,
                             title: str = "segfromxai quality report") -> Path:
     """``out/report.html`` for these comparisons: the summary table, a histogram of per-image IoU (one colour per
-    comparison), the per-category table and every evaluated image of every comparison, and contact sheets of the
-    ``n_sheets`` best and worst images by the first comparison's IoU. A sheet shows the image, the fused heatmap,
-    the pseudo mask, the ground truth and the student's mask (when given); its caption gives each comparison's IoU.
+    comparison), the per-category table, every evaluated image of every comparison (worst :data:`AGREEMENT` first
+    when the student is compared), and sheets of the ``n_sheets`` best and worst images by the first comparison's
+    IoU. A sheet shows the image, the fused heatmap, the pseudo mask, the ground truth and the student's mask (when
+    given); its caption gives each comparison's IoU.
 
     ``images``: the image folder (for the sheets; grey tiles without it); ``maps``: a run's ``maps/`` folder
     (``--maps``) for the fused heatmaps.
@@ -448,8 +484,10 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
     ranked = [r for r in worst(first, len(first["per_image"])) if not math.isnan(r["iou"])]
     best = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[::-1][:n_sheets]]
     bad = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[:n_sheets]]
-    keep = ("file_name", "categories", "predicted", *METRICS)
-    rows = [{"comparison": name, **{k: row[k] for k in keep}} for name, r in results.items() for row in r["per_image"]]
+    keep = ("comparison", "file_name", "categories", "predicted", *METRICS, AGREEMENT)
+    rows = [{k: row[k] for k in keep if k in row} for row in per_image_rows(results)]
+    if AGREEMENT in (rows[0] if rows else {}):  # worst agreement first: the pseudo-labels to look at
+        rows.sort(key=lambda row: (math.isnan(row[AGREEMENT]), row[AGREEMENT], row["file_name"]))
     notes = [w for r in results.values() for w in r.get("warnings", [])]
     if first["missing_in_pred"]:
         notes.append(f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped): "

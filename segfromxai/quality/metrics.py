@@ -101,3 +101,26 @@ def summarise(counts: Iterable[Counts], names: Iterable[str] | None = None) -> d
         out[name] = {"per_image_mean": finite_mean(values), "pooled": metric.from_counts(*total),
                      "n": sum(not math.isnan(v) for v in values)}
     return out
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of the values of ``x`` (1-D), tied values given the mean of their ranks, float64."""
+    values, inverse, counts = np.unique(np.asarray(x, np.float64), return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts + 1) / 2.0)[inverse.reshape(-1)]
+
+
+def spearman(a: Iterable[float], b: Iterable[float]) -> float:
+    """Spearman's rank correlation of paired values (Pearson's correlation of their :func:`ranks`, ties averaged),
+    in [-1, 1]: 1 when ``b`` rises with ``a``. Pairs where either value is NaN or infinite are left out; NaN when
+    fewer than two pairs remain or either side's ranks are all equal (undefined). Neither direction is better: it
+    says how well one ordering predicts the other."""
+    x, y = np.asarray(list(a), np.float64), np.asarray(list(b), np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs paired values, got {x.shape} and {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    rx, ry = ranks(x[ok]), ranks(y[ok])
+    if ok.sum() < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))

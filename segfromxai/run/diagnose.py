@@ -45,6 +45,9 @@ def empty_run_cause(recipe: dict[str, Any], counts: dict[str, int]) -> str | Non
     if not counts.get("no_mask", 0):
         return (f"{head}: every image was skipped, below [output] min_confidence = "
                 f"{recipe['output']['min_confidence']} or without a label")
+    if "student" in recipe:  # a student's labels (segfromxai student predict): no explanation, no cut
+        return (f"{head}: the student predicted background everywhere, or [masks] min_area = "
+                f"{recipe.get('masks', {}).get('min_area')} removed every mask")
     constant = set(recipe.get("explainers", {})) <= CONSTANT_EXPLAINERS
     if recipe["refine"]["method"] == "ncut":
         cause = _ncut_cause(recipe, constant)

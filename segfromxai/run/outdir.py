@@ -256,13 +256,17 @@ def finish(out: Path, manifests: list[Manifest], *, formats: tuple[str, ...] = (
            skip_empty: bool = False) -> dict[str, Any]:
     """Write the dataset files of ``out`` from the manifests (streamed, atomic) and return the summary.
 
+    The categories are the header's ``categories`` when it has them (a student labels with its training run's),
+    else one per ``classes`` entry (id = class index + 1).
+
     ``skip_empty`` leaves the images without a mask out of ``pseudo_labels.json`` (a training file where every
     image has a target); the exports (:data:`EXPORTERS`, each in its folder) keep them (an all-background PNG, an
     empty YOLO label file)."""
     exporters = {name: lookup(EXPORTERS, name, "format") for name in sorted(set(formats))}
     header = manifests[0].read_header() or {}
     recipe, classes = header["resolved"], header["classes"]
-    categories = [{"id": k + 1, "name": c, "supercategory": AGNOSTIC_CLASS} for k, c in enumerate(classes)]
+    categories = header.get("categories") or [{"id": k + 1, "name": c, "supercategory": AGNOSTIC_CLASS}
+                                              for k, c in enumerate(classes)]
     labelled = records(manifests, ("ok", "empty"))
     info = {"description": f"segfromxai pseudo-labels ({recipe['name']})", "version": versions()["segfromxai"],
             "recipe": recipe, "model": header["model"], "versions": versions()}

@@ -10,6 +10,7 @@ flow (each module imports only those above it in this list):
 - :mod:`.targets`: training targets from the pseudo-labels and, for self-training, from the previous student;
 - :mod:`.train`: training a head, its checkpoints, and finished rounds (saved, reloaded, ``load_student``);
 - :mod:`.predict`: a trained head's masks as COCO records (``Labeller``, ``predict``);
+- :mod:`.label`: a trained student labelling a folder as ``run`` does (``open_student``, ``label_folder``);
 - :mod:`.job`: the ``student`` job that ties them (``train_student``), its scores and report.
 
 May import everything below it; only the CLI and the catalog import it.

@@ -87,7 +87,7 @@ def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel,
                           progress=progress, on_epoch=on_epoch, device=model.device)
         extra = {"config": config.to_dict(), "round": round_, "mode": job.labeller.mode,
                  "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out,
-                 "input_size": list(job.input_size)}
+                 "input_size": list(job.input_size), "labeller": job.labeller.to_dict()}
         save_round(folder, head, model, channels=job.channels, key=key, extra=extra)
         ckpt.unlink(missing_ok=True)
     return head
@@ -125,13 +125,14 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
     ``pseudo`` ``metrics.json`` and ``per_image.csv``), then the last round's ``out/student_labels.json``,
     ``out/metrics.json`` (:func:`segfromxai.quality.evaluate.write_evaluation`'s format), ``out/report.html`` (the
     evaluation report with the student column and contact sheets, images from ``images``) and ``out/student.json``
-    (the headline numbers of every round). ``pseudo`` is a run folder over ``images`` (default, when the student
-    holds out part of the training folder: the training run); its labels are scored on the images the student
-    predicts (``out/pseudo_scored.json``). ``log`` receives each round's table. ``cache``: the folder of the
-    trunk's tokens (:func:`stored_tokens`; relative: under ``out``; None: kept in memory only). Returns
-    ``student.json``'s content.
+    (the headline numbers of every round, with ``agreement_spearman``: the Spearman of the per-image pseudo vs
+    student IoU with the true IoU, :func:`segfromxai.quality.evaluate.agreement_spearman`). ``pseudo`` is a run
+    folder over ``images`` (default, when the student holds out part of the training folder: the training run);
+    its labels are scored on the images the student predicts (``out/pseudo_scored.json``). ``log`` receives each
+    round's table. ``cache``: the folder of the trunk's tokens (:func:`stored_tokens`; relative: under ``out``;
+    None: kept in memory only). Returns ``student.json``'s content.
     """
-    from ..quality.evaluate import headline, table, write_evaluation
+    from ..quality.evaluate import agreement_spearman, headline, table, write_evaluation
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,12 +150,15 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
         labels = out / f"round_{r}" / "student_labels.json"
         write_labels(labels, records, job.labeller, label_info(job, config, r))
         results = score(labels, gt=gt, pseudo=scored)
+        rho = agreement_spearman(results)
         if results:
             write_evaluation(labels.parent, results)
             if log is not None:
                 log(f"round {r} ({job.labeller.mode} {config.head} student, {int(job.keep.sum())} training "
-                    f"images, {len(job.split.test)} scored):\n" + table({n: headline(x) for n, x in results.items()}))
-        rounds.append({"round": r, "n_train": int(job.keep.sum()),
+                    f"images, {len(job.split.test)} scored):\n" + table({n: headline(x) for n, x in results.items()})
+                    + ("" if np.isnan(rho) else f"\nagreement as a quality flag: Spearman {rho:.3f} of pseudo vs "
+                       "student IoU with pseudo vs GT IoU, over images"))
+        rounds.append({"round": r, "n_train": int(job.keep.sum()), "agreement_spearman": rho,
                        "table": {n: headline(x) for n, x in results.items()}})
         if r < config.rounds:
             job.targets, job.keep = student_targets(head, job.train, job.input_size,

@@ -42,6 +42,18 @@ class Labeller:
     boundary_params: dict[str, Any] = field(default_factory=dict)
     soft: str = "ramp"
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (a student's model card keeps them, so that a folder is labelled without the training
+        run); ``class_category``'s keys as strings."""
+        d = dict(self.__dict__)
+        d["class_category"] = {str(k): v for k, v in self.class_category.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Labeller":
+        """The labeller :meth:`to_dict` wrote."""
+        return cls(**{**d, "class_category": {int(k): int(v) for k, v in d["class_category"].items()}})
+
 
 def student_boundary(recipe: dict[str, Any], method: str | None = None) -> tuple[str, dict[str, Any]]:
     """The boundary method and parameters of a student's masks: the training run's recipe's ``[boundary]``
@@ -93,11 +105,11 @@ def annotations_of(probs: np.ndarray, class_probs: np.ndarray, lab: Labeller, *,
     return out
 
 
-def predict(head: nn.Module, tokens: Tokens, lab: Labeller, *, chunk: int = 16, workers: int | None = None
-            ) -> list[dict]:
+def predict(head: nn.Module, tokens: Tokens, lab: Labeller, *, chunk: int = 16, workers: int | None = None,
+            guides: list[np.ndarray] | None = None) -> list[dict]:
     """COCO records (see :mod:`segfromxai.io.coco`) of every image of ``tokens``: image ids 1, 2, ... in order, each
-    image written with or without masks, as ``run`` writes them. The boundary stage (unless ``none``) reads each
-    image from ``tokens.root`` as its guide.
+    image written with or without masks, as ``run`` writes them. The boundary stage (unless ``none``) takes each
+    image as its guide: ``guides[i]`` (uint8 (H, W, 3), already read) when given, else read from ``tokens.root``.
 
     ``chunk`` images at a time: their probabilities come from the head in this thread (no gradient), then their
     masks (image read, boundary stage, cleaning) on ``workers`` threads with a one-thread BLAS
@@ -105,7 +117,7 @@ def predict(head: nn.Module, tokens: Tokens, lab: Labeller, *, chunk: int = 16, 
     the records do not depend on ``workers``."""
     from ..run.pipeline import thread_map
 
-    if lab.boundary != "none" and tokens.root is None:
+    if lab.boundary != "none" and tokens.root is None and guides is None:
         raise ValueError(f"boundary method {lab.boundary!r} needs the images: tokens without a root folder")
     grid = tuple(tokens.grid.shape[2:4])
     records = []
@@ -115,7 +127,10 @@ def predict(head: nn.Module, tokens: Tokens, lab: Labeller, *, chunk: int = 16, 
             probs = {i: view_probs(head, tokens.grid[i:i + 1, :1], tuple(tokens.sizes[i]))[0].numpy() for i in idx}
 
         def masks_of(i: int) -> list[dict]:
-            guide = load_image(Path(tokens.root) / tokens.names[i]) if lab.boundary != "none" else None
+            if lab.boundary == "none":
+                guide = None
+            else:
+                guide = guides[i] if guides is not None else load_image(Path(tokens.root) / tokens.names[i])
             return annotations_of(probs[i], tokens.probs[i], lab, image=guide, grid=grid)
 
         for i, anns in zip(idx, thread_map(masks_of, idx, workers)):

@@ -78,7 +78,7 @@ def student_trunk(model: LoadedModel, img_size: int = 0, *, pixels: bool = False
     return Backbone(model.module, model.preprocess, model.source)
 
 
-def _batch_tokens(model: LoadedModel, trunk: Backbone, ims: list[np.ndarray], flip: bool
+def batch_tokens(model: LoadedModel, trunk: Backbone, ims: list[np.ndarray], flip: bool
                   ) -> tuple[torch.Tensor, np.ndarray]:
     """Token grids (B, V, gh, gw, D) float16 of a batch of images, and the classifier's probabilities (B, C) at its
     own input size (the class ``run`` explains, also when the trunk runs at another size)."""
@@ -104,7 +104,7 @@ def cache_tokens(model: LoadedModel, root: str | Path, names: list[str], *, flip
         for s in tqdm(range(0, len(names), batch_size), desc=desc, leave=False, disable=not progress):
             ims = [load_image(root / n) for n in names[s:s + batch_size]]
             sizes += [im.shape[:2] for im in ims]
-            g, p = _batch_tokens(model, trunk, ims, flip)
+            g, p = batch_tokens(model, trunk, ims, flip)
             grids.append(g)
             probs.append(p)
     d = trunk.module.num_features

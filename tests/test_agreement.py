@@ -1,0 +1,98 @@
+"""Agreement as a quality flag: the per-image IoU of pseudo-label and student ("pseudo vs student") in
+per_image.csv and the report (worst first), and its Spearman correlation with the true IoU, on known answers."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from segfromxai.io.coco import write_coco
+from segfromxai.ops.masks import encode
+from segfromxai.quality.evaluate import (AGREEMENT, agreement, agreement_spearman, comparisons, per_image_rows,
+                                         write_evaluation, write_evaluation_report)
+from segfromxai.quality.metrics import ranks, spearman
+
+CATS = [{"id": 1, "name": "object"}]
+
+
+def _box(r0: int, r1: int, c0: int = 0, c1: int = 10) -> np.ndarray:
+    m = np.zeros((10, 10), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _coco(path, masks: dict[str, np.ndarray]):
+    recs = [{"image": {"id": i + 1, "file_name": f, "height": 10, "width": 10},
+             "annotations": [{"category_id": 1, "segmentation": encode(m), "score": 0.5}]}
+            for i, (f, m) in enumerate(masks.items())]
+    write_coco(path, lambda: recs, categories=CATS, info={})
+    return path
+
+
+# Pseudo-label rows 0..4 on every image; the student's rows 0..k give IoU k/5 (k <= 5) or 5/k (k > 5) with it.
+STUDENT_ROWS = {"a.png": 5, "b.png": 4, "c.png": 2, "d.png": 10, "e.png": 1}
+AGREE = {"a.png": 1.0, "b.png": 0.8, "c.png": 0.4, "d.png": 0.5, "e.png": 0.2}
+
+
+@pytest.fixture()
+def table(tmp_path):
+    names = list(STUDENT_ROWS)
+    pseudo = _coco(tmp_path / "pseudo.json", {n: _box(0, 5) for n in names})
+    student = _coco(tmp_path / "student.json", {n: _box(0, k) for n, k in STUDENT_ROWS.items()})
+    # ground truth: rows 0..g, so the pseudo-label's true IoU is 5/g or g/5
+    truth = {"a.png": 5, "b.png": 4, "c.png": 3, "d.png": 2, "e.png": 1}  # IoU 1, .8, .6, .4, .2
+    gt = _coco(tmp_path / "gt.json", {n: _box(0, g) for n, g in truth.items()})
+    return comparisons(pseudo, gt=gt, student=student)
+
+
+def test_agreement_is_the_known_iou_of_pseudo_label_and_student(table):
+    assert agreement(table) == pytest.approx(AGREE)
+    rows = per_image_rows(table)
+    assert len(rows) == 15 and all(AGREEMENT in r for r in rows)
+    for r in rows:  # every comparison's row carries its pseudo-labelled image's agreement
+        assert r[AGREEMENT] == pytest.approx(AGREE[r["file_name"]])
+
+
+def test_agreement_spearman_known_answer(table):
+    # agreement 1, .8, .4, .5, .2 against true IoU 1, .8, .6, .4, .2: ranks 5 4 2 3 1 vs 5 4 3 2 1, d = 0 0 1 1 0
+    assert agreement_spearman(table) == pytest.approx(1 - 6 * 2 / (5 * 24))
+    assert math.isnan(agreement_spearman({k: v for k, v in table.items() if k != "pseudo vs GT"}))
+
+
+def test_per_image_csv_has_the_column_and_the_report_lists_the_worst_agreement_first(table, tmp_path):
+    out = tmp_path / "eval"
+    write_evaluation(out, table)
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["comparison"], r["file_name"]): float(r[AGREEMENT]) for r in rows}
+    assert got[("pseudo vs GT", "c.png")] == pytest.approx(0.4) and got[("student vs GT", "e.png")] == 0.2
+    page = write_evaluation_report(out, table, settings={}).read_text()
+    per_image = page[page.index(AGREEMENT):]
+    order = [per_image.index(f"<td>{n}</td>") for n in ("e.png", "c.png", "d.png", "b.png", "a.png")]
+    assert order == sorted(order)
+
+
+def test_without_a_student_there_is_no_agreement_column(tmp_path, table):
+    only_gt = {"pseudo vs GT": table["pseudo vs GT"]}
+    assert agreement(only_gt) == {} and all(AGREEMENT not in r for r in per_image_rows(only_gt))
+
+
+def test_spearman_known_answers_and_ties():
+    assert ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties: ranks of b are 1, 2, 3.5, 5, 3.5 (deviations -2 -1 .5 2 .5) against 1..5 (-2 -1 0 1 2): 8 / sqrt(10 * 9.5)
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(10 * 9.5))
+    assert spearman([1, 2, float("nan"), 4], [1, 2, 0, 3]) == pytest.approx(1.0)  # the NaN pair left out
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1], [2]))
+    with pytest.raises(ValueError, match="paired"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, 40).astype(float), rng.random(40)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
