@@ -1,0 +1,49 @@
+"""Regression tests of issue 33 (hardening, round 3) for ``run``: cases 3, 5, 6, 7, 9b, 9c, 11 and 12. Each test is
+named after the case it pins down."""
+
+import errno
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from segfromxai.cli import main
+from segfromxai.recipe.recipe import RecipeError, parse_recipe
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    """The one ``Error:`` line of a usage error, checked to be the only one and without a traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.fixture()
+def images(tmp_path, synth_images):
+    folder = tmp_path / "images"
+    shutil.copytree(synth_images / "images", folder)
+    return folder
+
+
+def _recipe(**sections):
+    return {"explainers": {"gradcam": {}}, **sections}
+
+
+# ------------------------------------------------------------------------------------------------ case 6
+@pytest.mark.parametrize("method, key, value", [
+    ("grabcut", "iterations", -5), ("grabcut", "far", 0.7), ("grabcut", "work_side", -1), ("grabcut", "pad", -0.1),
+    ("grabcut", "init_stride", 0), ("guided", "radius", 0), ("guided", "eps", -1.0), ("crf", "bias", 0.5),
+    ("crf", "floor", 0.0), ("crf", "iterations", 0), ("crf", "spatial", 0), ("checked", "min_iou", 1.5),
+    ("checked", "far", -0.1)])
+def test_boundary_ranges_are_checked_when_the_recipe_loads_naming_section_and_key(method, key, value):
+    with pytest.raises(RecipeError, match=rf"\[boundary\] \[{method}\].*{key} = "):
+        parse_recipe(_recipe(boundary={"method": method, key: value}))
+    with pytest.raises(RecipeError, match=rf"\[domain\].*\[boundary\] \[{method}\].*{key} = "):
+        parse_recipe(_recipe(domain={"confidence": 0.9, "boundary": {"method": method, key: value}}))
