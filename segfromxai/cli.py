@@ -16,6 +16,7 @@ from .options import (
     PredictOptions,
     RunOptions,
     StudentOptions,
+    check_out_outside_images,
     features_options,
     label_options,
     limit_option,
@@ -187,6 +188,7 @@ def run(**kw: Any) -> None:
     rec = opts.resolve_recipe()
     shard = opts.resolve_shard()
     targets = opts.labels.targets()
+    check_out_outside_images(opts.out, opts.images)
     _check_out(opts.out)
     if opts.engine == "ray":
         try:
@@ -435,6 +437,7 @@ def student_cmd(ctx: click.Context, **kw: Any) -> None:
             raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == param))
     opts = StudentOptions(**kw)
     config = opts.config()
+    check_out_outside_images(opts.out, opts.images)
     model, _ = resolve_model(opts.model)
     cache = opts.token_cache.resolve() if opts.token_cache is not None else "tokens"
     with usage_errors(ValueError, FileNotFoundError):
@@ -467,6 +470,7 @@ def student_predict_cmd(**kw: Any) -> None:
     from .student.label import label_folder, open_student
 
     opts = PredictOptions(**kw)
+    check_out_outside_images(opts.out, opts.images)
     _check_out(opts.out)
     with usage_errors(ValueError, FileNotFoundError):
         student = open_student(opts.student, boundary=opts.boundary, device=opts.device)

@@ -33,6 +33,14 @@ def usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
         raise click.UsageError(str(e)) from e
 
 
+def check_out_outside_images(out: Path, images: Path) -> None:
+    """A usage error when ``--out`` is ``--images`` or lies inside it (see :func:`~segfromxai.run.outdir.check_out_outside`)."""
+    from .run.outdir import check_out_outside
+
+    with usage_errors(ValueError):
+        check_out_outside(out, images)
+
+
 def _group(name: str, cls: type, fields: dict[str, str], *options: Callable) -> Callable:
     """A decorator that declares ``options`` (in this order) on a command and passes it one ``cls`` as ``name``,
     built from the options' parameters (``fields``: parameter name -> field name)."""

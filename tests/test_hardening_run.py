@@ -47,3 +47,30 @@ def test_boundary_ranges_are_checked_when_the_recipe_loads_naming_section_and_ke
         parse_recipe(_recipe(boundary={"method": method, key: value}))
     with pytest.raises(RecipeError, match=rf"\[domain\].*\[boundary\] \[{method}\].*{key} = "):
         parse_recipe(_recipe(domain={"confidence": 0.9, "boundary": {"method": method, key: value}}))
+
+
+# ------------------------------------------------------------------------------------------------ case 3
+@pytest.mark.parametrize("inside", [".", "out", "sub/out"])
+def test_out_inside_images_is_refused_by_run_before_anything_is_written(tmp_path, images, tiny_card, inside):
+    before = sorted(p.relative_to(images) for p in images.rglob("*"))
+    out = images / inside
+    line = error_line(invoke("run", "default-fast", "--images", images, "--out", out, "--checkpoint", tiny_card))
+    assert "--out" in line and "--images" in line and "inside" in line
+    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
+
+
+def test_out_inside_images_is_refused_by_student_and_student_predict(tmp_path, images):
+    out = images / "student"
+    line = error_line(invoke("student", "--train", tmp_path, "--images", images, "--out", out))
+    assert "--out" in line and "--images" in line
+    line = error_line(invoke("student", "predict", "--student", tmp_path, "--images", images, "--out", out))
+    assert "--out" in line and "--images" in line
+    assert not out.exists()
+
+
+def test_out_beside_images_with_a_shared_prefix_is_accepted(tmp_path, images):
+    from segfromxai.run.outdir import check_out_outside
+
+    check_out_outside(tmp_path / "images_out", images)
+    one = next(images.iterdir())
+    check_out_outside(one.parent / "out", one)  # one image: its folder is not read
