@@ -17,6 +17,7 @@ from .options import (
     RunOptions,
     StudentOptions,
     check_out_outside_images,
+    disk_errors,
     features_options,
     label_options,
     limit_option,
@@ -220,7 +221,7 @@ def _label(opts: RunOptions, rec: Recipe, model: LoadedModel, model_args: dict[s
                   resume=bool(opts.resume), overwrite=opts.resume is False, seed=opts.seed, shard=shard,
                   progress=progress, skip_empty=opts.skip_empty)
     try:
-        with usage_errors(FileExistsError, ValueError):
+        with usage_errors(FileExistsError, ValueError), disk_errors(opts.out):
             if opts.engine == "ray":
                 from .run.ray import run_ray
 
@@ -272,8 +273,9 @@ def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | Non
     if first["missing_in_pred"]:
         click.echo(f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped)")
     if out is not None:
-        write_evaluation(out, results)
-        report = write_evaluation_report(out, results, settings=settings, images=images, maps=maps)
+        with disk_errors(out):
+            write_evaluation(out, results)
+            report = write_evaluation_report(out, results, settings=settings, images=images, maps=maps)
         shown = ", ".join(f"{r['file_name']} ({r['iou']:.2f})" for r in worst(first, 5))
         click.echo(f"worst images by IoU: {shown}")
         click.echo(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'}, {report}")

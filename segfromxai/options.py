@@ -10,6 +10,7 @@ imports are made inside the functions, so that ``segfromxai --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,20 @@ def usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
         yield
     except kinds as e:
         raise click.UsageError(str(e)) from e
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``out`` as one usage error (exit 2) instead of a traceback; what was
+    written is whole (atomic writes), so ``--resume`` continues once there is space. Other OSErrors propagate."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" (writing {e.filename})" if e.filename else ""
+        raise click.UsageError(f"no space left on the device of --out {out}{where}: free some space, then run the "
+                               "same command with --resume") from e
 
 
 def check_out_outside_images(out: Path, images: Path) -> None:

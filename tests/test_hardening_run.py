@@ -74,3 +74,25 @@ def test_out_beside_images_with_a_shared_prefix_is_accepted(tmp_path, images):
     check_out_outside(tmp_path / "images_out", images)
     one = next(images.iterdir())
     check_out_outside(one.parent / "out", one)  # one image: its folder is not read
+
+
+# ------------------------------------------------------------------------------------------------ case 7
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "somewhere/file.npz")
+
+
+@pytest.mark.parametrize("where", ["save_artifacts", "atomic_write"])
+def test_full_disk_during_run_is_one_error_line_and_resume_finishes(tmp_path, images, tiny_card, monkeypatch,
+                                                                    where):
+    import segfromxai.run.local as local
+
+    monkeypatch.setattr(local, where, _full_disk)
+    out = tmp_path / "out"
+    args = ("run", "default-fast", "--images", images, "--out", out, "--checkpoint", tiny_card, "--overlays")
+    line = error_line(invoke(*args))
+    assert "no space left" in line and str(out) in line and "--resume" in line
+    monkeypatch.undo()
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((out / "pseudo_labels.json").read_text())["images"]) == 12
+    assert not [p for p in out.rglob("*.tmp")]
