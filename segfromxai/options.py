@@ -140,10 +140,11 @@ features_options = _group(
     click.option("--features-model", default=None,
                  help="where ncut's tokens come from: auto, classifier, embedded, dinov2 or a timm name "
                       "(default: the recipe's [features] model; a [domain.features] section is kept)"),
-    click.option("--features-checkpoint", default=None,
+    click.option("--features-checkpoint", type=click.Path(exists=True, dir_okay=True), default=None,
                  help="local weights of the feature model (model card, .safetensors or torch file)"),
-    click.option("--features-img-size", type=click.IntRange(min=1), default=None,
-                 help="run the feature model at this input size (a ViT-S/14 at 392 px: a 28x28 grid)"))
+    click.option("--features-img-size", type=click.IntRange(min=1, max=1024), default=None,
+                 help="run the feature model at this input size, from its patch to 1024 (a ViT-S/14 at 392 px: a "
+                      "28x28 grid)"))
 
 
 def label_options(labels_help: str, folder_help: str) -> Callable:

@@ -96,3 +96,54 @@ def test_full_disk_during_run_is_one_error_line_and_resume_finishes(tmp_path, im
     assert result.exit_code == 0, result.output
     assert len(json.loads((out / "pseudo_labels.json").read_text())["images"]) == 12
     assert not [p for p in out.rglob("*.tmp")]
+
+
+# ------------------------------------------------------------------------------------------------ case 5
+def _features_run(tmp_path, images, tiny_card, *flags):
+    out = tmp_path / "out"
+    result = invoke("run", "default-fast", "--images", images, "--out", out, "--checkpoint", tiny_card, *flags)
+    return result, out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--features-model", "classifier", "--features-img-size", "1"), ["img_size = 1", "patch (8 px)", "[features]"]),
+    (("--features-model", "classifier", "--features-img-size", "7"), ["img_size = 7", "patch (8 px)"]),
+    (("--features-img-size", "100000"), ["--features-img-size", "1024"]),
+    (("--features-checkpoint", "/nonexistent"), ["--features-checkpoint", "/nonexistent"]),
+    (("--features-model", "vit_tiny_patch16_224"), ["vit_tiny_patch16_224", "no weights", "--features-checkpoint"]),
+])
+def test_feature_backbone_flags_fail_before_any_image_naming_the_key(tmp_path, images, tiny_card, flags, words):
+    result, out = _features_run(tmp_path, images, tiny_card, *flags)
+    line = error_line(result)
+    assert all(w in line for w in words), line
+    assert not out.exists()
+
+
+def test_feature_backbone_img_size_in_the_recipe_is_checked_at_load_and_against_the_patch(tmp_path, images,
+                                                                                        tiny_card):
+    with pytest.raises(RecipeError, match=r"\[features\].*img_size = 100000"):
+        parse_recipe(_recipe(features={"img_size": 100000}))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[explainers.gradcam]\n[refine]\nmethod = "ncut"\n[domain]\nconfidence = 0.5\n'
+                      '[domain.features]\nmodel = "classifier"\nimg_size = 1\n')
+    out = tmp_path / "out"
+    line = error_line(invoke("run", recipe, "--images", images, "--out", out, "--checkpoint", tiny_card))
+    assert "[domain.features]" in line and "img_size = 1" in line and not out.exists()
+    recipe.write_text('[explainers.gradcam]\n[refine]\nmethod = "ncut"\n[features]\nmodel = "embedded"\n'
+                      'checkpoint = "/nonexistent/card.json"\n')
+    line = error_line(invoke("run", recipe, "--images", images, "--out", out, "--checkpoint", tiny_card))
+    assert "[features]" in line and "/nonexistent" in line and not out.exists()
+
+
+def test_feature_backbone_with_its_own_weights_still_runs(tmp_path, images, tiny_card):
+    result, _ = _features_run(tmp_path, images, tiny_card, "--features-model", "classifier",
+                              "--features-img-size", "8", "--limit", "1")
+    assert result.exit_code == 0, result.output
+
+
+def test_features_img_size_flag_and_recipe_share_one_limit():
+    from segfromxai.models.features import MAX_IMG_SIZE
+    from segfromxai.options import features_options
+
+    opt = next(p for p in features_options(lambda **kw: None).__click_params__ if p.name == "features_img_size")
+    assert opt.type.max == MAX_IMG_SIZE
