@@ -147,3 +147,29 @@ def test_features_img_size_flag_and_recipe_share_one_limit():
 
     opt = next(p for p in features_options(lambda **kw: None).__click_params__ if p.name == "features_img_size")
     assert opt.type.max == MAX_IMG_SIZE
+
+
+# ------------------------------------------------------------------------------------------------ case 9b, 9c
+def test_images_changed_since_the_run_say_so_when_scored(tmp_path, synth_images):
+    gt = json.loads((synth_images / "annotations.json").read_text())
+    pred = {**gt, "annotations": [], "images": [{**im, "width": 100, "height": 100} for im in gt["images"]]}
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    line = error_line(invoke("evaluate", "--pred", tmp_path / "pred.json", "--gt", synth_images / "annotations.json"))
+    assert "images changed" in line and "pred.json" in line and "annotations.json" in line
+    assert "100x100" in line and "48x48" in line
+
+
+def test_crowd_ground_truth_is_ignored_in_pixel_metrics_as_in_ap(tmp_path, synth_images):
+    from segfromxai.quality.evaluate import evaluate
+
+    gt = json.loads((synth_images / "annotations.json").read_text())
+    crowd = gt["annotations"][0] = {**gt["annotations"][0], "iscrowd": 1}  # an image's only object: a crowd
+    pred = {**gt, "annotations": [{**a, "score": 1.0} for a in gt["annotations"][1:]]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    result = evaluate(tmp_path / "pred.json", tmp_path / "gt.json")
+    assert result["ap"] == pytest.approx(1.0)
+    crowd_row = next(r for r in result["per_image"] if r["file_name"] == next(
+        im["file_name"] for im in gt["images"] if im["id"] == crowd["image_id"]))
+    assert crowd_row["fn"] == 0 and crowd_row["fp"] == 0
+    assert result["iou"]["pooled"] == pytest.approx(1.0)
