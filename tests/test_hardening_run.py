@@ -173,3 +173,58 @@ def test_crowd_ground_truth_is_ignored_in_pixel_metrics_as_in_ap(tmp_path, synth
         im["file_name"] for im in gt["images"] if im["id"] == crowd["image_id"]))
     assert crowd_row["fn"] == 0 and crowd_row["fp"] == 0
     assert result["iou"]["pooled"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ case 12
+def _three_parts(h=20, w=30):
+    import numpy as np
+
+    m = np.zeros((h, w), bool)
+    m[1:5, 1:6] = m[10:15, 2:8] = m[3:9, 20:28] = True
+    return m
+
+
+def test_yolo_export_writes_one_line_per_annotation_joining_the_parts(tmp_path):
+    import numpy as np
+
+    from segfromxai.io import yolo
+    from segfromxai.ops import masks
+
+    one, two = _three_parts(), np.zeros((20, 30), bool)
+    two[12:18, 12:18] = True
+    recs = [{"image": {"id": 1, "file_name": "a.png", "height": 20, "width": 30},
+             "annotations": [{"category_id": 1, "segmentation": masks.encode(m), "score": 0.5} for m in (one, two)]}]
+    yolo.export_yolo(tmp_path, recs, categories=[{"id": 1, "name": "cat"}])
+    lines = next(tmp_path.glob("labels/*/a.txt")).read_text().splitlines()
+    assert len(lines) == 2  # the annotation count, not the 4 parts
+    xy = np.array(lines[0].split()[1:], float).reshape(-1, 2) * (30, 20)
+    for part in masks.to_polygons(one):  # every vertex of every part is on the joined outline
+        p = np.asarray(part).reshape(-1, 2)
+        assert all(np.isclose(xy, v).all(1).any() for v in p)
+
+
+def test_joined_polygon_rasterises_back_to_the_parts():
+    import cv2
+    import numpy as np
+
+    from segfromxai.ops import masks
+
+    m = _three_parts()
+    joined = masks.join_polygons(masks.to_polygons(m))
+    drawn = np.zeros(m.shape, np.uint8)
+    cv2.fillPoly(drawn, [np.round(joined).astype(np.int32)], 1)
+    parts = np.zeros(m.shape, np.uint8)
+    for p in masks.to_polygons(m):
+        cv2.fillPoly(parts, [np.asarray(p).reshape(-1, 2).astype(np.int32)], 1)
+    links = drawn.astype(bool) & ~parts.astype(bool)  # the zero-width links, drawn one pixel wide
+    assert (drawn.astype(bool) >= parts.astype(bool)).all() and links.sum() < 40
+
+
+def test_yolo_lines_of_a_run_equal_its_annotations(tmp_path, images, tiny_card):
+    out = tmp_path / "out"
+    result = invoke("run", "default-fast", "--images", images, "--out", out, "--checkpoint", tiny_card,
+                    "--format", "yolo")
+    assert result.exit_code == 0, result.output
+    n_ann = len(json.loads((out / "pseudo_labels.json").read_text())["annotations"])
+    n_lines = sum(len(p.read_text().splitlines()) for p in (out / "yolo" / "labels").rglob("*.txt"))
+    assert n_lines == n_ann > 0
