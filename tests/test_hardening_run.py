@@ -228,3 +228,27 @@ def test_yolo_lines_of_a_run_equal_its_annotations(tmp_path, images, tiny_card):
     n_ann = len(json.loads((out / "pseudo_labels.json").read_text())["annotations"])
     n_lines = sum(len(p.read_text().splitlines()) for p in (out / "yolo" / "labels").rglob("*.txt"))
     assert n_lines == n_ann > 0
+
+
+# ------------------------------------------------------------------------------------------------ case 11
+@pytest.mark.parametrize("ci, outcome", [("true", "1 failed"), ("", "1 skipped")])
+def test_browser_tests_fail_instead_of_skipping_under_ci_without_a_browser(tmp_path, ci, outcome):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "CI": ci, "PATH": str(tmp_path), "PYTHONPATH": str(root)}  # no browser on the PATH
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "compare_plot",
+                           str(root / "tests" / "test_browser.py")], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert outcome in proc.stdout, proc.stdout[-2000:]
+
+
+def test_ci_script_installs_chromium_when_absent():
+    from pathlib import Path
+
+    script = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    assert "apt-get install -y -qq chromium" in script and "command -v chromium" in script
+    assert 'export CI=' in script and script.rstrip().endswith("make test")
