@@ -16,6 +16,8 @@ from .options import (
     PredictOptions,
     RunOptions,
     StudentOptions,
+    check_out_outside_images,
+    disk_errors,
     features_options,
     label_options,
     limit_option,
@@ -187,6 +189,7 @@ def run(**kw: Any) -> None:
     rec = opts.resolve_recipe()
     shard = opts.resolve_shard()
     targets = opts.labels.targets()
+    check_out_outside_images(opts.out, opts.images)
     _check_out(opts.out)
     if opts.engine == "ray":
         try:
@@ -218,7 +221,7 @@ def _label(opts: RunOptions, rec: Recipe, model: LoadedModel, model_args: dict[s
                   resume=bool(opts.resume), overwrite=opts.resume is False, seed=opts.seed, shard=shard,
                   progress=progress, skip_empty=opts.skip_empty)
     try:
-        with usage_errors(FileExistsError, ValueError):
+        with usage_errors(FileExistsError, ValueError), disk_errors(opts.out):
             if opts.engine == "ray":
                 from .run.ray import run_ray
 
@@ -270,8 +273,9 @@ def _evaluate(pred: Path, gt: Path | None, student: Path | None, out: Path | Non
     if first["missing_in_pred"]:
         click.echo(f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped)")
     if out is not None:
-        write_evaluation(out, results)
-        report = write_evaluation_report(out, results, settings=settings, images=images, maps=maps)
+        with disk_errors(out):
+            write_evaluation(out, results)
+            report = write_evaluation_report(out, results, settings=settings, images=images, maps=maps)
         shown = ", ".join(f"{r['file_name']} ({r['iou']:.2f})" for r in worst(first, 5))
         click.echo(f"worst images by IoU: {shown}")
         click.echo(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'}, {report}")
@@ -435,6 +439,7 @@ def student_cmd(ctx: click.Context, **kw: Any) -> None:
             raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == param))
     opts = StudentOptions(**kw)
     config = opts.config()
+    check_out_outside_images(opts.out, opts.images)
     model, _ = resolve_model(opts.model)
     cache = opts.token_cache.resolve() if opts.token_cache is not None else "tokens"
     with usage_errors(ValueError, FileNotFoundError):
@@ -467,6 +472,7 @@ def student_predict_cmd(**kw: Any) -> None:
     from .student.label import label_folder, open_student
 
     opts = PredictOptions(**kw)
+    check_out_outside_images(opts.out, opts.images)
     _check_out(opts.out)
     with usage_errors(ValueError, FileNotFoundError):
         student = open_student(opts.student, boundary=opts.boundary, device=opts.device)

@@ -10,6 +10,7 @@ imports are made inside the functions, so that ``segfromxai --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,28 @@ def usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
         yield
     except kinds as e:
         raise click.UsageError(str(e)) from e
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``out`` as one usage error (exit 2) instead of a traceback; what was
+    written is whole (atomic writes), so ``--resume`` continues once there is space. Other OSErrors propagate."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" (writing {e.filename})" if e.filename else ""
+        raise click.UsageError(f"no space left on the device of --out {out}{where}: free some space, then run the "
+                               "same command with --resume") from e
+
+
+def check_out_outside_images(out: Path, images: Path) -> None:
+    """A usage error when ``--out`` is ``--images`` or lies inside it (see :func:`~segfromxai.run.outdir.check_out_outside`)."""
+    from .run.outdir import check_out_outside
+
+    with usage_errors(ValueError):
+        check_out_outside(out, images)
 
 
 def _group(name: str, cls: type, fields: dict[str, str], *options: Callable) -> Callable:
@@ -117,10 +140,11 @@ features_options = _group(
     click.option("--features-model", default=None,
                  help="where ncut's tokens come from: auto, classifier, embedded, dinov2 or a timm name "
                       "(default: the recipe's [features] model; a [domain.features] section is kept)"),
-    click.option("--features-checkpoint", default=None,
+    click.option("--features-checkpoint", type=click.Path(exists=True, dir_okay=True), default=None,
                  help="local weights of the feature model (model card, .safetensors or torch file)"),
-    click.option("--features-img-size", type=click.IntRange(min=1), default=None,
-                 help="run the feature model at this input size (a ViT-S/14 at 392 px: a 28x28 grid)"))
+    click.option("--features-img-size", type=click.IntRange(min=1, max=1024), default=None,
+                 help="run the feature model at this input size, from its patch to 1024 (a ViT-S/14 at 392 px: a "
+                      "28x28 grid)"))
 
 
 def label_options(labels_help: str, folder_help: str) -> Callable:

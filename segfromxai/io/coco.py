@@ -245,3 +245,16 @@ def named_after(rel: str, suffix: str, names: set[str], stems: set[str]) -> bool
     (extension kept), or the name earlier versions wrote (the :func:`export_stem` plus ``suffix``)."""
     stem = rel[:-len(suffix)]
     return rel.endswith(suffix) and (stem in names or stem in stems)
+
+
+def ignore_mask(ann: dict) -> np.ndarray | None:
+    """An annotation's ``ignore_segmentation`` (a compressed RLE of pixels whose label is unknown, as in GrabCut's
+    trimap band; non-standard, so pycocotools and COCOeval do not read it) as a bool mask, or None."""
+    rle = ann.get("ignore_segmentation")
+    if not rle:
+        return None
+    from pycocotools import mask as mask_utils
+
+    if isinstance(rle.get("counts"), str):
+        rle = {**rle, "counts": rle["counts"].encode()}
+    return mask_utils.decode(rle).astype(bool)

@@ -82,8 +82,9 @@ def _yolo_lines(record: dict, index: dict[int, int], tolerance: float) -> list[s
         ann, rle = checked_annotation(ann, image)
         if ann["category_id"] not in index:
             raise ValueError(f"image {image['id']}: category_id {ann['category_id']} is not in categories")
-        for poly in masks.to_polygons(masks.decode(rle), tolerance=tolerance):
-            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2) / (w, h)
+        polygons = masks.to_polygons(masks.decode(rle), tolerance=tolerance)
+        if polygons:  # one line per instance: its parts joined (ultralytics' merge_multi_segment)
+            xy = masks.join_polygons(polygons) / (w, h)
             lines.append(f"{index[ann['category_id']]} " + " ".join(f"{v:.6f}" for v in xy.ravel()))
     return lines
 
@@ -117,7 +118,8 @@ def _yolo_yaml(out_dir: Path, categories: list[dict], n_val: int, val_fraction: 
                                    "label file is in labels/."]
     lines = hint + ["# YOLO segmentation dataset written by segfromxai.",
              "# Labels are polygons traced from the COCO RLE masks: lossy (holes and sub-pixel detail are lost,",
-             "# a mask in several parts gives one polygon per part). Use the COCO file for exact masks.",
+             "# the parts of a mask in several parts are joined into one polygon by zero-width links, one line per",
+             "# instance, as ultralytics' COCO converter does). Use the COCO file for exact masks.",
              f"# val: a held-out {val_fraction:g} of the images, chosen by a stable hash of the file name"
              + ("" if n_val else " (none here: fewer than 2 images, so val is the training set)") + ".",
              f"path: {json.dumps(str(out_dir.resolve()))}",
@@ -137,12 +139,14 @@ def export_yolo(out_dir: str | os.PathLike, records: Iterable[dict] | Callable[[
 
         out_dir/data.yaml                      path: <out_dir, absolute>, train: images/train, val: images/val
         out_dir/images/{train,val}/<file_name>                        hard links to the images (copies if not)
-        out_dir/labels/{train,val}/<file_name with suffix .txt>       one line per polygon
+        out_dir/labels/{train,val}/<file_name with suffix .txt>       one line per annotation
 
     A label line is ``class_index x1 y1 x2 y2 ...`` with ``class_index`` the 0-based position of the category in
     ``categories`` and coordinates divided by the image width / height (6 decimals, in [0, 1]). Polygons come from
     :func:`segfromxai.ops.masks.to_polygons` and are lossy: holes are dropped, vertices sit on boundary pixel centres,
-    a mask in several parts gives one line per part, and parts thinner than 2 pixels vanish. An image with no
+    parts thinner than 2 pixels vanish, and the parts of a mask in several parts are joined into one polygon
+    (:func:`segfromxai.ops.masks.join_polygons`, as ultralytics' ``merge_multi_segment``), so there is one line per
+    annotation (none for a mask with no polygon left). An image with no
     annotations gets an empty label file (a background image for ultralytics).
 
     The val split is deterministic: an image goes to ``val`` when :func:`yolo_split_key` of its ``file_name`` is

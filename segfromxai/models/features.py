@@ -35,13 +35,20 @@ FEATURE_MODELS = ("auto", "classifier", "embedded", "dinov2")
 photos, where the fine-tuned model's tokens know only the synthetic shapes."""
 
 
-def feature_options(*, model: str = "auto", checkpoint: str = "", img_size: Annotated[int, Range(0)] = 0,
+MAX_IMG_SIZE = 1024
+"""The largest ``[features] img_size`` (``--features-img-size``): a ViT-S/14 at 1024 px has 73 x 73 tokens, whose
+affinity graph (28 million entries) ncut still handles; much larger sizes run out of memory."""
+
+
+def feature_options(*, model: str = "auto", checkpoint: str = "",
+                    img_size: Annotated[int, Range(0, MAX_IMG_SIZE)] = 0,
                     feature: Feature = "k", block: int = -1, drop_key_bias: bool = False) -> None:
     """A recipe's ``[features]``: where a refiner that needs token features (``ncut``) reads them. ``model``:
     ``"auto"`` (the classifier when it is a ViT, else the embedded ViT-S/14), ``"classifier"``, ``"embedded"``,
     ``"dinov2"`` (the self-supervised ViT-S/14 the embedded model was fine-tuned from) or a timm name, with local
-    weights ``checkpoint``; ``img_size`` > 0 runs that model at another input size (one extra forward, no
-    backward); ``feature`` and ``block`` as in :func:`feature_layer`; ``drop_key_bias`` (ViT keys only) subtracts
+    weights ``checkpoint`` (required: a timm name without it would be randomly initialised); ``img_size`` > 0
+    (at least the model's patch, at most :data:`MAX_IMG_SIZE`) runs that model at another input size (one extra
+    forward, no backward); ``feature`` and ``block`` as in :func:`feature_layer`; ``drop_key_bias`` (ViT keys only) subtracts
     the block's key bias from every key (:func:`key_bias`)."""
 
 
@@ -150,14 +157,22 @@ def load_backbone(classifier: LoadedModel, spec: dict[str, Any]) -> Backbone:
     (the self-supervised ViT-S/14 it was fine-tuned from, ``data/dinov2``), ``"auto"``
     (the classifier if it is a ViT, else the embedded model) or a timm name; ``checkpoint``: local weights (a
     model card, safetensors or torch file; with ``"auto"``/``"embedded"`` it replaces the embedded model and names
-    its own timm model). ``img_size`` > 0 rebuilds a ViT at that input with its position embedding resampled
+    its own timm model; a timm name needs one, random weights are refused). ``img_size`` > 0 (at least the
+    patch) rebuilds a ViT at that input with its position embedding resampled
     bicubically (:func:`segfromxai.models.model.adapt_state_dict`). Only local files are read.
     """
     from .model import adapt_state_dict, create, load_weights
 
     model, checkpoint, img_size = backbone_key(spec)
     src = _source_model(classifier, model, checkpoint)
+    if src is not classifier and src.source == "random-init":
+        raise ValueError(f"model {model!r} has no weights (checkpoint is empty): it would cut on a randomly "
+                         "initialised network; give its local weights as checkpoint (--features-checkpoint)")
     pre, module = src.preprocess, src.module
+    patch = max(getattr(getattr(module, "patch_embed", None), "patch_size", None) or (0,))
+    if img_size and is_vit(module) and img_size < patch:
+        raise ValueError(f"img_size = {img_size} is below the model's patch ({patch} px): give 0 (its own input "
+                         f"size) or at least {patch}")
     if img_size and is_vit(module) and pre.size != (img_size, img_size):
         module, _ = create(src.timm_name, **{**src.timm_kwargs, "img_size": img_size})
         load_weights(module, adapt_state_dict(src.module.state_dict(), module), source=src.source)

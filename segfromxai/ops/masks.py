@@ -253,6 +253,40 @@ def to_polygons(mask: np.ndarray, *, tolerance: float = 0.0) -> list[list[float]
     return [[float(v) for v in p.ravel()] for p in polygons]
 
 
+def join_polygons(polygons: list[list[float]]) -> np.ndarray:
+    """The parts of one instance as one polygon, float64 (N, 2) of (x, y), as ultralytics' COCO converter joins them
+    (``merge_multi_segment``): each part is linked to the next by the shortest segment between their vertices, and
+    the outline goes out along the parts and back, so every link is walked twice and encloses no area.
+
+    Parameters
+    ----------
+    polygons : list of flat polygons ``[x1, y1, x2, y2, ...]`` (e.g. :func:`to_polygons`), at least one
+
+    Returns
+    -------
+    ndarray, float64, shape (N, 2): part 0 around from its link to part 1, then each middle part from its link in to
+    its link out, the last part all around, then the middle parts' other sides back to part 0.
+    """
+    parts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons]
+    if len(parts) == 1:
+        return parts[0]
+    links = []  # (vertex of part i, vertex of part i + 1) at the shortest distance
+    for a, b in zip(parts, parts[1:]):
+        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        links.append(np.unravel_index(int(np.argmin(d)), d.shape))
+    out, back = [], []
+    for i, p in enumerate(parts):
+        start = links[i - 1][1] if i else links[0][0]  # where the walk enters the part
+        ring = np.roll(p, -int(start), axis=0)
+        if i in (0, len(parts) - 1):
+            out.append(np.concatenate([ring, ring[:1]]))  # all around, back to where it entered
+            continue
+        k = (int(links[i][0]) - int(start)) % len(p)  # the link out, counted from the link in
+        out.append(ring[:k + 1])
+        back.append(np.concatenate([ring[k:], ring[:1]]))
+    return np.concatenate(out + back[::-1])
+
+
 _fill, _split = fill_holes, split_components  # the parameters of clean() below take these names
 
 

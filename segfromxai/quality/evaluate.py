@@ -15,7 +15,8 @@ metric is given as the mean over images (``per_image_mean``, NaN images skipped,
 all pixels of the dataset (``pooled``); see :mod:`segfromxai.quality.metrics`. Pixels a PNG reference marks 255 are
 ignored, and so are the pixels of a COCO reference annotation's ``ignore_segmentation`` (a compressed RLE of pixels
 whose label is unknown, e.g. GrabCut's unlabelled band): they count for neither the object nor the background (no
-TP, FP, FN or TN), in the class-agnostic and the per-category numbers alike. ``ap`` is COCOeval's segm
+TP, FP, FN or TN), in the class-agnostic and the per-category numbers alike; so are the pixels of a reference
+annotation marked ``iscrowd = 1`` (a crowd region), as COCOeval ignores crowd regions in AP. ``ap`` is COCOeval's segm
 AP@[.5:.95] with categories (matched by name), ``ap_agnostic`` the same with every category of both sides mapped
 to one; both need COCO files on both sides (instances and scores) and are NaN otherwise (COCOeval does not read
 ``ignore_segmentation``).
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io.coco import AGNOSTIC_CLASS, export_name
+from ..io.coco import AGNOSTIC_CLASS, export_name, ignore_mask
 from ..fileio import atomic_write
 from ..io.png import IGNORE
 from .metrics import METRICS, Counts, confusion, spearman, summarise
@@ -74,11 +75,14 @@ class MaskSource:
         ignore = np.zeros(size, bool)
         for ann in self.coco.imgToAnns.get(img["id"], []):
             m = self.coco.annToMask(ann).astype(bool)
-            extra = _ignored(ann)
+            extra = ignore_mask(ann)
             for x in (m, extra):
                 if x is not None and x.shape != size:
                     raise ValueError(f"{self.path}: an annotation of {file_name} is {x.shape}, its image {size}")
-            out[ann["category_id"]] = out.get(ann["category_id"], np.zeros(size, bool)) | m
+            if ann.get("iscrowd"):  # a crowd region is ignored, as COCOeval ignores it in AP
+                ignore |= m
+            else:
+                out[ann["category_id"]] = out.get(ann["category_id"], np.zeros(size, bool)) | m
             if extra is not None:
                 ignore |= extra
         return out, (ignore if ignore.any() else None), size
@@ -86,19 +90,6 @@ class MaskSource:
     def image_entry(self, file_name: str) -> dict[str, Any]:
         """The COCO ``images`` entry of a file (an empty dict for a PNG source)."""
         return dict(self.coco.imgs[self.files[file_name]]) if self.kind == "coco" else {}
-
-
-def _ignored(ann: dict[str, Any]) -> np.ndarray | None:
-    """An annotation's ``ignore_segmentation`` (a compressed RLE of pixels whose label is unknown, as in GrabCut's
-    trimap band; non-standard, so pycocotools and COCOeval do not read it) as a bool mask, or None."""
-    rle = ann.get("ignore_segmentation")
-    if not rle:
-        return None
-    from pycocotools import mask as mask_utils
-
-    if isinstance(rle.get("counts"), str):
-        rle = {**rle, "counts": rle["counts"].encode()}
-    return mask_utils.decode(rle).astype(bool)
 
 
 def load_source(path: str | Path) -> MaskSource:
@@ -258,7 +249,8 @@ def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource, *, cla
         pm, _, psize = pred.masks(p)
         rm, ignore, rsize = ref.masks(r)
         if psize != rsize:
-            raise ValueError(f"{p}: the prediction is {psize[1]}x{psize[0]}, the reference {r} {rsize[1]}x{rsize[0]}")
+            raise ValueError(f"{p} is {psize[1]}x{psize[0]} in {pred.path} and {rsize[1]}x{rsize[0]} in {ref.path}: "
+                             "the images changed since one of them was made (e.g. replaced after the run)")
         seen[0].update(pm)
         seen[1].update(rm)
         if class_agnostic:

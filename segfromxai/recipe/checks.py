@@ -18,7 +18,7 @@ from typing import Sequence
 from torch import nn
 
 from ..explainers import EXPLAINERS
-from ..models.features import feature_layer, uses_classifier
+from ..models.features import backbone_for, feature_layer, uses_classifier
 from ..models.model import LoadedModel, is_vit
 from ..stages.refine import REFINERS
 from .recipe import Recipe
@@ -78,7 +78,7 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
     Checked: :func:`recipe_misfit` (ViT-only explainers need a Vision Transformer, explainers that need a class
     need a head); every layer an explainer or the refiner's features read exists in
     ``model.module.named_modules()``; ``start_layer`` lies in ``[-depth, depth)`` (as the attention explainers take
-    it); ``[features] block`` lies in ``[-depth, depth)``.
+    it); ``[features] block`` lies in ``[-depth, depth)``; the feature backbones load (:func:`check_backbones`).
     """
     module = model.module
     vit = is_vit(module)
@@ -108,6 +108,22 @@ def check_recipe_for_model(model: LoadedModel, recipe: Recipe) -> None:
             raise ValueError(f"{section}: {e}") from e
         for layer in layers:
             _check_layer(modules, section, layer)
+    check_backbones(model, recipe)
+
+
+def check_backbones(model: LoadedModel, recipe: Recipe) -> None:
+    """Load the feature backbones the recipe's refiners read (its own ``[features]`` and its ``[domain.features]``;
+    kept for the run, see :func:`~segfromxai.models.features.backbone_for`), so that a missing or unreadable
+    ``checkpoint``, a timm name without weights or an ``img_size`` below the patch is a ValueError naming the recipe
+    and section before any image is read."""
+    for stages in recipe.stages():
+        if "features" not in REFINERS[stages.refine.method].requires or uses_classifier(model, stages.features):
+            continue
+        section = f"recipe {recipe.name!r}, [{'features' if stages is recipe else 'domain.features'}]"
+        try:
+            backbone_for(model, stages.features)
+        except (ValueError, TypeError, RuntimeError, OSError) as e:
+            raise ValueError(f"{section}: {e}") from e
 
 
 def check_recipes_for_model(model: LoadedModel, recipes: Sequence[Recipe]) -> None:

@@ -84,6 +84,15 @@ def check_out(out: Path) -> None:
                                   "(--overwrite only replaces an earlier run, never other files)")
 
 
+def check_out_outside(out: Path, images: Path) -> None:
+    """Refuse an output folder that is an image folder ``images`` or lies inside it: its PNG exports, overlays and
+    contact sheets would be read as images by the next run or ``--resume``. Raises ValueError naming both flags."""
+    images = Path(images)
+    if images.is_dir() and Path(out).resolve().is_relative_to(images.resolve()):
+        raise ValueError(f"--out {out} lies inside --images {images}: the images it writes (exports, overlays, "
+                         "sheets) would be read as input by the next run; give an output folder outside it")
+
+
 def run_dirs() -> tuple[str, ...]:
     """The folders a run writes files in: ``maps``, ``overlays``, each export's folder (:data:`EXPORTERS`) and
     the report's ``sheets``."""

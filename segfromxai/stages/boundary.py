@@ -17,11 +17,12 @@ A function never mutates its inputs and is deterministic. Lengths are fractions 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import cv2
 import numpy as np
 
+from ..params import Fraction, NonNegative, Positive, PositiveInt, Range
 from ..registry import Entry
 from ..ops.masks import keep_largest
 from ..ops.resize import check_size
@@ -95,7 +96,13 @@ def none(soft: np.ndarray, image: np.ndarray) -> np.ndarray:
     return s > 0.5
 
 
-def guided(soft: np.ndarray, image: np.ndarray, *, radius: float = 0.12, eps: float = 3e-3) -> np.ndarray:
+Far = Annotated[float, Range(0.0, 0.5, hi_open=True)]
+"""A soft value in [0, 0.5): GrabCut's sure-background level, the CRF's bias."""
+Side = Annotated[int, Range(0)]
+"""A working size in pixels (0: full size)."""
+
+
+def guided(soft: np.ndarray, image: np.ndarray, *, radius: Positive = 0.12, eps: Positive = 3e-3) -> np.ndarray:
     """Guided filter of the soft map by the image, cut at 0.5 (He, Sun & Tang 2013, "Guided image filtering",
     TPAMI; OpenCV ``ximgproc.guidedFilter``).
 
@@ -154,8 +161,8 @@ def _grow(fg: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return fg > 0.5
 
 
-def grabcut(soft: np.ndarray, image: np.ndarray, *, far: float = 0.25, iterations: int = 1, pad: float = 0.1,
-            work_side: int = 320, init_stride: int = 2) -> np.ndarray:
+def grabcut(soft: np.ndarray, image: np.ndarray, *, far: Far = 0.25, iterations: PositiveInt = 1,
+            pad: NonNegative = 0.1, work_side: Side = 320, init_stride: PositiveInt = 2) -> np.ndarray:
     """GrabCut (Rother, Kolmogorov & Blake 2004, "GrabCut: interactive foreground extraction using iterated
     graph cuts", SIGGRAPH; OpenCV ``grabCut``) started from the soft map.
 
@@ -221,9 +228,10 @@ def _grabcut(bgr: np.ndarray, init: np.ndarray, iterations: int, stride: int) ->
     return cv2.grabCut(bgr, init, None, *models, iterations, cv2.GC_INIT_WITH_MASK)[0]  # start on every pixel
 
 
-def crf(soft: np.ndarray, image: np.ndarray, *, bias: float = 0.0, floor: float = 0.1, spatial: float = 0.5,
-        colour: float = 13.0, weight: float = 10.0, smooth: float = 3.0, iterations: int = 5, work_side: int = 256
-        ) -> np.ndarray:
+def crf(soft: np.ndarray, image: np.ndarray, *, bias: Far = 0.0,
+        floor: Annotated[float, Range(0.0, 0.5, lo_open=True, hi_open=True)] = 0.1, spatial: Positive = 0.5,
+        colour: Positive = 13.0, weight: Positive = 10.0, smooth: Positive = 3.0, iterations: PositiveInt = 5,
+        work_side: Side = 256) -> np.ndarray:
     """Fully connected CRF with Gaussian edge potentials (Kraehenbuehl & Koltun 2011, "Efficient inference in fully
     connected CRFs with Gaussian edge potentials", NeurIPS; the ``pydensecrf2`` build of their code), as used after
     DeepLab and CutLER's MaskCut.
@@ -273,8 +281,8 @@ def crf(soft: np.ndarray, image: np.ndarray, *, bias: float = 0.0, floor: float 
     return _grow(q[1] - q[0] + 0.5, s.shape)
 
 
-def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: float = 0.6, iterations: int = 2, far: float = 0.25,
-            work_side: int = 320, radius: float = 0.12, eps: float = 3e-3) -> np.ndarray:
+def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: Fraction = 0.6, iterations: PositiveInt = 2,
+            far: Far = 0.25, work_side: Side = 320, radius: Positive = 0.12, eps: Positive = 3e-3) -> np.ndarray:
     """GrabCut (:func:`grabcut`), kept only where it agrees with the guided filter (:func:`guided`) of the same
     soft map: when the IoU of the two masks' largest connected components (the object a ``keep = "largest"``
     recipe keeps) is below ``min_iou``, GrabCut's colour models have taken or dropped a region (a road, a wall, half
