@@ -133,6 +133,8 @@ def label_options(labels_help: str, folder_help: str) -> Callable:
 
 seed_option = click.option("--seed", type=int, default=0, show_default=True)
 limit_option = click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
+resume_option = click.option("--resume/--overwrite", default=None, help="continue an interrupted job in --out, or "
+                             "start it again (default: refuse to touch one)")
 
 
 def resolve_recipes(names: Sequence[str], features: FeatureOptions, output: dict[str, Any] | None = None
@@ -247,6 +249,7 @@ class StudentOptions:
     img_size: int
     head_weights: str | None
     token_cache: Path | None
+    resume: bool | None
     model: ModelOptions
 
     def config(self) -> StudentConfig:
