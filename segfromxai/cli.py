@@ -17,6 +17,7 @@ from .options import (
     RunOptions,
     StudentOptions,
     check_out_outside_images,
+    check_run_out,
     disk_errors,
     features_options,
     label_options,
@@ -25,6 +26,7 @@ from .options import (
     resolve_model,
     resolve_recipes,
     seed_option,
+    resume_option,
     usage_errors,
 )
 from .version import __version__
@@ -190,7 +192,7 @@ def run(**kw: Any) -> None:
     shard = opts.resolve_shard()
     targets = opts.labels.targets()
     check_out_outside_images(opts.out, opts.images)
-    _check_out(opts.out)
+    check_run_out(opts.out)
     if opts.engine == "ray":
         try:
             import ray  # noqa: F401
@@ -229,14 +231,6 @@ def _label(opts: RunOptions, rec: Recipe, model: LoadedModel, model_args: dict[s
             return run_recipe(rec, opts.images, opts.out, workers=opts.workers, **common)
     finally:
         progress.close()
-
-
-def _check_out(out: Path) -> None:
-    """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
-    from .run.outdir import check_out
-
-    with usage_errors(ValueError, FileExistsError):
-        check_out(out)
 
 
 def _echo_counts(summary: dict, out: Path) -> None:
@@ -420,6 +414,7 @@ def compare_cmd(**kw: Any) -> None:
                    "weights for --head lraspp/deeplabv3 (torchvision segmenters trained on the images; want a GPU)")
 @click.option("--token-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the trunk's cached tokens, reused by later jobs on the same images [default: OUT/tokens]")
+@resume_option
 @model_options
 @click.pass_context
 def student_cmd(ctx: click.Context, **kw: Any) -> None:
@@ -427,7 +422,7 @@ def student_cmd(ctx: click.Context, **kw: Any) -> None:
     --images (student_labels.json), self-train --rounds, and with --gt print the table after each round.
 
     `segfromxai student predict --student DIR --images DIR --out DIR` labels a folder with a trained student."""
-    from .student.job import train_student
+    from .student.job import check_inputs, train_student
 
     if ctx.invoked_subcommand is not None:
         if any(kw[k] is not None for k in ("train_run", "images", "out")):
@@ -438,13 +433,16 @@ def student_cmd(ctx: click.Context, **kw: Any) -> None:
         if kw[param] is None:
             raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == param))
     opts = StudentOptions(**kw)
-    config = opts.config()
+    config, resume, overwrite = opts.config(), bool(opts.resume), opts.resume is False
     check_out_outside_images(opts.out, opts.images)
+    with usage_errors(ValueError, FileExistsError):  # before the model loads
+        check_inputs(opts.out, config, resume=resume, overwrite=overwrite)
     model, _ = resolve_model(opts.model)
     cache = opts.token_cache.resolve() if opts.token_cache is not None else "tokens"
-    with usage_errors(ValueError, FileNotFoundError):
+    with usage_errors(ValueError, FileExistsError):
         summary = train_student(opts.train_run, opts.images, opts.out, model=model, config=config, gt=opts.gt,
-                                pseudo=opts.pseudo, progress=sys.stderr.isatty(), log=click.echo, cache=cache)
+                                pseudo=opts.pseudo, progress=True, log=click.echo, cache=cache, resume=resume,
+                                overwrite=overwrite)
     held = " (held out of training)" if summary["held_out"] else ""
     click.echo(f"{summary['n_predicted']} images predicted{held} -> {opts.out / 'student_labels.json'}")
 
@@ -460,8 +458,7 @@ def student_cmd(ctx: click.Context, **kw: Any) -> None:
               help="extra exports (repeatable); COCO is always written")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="images per chunk")
 @limit_option
-@click.option("--resume/--overwrite", default=None,
-              help="continue an interrupted job in --out, or start it again (default: refuse to touch one)")
+@resume_option
 @click.option("--gt", type=click.Path(exists=True, path_type=Path), default=None,
               help="ground truth (COCO file or PNG label folder): evaluate the masks, write metrics and report.html")
 @click.option("--boundary", default=None, help="boundary method for the masks (default: the student's own)")
@@ -473,7 +470,7 @@ def student_predict_cmd(**kw: Any) -> None:
 
     opts = PredictOptions(**kw)
     check_out_outside_images(opts.out, opts.images)
-    _check_out(opts.out)
+    check_run_out(opts.out)
     with usage_errors(ValueError, FileNotFoundError):
         student = open_student(opts.student, boundary=opts.boundary, device=opts.device)
     progress = LazyBar()

@@ -48,6 +48,14 @@ def disk_errors(out: Path) -> Iterator[None]:
                                "same command with --resume") from e
 
 
+def check_run_out(out: Path) -> None:
+    """Refuse a bad --out (a file, unwritable, or not empty and holding no run) before the model loads."""
+    from .run.outdir import check_out
+
+    with usage_errors(ValueError, FileExistsError):
+        check_out(out)
+
+
 def check_out_outside_images(out: Path, images: Path) -> None:
     """A usage error when ``--out`` is ``--images`` or lies inside it (see :func:`~segfromxai.run.outdir.check_out_outside`)."""
     from .run.outdir import check_out_outside
@@ -157,6 +165,8 @@ def label_options(labels_help: str, folder_help: str) -> Callable:
 
 seed_option = click.option("--seed", type=int, default=0, show_default=True)
 limit_option = click.option("--limit", type=click.IntRange(min=1), default=None, help="the first N images only")
+resume_option = click.option("--resume/--overwrite", default=None, help="continue an interrupted job in --out, or "
+                             "start it again (default: refuse to touch one)")
 
 
 def resolve_recipes(names: Sequence[str], features: FeatureOptions, output: dict[str, Any] | None = None
@@ -271,6 +281,7 @@ class StudentOptions:
     img_size: int
     head_weights: str | None
     token_cache: Path | None
+    resume: bool | None
     model: ModelOptions
 
     def config(self) -> StudentConfig:

@@ -47,14 +47,19 @@ class LogProgress:
         Print when at least this long has passed since the last line.
     clock : callable
         Monotonic seconds (``time.monotonic``); a fake one in tests.
+    desc : str
+        What is counted, printed after ``progress:`` (e.g. ``round 1``); empty: nothing.
+    unit : str
+        The unit of the count (``images``; a student's training counts ``epochs``).
     """
 
     def __init__(self, total: int, initial: int = 0, *, stream: TextIO, every: int = 100, seconds: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, desc: str = "", unit: str = "images") -> None:
         if every < 1 or seconds <= 0:
             raise ValueError(f"every must be >= 1 and seconds > 0, got every={every}, seconds={seconds}")
         self.total, self.done, self.start_done = int(total), int(initial), int(initial)
         self.stream, self.every, self.seconds, self.clock = stream, every, seconds, clock
+        self.prefix, self.unit = f"{desc}: " if desc else "", unit
         self.start = self.last_time = clock()
         self.last_done = self.done
         self.line(self.start)
@@ -67,7 +72,8 @@ class LogProgress:
         eta = (self.total - self.done) / rate if rate > 0 else math.nan
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate_text = "?" if math.isnan(rate) else f"{rate:.2f}"
-        self.stream.write(f"progress: {self.done}/{self.total} images ({pct:.1f}%), {rate_text} images/s, "
+        self.stream.write(f"progress: {self.prefix}{self.done}/{self.total} {self.unit} ({pct:.1f}%), {rate_text} "
+                          f"{self.unit}/s, "
                           f"ETA {duration(eta) if self.done < self.total else '0s'}\n")
         self.stream.flush()
         self.last_time, self.last_done = now, self.done
@@ -85,14 +91,17 @@ class LogProgress:
             self.line(self.clock())
 
 
-def progress_bar(total: int, initial: int, *, stream: TextIO | None = None) -> Any:
-    """A tqdm bar on a terminal; elsewhere (a log, a pipe, a job scheduler) a :class:`LogProgress` line every 100
-    images or 30 seconds, on ``stream`` (default: ``sys.stderr``)."""
+def progress_bar(total: int, initial: int, *, stream: TextIO | None = None, desc: str = "", unit: str = "images",
+                 every: int = 100) -> Any:
+    """A tqdm bar on a terminal; elsewhere (a log, a pipe, a job scheduler) a :class:`LogProgress` line every
+    ``every`` ``unit`` or 30 seconds, on ``stream`` (default: ``sys.stderr``). Both count with ``update(n)`` and end
+    with ``close()``."""
     stream = sys.stderr if stream is None else stream
     if stream.isatty():
         from tqdm import tqdm
-        return tqdm(total=total, initial=initial, unit="img", file=stream)
-    return LogProgress(total, initial, stream=stream)
+        return tqdm(total=total, initial=initial, unit="img" if unit == "images" else unit, file=stream,
+                    desc=desc or None, leave=not desc)
+    return LogProgress(total, initial, stream=stream, desc=desc, unit=unit, every=every)
 
 
 class LazyBar:

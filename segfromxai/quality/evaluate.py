@@ -397,13 +397,13 @@ def comparisons(pred: str | Path, *, gt: str | Path | None = None, student: str 
 
 def _by_pseudo(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict]]:
     """Per-image rows of every comparison keyed by the pseudo-label file name: ``{file: {comparison: row}}``.
-    Rows of "student vs GT" (keyed by the student's file name) are mapped through "pseudo vs student"."""
+    Rows of "student vs GT" are mapped through "pseudo vs student" when it is there (else: their own name)."""
     agreement = results.get("pseudo vs student", {}).get("per_image", [])
     to_pseudo = {row["reference"]: row["file_name"] for row in agreement}
     out: dict[str, dict[str, dict]] = {}
     for name, r in results.items():
         for row in r["per_image"]:
-            key = to_pseudo.get(row["file_name"]) if name == "student vs GT" else row["file_name"]
+            key = to_pseudo.get(row["file_name"]) if name == "student vs GT" and agreement else row["file_name"]
             if key is not None:
                 out.setdefault(key, {})[name] = row
     return out

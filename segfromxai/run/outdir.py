@@ -64,10 +64,11 @@ SHEET_NAME = re.compile(r"^\d{3}_.*\.png$")
 """The report's contact sheets (``sheets/000_<name>.png``)."""
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, *, marker: str = "manifest.jsonl", what: str = "segfromxai run") -> None:
     """Refuse an output folder before any work: a file, a folder that cannot be created or written, or a folder
-    that is not empty and holds no run (files starting with ``.`` do not count). Raises ValueError or
-    FileExistsError with a one-line reason; creates nothing."""
+    that is not empty and holds no run (no ``marker`` file; files starting with ``.`` do not count; ``what``
+    names the job in the message, e.g. a student's). Raises ValueError or FileExistsError with a one-line reason;
+    creates nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
@@ -78,9 +79,9 @@ def check_out(out: Path) -> None:
         raise ValueError(f"cannot create --out {out}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write to --out {out}: {probe} is not writable")
-    if out.is_dir() and not (out / "manifest.jsonl").exists():
+    if out.is_dir() and not (out / marker).exists():
         if any(not p.name.startswith(".") for p in out.iterdir()):
-            raise FileExistsError(f"{out} is not empty and holds no segfromxai run: give a new or empty folder "
+            raise FileExistsError(f"{out} is not empty and holds no {what}: give a new or empty folder "
                                   "(--overwrite only replaces an earlier run, never other files)")
 
 
@@ -91,6 +92,28 @@ def check_out_outside(out: Path, images: Path) -> None:
     if images.is_dir() and Path(out).resolve().is_relative_to(images.resolve()):
         raise ValueError(f"--out {out} lies inside --images {images}: the images it writes (exports, overlays, "
                          "sheets) would be read as input by the next run; give an output folder outside it")
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.lock`` (``flock``, released when the process dies) for the block, so that
+    two jobs never write into one folder; a second job gets FileExistsError at once. ``out`` must exist. Where
+    ``fcntl`` is missing (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(Path(out) / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise FileExistsError(f"another segfromxai job is writing to {out} (it holds {out / '.lock'}): wait "
+                                  "for it to end or give another --out") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_dirs() -> tuple[str, ...]:

@@ -45,6 +45,39 @@ def read_run(folder: str | Path) -> RunSource:
                      dict(recipe.get("boundary", {"method": "none"})))
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_key(src: RunSource, names: list[str], head_weights: str | None) -> dict[str, Any]:
+    """What a trained round learnt from, by content: the training run's pseudo-labels, the bytes of each training
+    image ``names`` (under ``src.images``) and the ``head_weights`` file (None: none), each a SHA-256; part of the
+    key that decides whether a finished round is reused."""
+    return {"pseudo_labels": file_digest(src.coco),
+            "images": [(n, file_digest(src.images / n)) for n in names],
+            "head_weights": file_digest(head_weights) if head_weights else None}
+
+
+def check_labelled(src: RunSource, names: list[str]) -> None:
+    """Raise ValueError naming the training run when its COCO file lists no image (``names`` empty): every image
+    was skipped or failed (counts from its ``run.json``), or it found none."""
+    if names:
+        return
+    counts: dict[str, Any] = {}
+    try:
+        counts = dict(json.loads((src.folder / "run.json").read_text()).get("counts") or {})
+    except (OSError, ValueError, AttributeError):
+        pass
+    said = ", ".join(f"{counts[k]} {k}" for k in ("skipped", "failed") if counts.get(k))
+    raise ValueError(f"the training run {src.folder} labelled no image ({said or 'none found'}"
+                     f"{'; see its run.json' if said else ''}): nothing to train on")
+
+
 def held_out(name: str, fraction: float) -> bool:
     """Whether image ``name`` (relative path) is in the held-out share ``fraction``: a stable hash (SHA-1) of the
     name, so the split is the same on every machine and does not move when images are added."""

@@ -83,6 +83,26 @@ HEADS: dict[str, Entry] = {
 }
 
 
+def read_head_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a ``--head-weights`` file (:func:`segfromxai.models.model.read_state_dict`: a safetensors
+    file, or a torch file read with ``weights_only=True``, so a pickle never runs), checked to hold at least one
+    tensor and only finite values. Raises ValueError naming the flag and the file."""
+    path = Path(path)
+    try:
+        given, _ = read_state_dict(path)
+    except (ValueError, OSError) as e:
+        cause = e.__cause__ or e  # its first line: torch's refusal of a pickle runs over many
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise ValueError(f"--head-weights {path}: not weights that can be read safely (a safetensors file, or a "
+                         f"torch file of tensors; no pickle is run): {reason}") from e
+    if not given:
+        raise ValueError(f"--head-weights {path}: holds no tensor")
+    for name, t in given.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"--head-weights {path}: tensor {name!r} holds non-finite values (NaN or inf)")
+    return given
+
+
 def load_head_weights(module: nn.Module, path: str | Path) -> int:
     """Start ``module`` from a local state dict (read by :func:`segfromxai.models.model.read_state_dict`:
     ``.safetensors``, else ``torch.load(weights_only=True)``) and return how many tensors it took.
@@ -90,9 +110,10 @@ def load_head_weights(module: nn.Module, path: str | Path) -> int:
     Lenient, unlike :func:`segfromxai.models.model.load_weights`: a tensor is taken when its name, or the name with
     ``net.`` or (for a classification backbone, ``features.N...`` as torchvision's MobileNetV3 names them)
     ``net.backbone.N...`` in front, is one of the module's with the same shape; the rest (e.g. a classifier of
-    another class count) are left as initialised. Raises ValueError when none fits."""
+    another class count) are left as initialised. Raises ValueError when the file cannot be read, holds a
+    non-finite value (:func:`read_head_weights`) or none of its tensors fits."""
     path = Path(path)
-    given, _ = read_state_dict(path)
+    given = read_head_weights(path)
     own = module.state_dict()
     taken = {}
     for name, t in given.items():
@@ -101,7 +122,8 @@ def load_head_weights(module: nn.Module, path: str | Path) -> int:
                 taken[cand] = t
                 break
     if not taken:
-        raise ValueError(f"{path}: none of its {len(given)} tensors fits the student {type(module).__name__}")
+        raise ValueError(f"--head-weights {path}: none of its {len(given)} tensors fits the student "
+                         f"{type(module).__name__}")
     module.load_state_dict({**own, **taken})
     return len(taken)
 

@@ -23,11 +23,13 @@ from torch import nn
 from ..fileio import atomic_write
 from ..models.model import LoadedModel
 from .config import UNTRAINED, StudentConfig, settings_key
-from .data import RunSource, Split, read_annotations, read_run, split, subset_coco
+from .data import RunSource, Split, check_labelled, content_key, read_annotations, read_run, split, subset_coco
 from .predict import Labeller, make_labeller, predict, write_labels
 from .targets import choose_mode, pseudo_targets, student_targets
 from .tokens import Tokens, stored_tokens, student_trunk
-from .train import load_round, save_round, train_head
+from .heads import read_head_weights
+from .jobdir import check_job_out, job_folder
+from .train import load_round, new_head, save_round, train_head
 
 
 @dataclass
@@ -45,12 +47,22 @@ class Job:
     input_size: tuple[int, int] = (224, 224)
 
 
+def check_inputs(out: str | Path, config: StudentConfig, *, resume: bool, overwrite: bool) -> None:
+    """What can be refused before the model loads: ``out`` (:func:`segfromxai.student.jobdir.check_job_out`) and
+    the ``head_weights`` file (:func:`segfromxai.student.heads.read_head_weights`). Raises ValueError or
+    FileExistsError."""
+    check_job_out(Path(out), resume=resume, overwrite=overwrite)
+    if config.head_weights:
+        read_head_weights(config.head_weights)
+
+
 def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, config: StudentConfig,
             progress: bool = False, cache: Path | None = None) -> Job:
     """Read the training run, split the images, cache the trunk's tokens once (on disk in ``cache`` when given,
     :func:`stored_tokens`) and build round 1's targets."""
     src = read_run(train_run)
     anns, sizes, _ = read_annotations(src.coco)
+    check_labelled(src, list(anns))
     sp = split(list(anns), src.images, Path(images), config)
     anns = {n: anns[n] for n in sp.train}
     mode = choose_mode(config.mode, anns)
@@ -58,6 +70,13 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
     channels = ["background", "foreground"] if mode == "binary" else ["background", *(c["name"] for c in
                                                                                      src.categories)]
     trunk = student_trunk(model, config.img_size, pixels=config.pixels)
+    if config.head_weights:  # a bad file is refused before the token pass
+        new_head(config, int(trunk.module.num_features), len(channels), 1)
+    targets, keep = pseudo_targets(anns, sizes, sp.train, trunk.preprocess.size, channel,
+                                   max_area=config.max_area, min_score=config.min_score)
+    if not keep.any():
+        raise ValueError(f"no training image left: {len(sp.train)} images in {src.coco}, none with a mask that "
+                         "passes the filters (--max-area, --min-score)")
     train = stored_tokens(model, src.images, sp.train, cache=cache, trunk=trunk, flip=config.flip, progress=progress,
                           desc="training tokens")
     if sp.test == sp.train and Path(images).resolve() == src.images.resolve():
@@ -65,11 +84,6 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
     else:
         test = stored_tokens(model, images, sp.test, cache=cache, trunk=trunk, flip=False, progress=progress,
                              desc="tokens to predict")
-    targets, keep = pseudo_targets(anns, sizes, sp.train, trunk.preprocess.size, channel,
-                                   max_area=config.max_area, min_score=config.min_score)
-    if not keep.any():
-        raise ValueError(f"no training image left: {len(sp.train)} images in {src.coco}, none with a mask that "
-                         "passes the filters (--max-area, --min-score)")
     return Job(src, sp, train, test, targets, keep, channels, make_labeller(model, src, anns, mode, config),
                trunk.preprocess.size)
 
@@ -118,7 +132,8 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
                   config: StudentConfig = StudentConfig(), gt: str | Path | None = None,
                   pseudo: str | Path | None = None, progress: bool = False,
                   on_epoch: Callable[[int, int], None] | None = None,
-                  log: Callable[[str], None] | None = None, cache: str | Path | None = "tokens") -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, cache: str | Path | None = "tokens",
+                  resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train a student on the pseudo-labels of ``train_run``, predict ``images``, and self-train ``config.rounds``.
 
     Writes ``out/round_<r>/`` (``head.safetensors``, ``card.json``, ``student_labels.json``, and with ``gt`` or
@@ -130,18 +145,31 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
     folder over ``images`` (default, when the student holds out part of the training folder: the training run);
     its labels are scored on the images the student predicts (``out/pseudo_scored.json``). ``log`` receives each
     round's table. ``cache``: the folder of the trunk's tokens (:func:`stored_tokens`; relative: under ``out``;
-    None: kept in memory only). Returns ``student.json``'s content.
+    None: kept in memory only). ``out`` follows ``run``'s rules (:func:`segfromxai.student.jobdir.job_folder`): a
+    folder holding a student job is continued with ``resume`` (a finished round is reused when its key, which
+    covers the settings, the model, and the content of the pseudo-labels, the training images and the head
+    weights, still matches) or started again with ``overwrite``. Returns ``student.json``'s content.
     """
+    out = Path(out)
+    cache = None if cache is None else out / cache
+    header = {"kind": "segfromxai-student", "train_run": str(train_run), "images": str(images)}
+    with job_folder(out, header, resume=resume, overwrite=overwrite, cache=cache):
+        job = prepare(train_run, images, model=model, config=config, progress=progress, cache=cache)
+        return _train_rounds(job, images, out, model=model, config=config, gt=gt, pseudo=pseudo,
+                             progress=progress, on_epoch=on_epoch, log=log)
+
+
+def _train_rounds(job: Job, images: str | Path, out: Path, *, model: LoadedModel, config: StudentConfig,
+                  gt: str | Path | None, pseudo: str | Path | None, progress: bool,
+                  on_epoch: Callable[[int, int], None] | None, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """:func:`train_student`'s rounds on a prepared job: train (or reuse), predict, score, write."""
     from ..quality.evaluate import agreement_spearman, headline, table, write_evaluation
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = None if cache is None else out / cache
-    job = prepare(train_run, images, model=model, config=config, progress=progress, cache=cache)
     source = read_run(pseudo).coco if pseudo is not None else job.src.coco if job.split.held_out else None
     scored = subset_coco(source, job.split.test, out / "pseudo_scored.json") if source is not None else None
     trained = {k: v for k, v in config.to_dict().items() if k not in UNTRAINED}
-    key = settings_key(trained, job.split.train, model.source)
+    key = settings_key(trained, job.split.train, model.source,
+                       content_key(job.src, job.split.train, config.head_weights))
     rounds, results, records = [], {}, []
     for r in range(1, config.rounds + 1):
         key = settings_key(key, r)

@@ -19,9 +19,11 @@ from torch import nn
 
 from ..fileio import atomic_write
 from ..io.images import load_image
+from ..io.progress import progress_bar
 from ..models.features import Backbone, load_backbone
 from ..models.model import LoadedModel, is_vit, tokens_to_grid
 from .config import settings_key
+from .data import file_digest
 
 
 @dataclass
@@ -94,28 +96,33 @@ def batch_tokens(model: LoadedModel, trunk: Backbone, ims: list[np.ndarray], fli
 def cache_tokens(model: LoadedModel, root: str | Path, names: list[str], *, flip: bool = True, batch_size: int = 16,
                  progress: bool = False, desc: str = "tokens", trunk: Backbone | None = None) -> Tokens:
     """:class:`Tokens` of the images ``root/name`` (with their mirrors when ``flip``), computed once, no gradient,
-    by ``trunk`` (default: :func:`student_trunk` of ``model``, the classifier at its own size)."""
-    from tqdm import tqdm
-
+    by ``trunk`` (default: :func:`student_trunk` of ``model``, the classifier at its own size). With ``progress``,
+    a bar on a terminal and ``progress: <desc>: n/N images`` lines elsewhere
+    (:func:`segfromxai.io.progress.progress_bar`)."""
     trunk = trunk if trunk is not None else student_trunk(model)
     root, grids, probs, sizes = Path(root), [], [], []
     model.module.eval()
+    bar = progress_bar(len(names), 0, desc=desc) if progress else None
     with torch.no_grad():
-        for s in tqdm(range(0, len(names), batch_size), desc=desc, leave=False, disable=not progress):
+        for s in range(0, len(names), batch_size):
             ims = [load_image(root / n) for n in names[s:s + batch_size]]
             sizes += [im.shape[:2] for im in ims]
             g, p = batch_tokens(model, trunk, ims, flip)
             grids.append(g)
             probs.append(p)
+            if bar is not None:
+                bar.update(len(ims))
+    if bar is not None:
+        bar.close()
     d = trunk.module.num_features
     grid = torch.cat(grids) if grids else torch.zeros((0, 2 if flip else 1, 1, 1, d), dtype=torch.float16)
     return Tokens(list(names), sizes, grid, np.concatenate(probs) if probs else np.zeros((0, 0), np.float32), root)
 
 
 def token_key(model: LoadedModel, trunk: Backbone, root: Path, names: list[str], flip: bool) -> str:
-    """What identifies a set of cached tokens: the classifier, the trunk and its input, the images (relative names,
-    byte sizes and modification times) and the views."""
-    stats = [(n, (root / n).stat().st_size, (root / n).stat().st_mtime_ns) for n in names]
+    """What identifies a set of cached tokens: the classifier, the trunk and its input, the images (relative names
+    and the SHA-256 of their bytes, so an image replaced at the same size and time is read again) and the views."""
+    stats = [(n, file_digest(root / n)) for n in names]
     return settings_key(model.timm_name, model.source, trunk.source, trunk.preprocess.to_dict(), flip,
                         str(root.resolve()), stats)
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..fileio import atomic_write
+from ..io.progress import progress_bar
 from ..models.model import LoadedModel, write_card
 from .config import StudentConfig
 from .heads import HEADS, SEGMENTERS, head_logits, load_head_weights
@@ -76,9 +77,8 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
     """Train a head on cached tokens: targets uint8 (N, h, w) (255 ignored) for the images where ``keep``, every
     view (view 1's target mirrored). Resumes from ``checkpoint`` when it holds this ``key``; writes it after each
     epoch, then calls ``on_epoch(round, epoch)``. Trains on ``device`` (the tokens stay on the CPU, each batch is
-    moved) and returns the head on the CPU."""
-    from tqdm import tqdm
-
+    moved) and returns the head on the CPU. With ``progress``, a bar on a terminal and ``progress: round r: e/E
+    epochs`` lines elsewhere (:func:`segfromxai.io.progress.progress_bar`)."""
     head = new_head(config, tokens.grid.shape[-1], k, round_).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = load_checkpoint(checkpoint, head, opt, key) if checkpoint is not None else 0
@@ -86,8 +86,9 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
     pairs = np.array([(i, v) for i in idx for v in range(tokens.grid.shape[1])], dtype=np.int64).reshape(-1, 2)
     size = targets.shape[-2:]
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules())
-    for epoch in tqdm(range(start + 1, config.epochs + 1), desc=f"round {round_}", leave=False,
-                      disable=not progress, initial=start, total=config.epochs):
+    bar = progress_bar(config.epochs, start, desc=f"round {round_}", unit="epochs",
+                       every=max(1, config.epochs // 10)) if progress else None
+    for epoch in range(start + 1, config.epochs + 1):
         order = np.random.default_rng([config.seed, round_, epoch]).permutation(len(pairs))
         head.train()
         for s in range(0, len(order), config.batch_size):
@@ -107,8 +108,12 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
         head.eval()
         if checkpoint is not None:
             save_checkpoint(checkpoint, head, opt, epoch, key)
+        if bar is not None:
+            bar.update(1)
         if on_epoch is not None:
             on_epoch(round_, epoch)
+    if bar is not None:
+        bar.close()
     return head.cpu().eval()
 
 
