@@ -9,7 +9,8 @@ import pytest
 
 from segfromxai.io.coco import write_coco
 from segfromxai.ops.masks import encode
-from segfromxai.quality.evaluate import (AGREEMENT, agreement, agreement_spearman, comparisons, per_image_rows,
+from segfromxai.quality.agreement import AGREEMENT, agreement, agreement_spearman, per_image_rows
+from segfromxai.quality.evaluate import (comparisons,
                                          write_evaluation, write_evaluation_report)
 from segfromxai.quality.metrics import ranks, spearman
 
@@ -96,3 +97,20 @@ def test_spearman_matches_scipy():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 6, 40).astype(float), rng.random(40)
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+
+
+def test_without_a_student_the_report_lists_the_lowest_quality_score_first(tmp_path):
+    """Each image's pseudo-label carries its quality score (the annotation's ``score``): the per-image rows show it
+    and the report's per-image table starts from the lowest."""
+    scores = {"a.png": 0.9, "b.png": 0.1, "c.png": 0.5}
+    recs = [{"image": {"id": i + 1, "file_name": f, "height": 10, "width": 10},
+             "annotations": [{"category_id": 1, "segmentation": encode(_box(0, 5)), "score": s}]}
+            for i, (f, s) in enumerate(scores.items())]
+    write_coco(tmp_path / "pseudo.json", lambda: recs, categories=CATS, info={})
+    gt = _coco(tmp_path / "gt.json", {n: _box(0, 4) for n in scores})
+    table = comparisons(tmp_path / "pseudo.json", gt=gt)
+    assert {r["file_name"]: r["score"] for r in table["pseudo vs GT"]["per_image"]} == pytest.approx(scores)
+    page = write_evaluation_report(tmp_path / "eval", table, settings={}).read_text()
+    per_image = page[page.index("<td>pseudo vs GT</td>"):]
+    order = [per_image.index(f"<td>{n}</td>") for n in ("b.png", "c.png", "a.png")]
+    assert order == sorted(order)

@@ -39,7 +39,8 @@ import numpy as np
 from ..io.coco import AGNOSTIC_CLASS, export_name, ignore_mask
 from ..fileio import atomic_write
 from ..io.png import IGNORE
-from .metrics import METRICS, Counts, confusion, spearman, summarise
+from .agreement import AGREEMENT, per_image_rows
+from .metrics import METRICS, Counts, confusion, summarise
 
 
 def _quiet(fn, *args, **kwargs):
@@ -86,6 +87,14 @@ class MaskSource:
             if extra is not None:
                 ignore |= extra
         return out, (ignore if ignore.any() else None), size
+
+    def score(self, file_name: str) -> float:
+        """The highest ``score`` of an image's annotations (the pseudo-labels' quality score); NaN for a PNG
+        source or an image without a scored annotation."""
+        if self.kind == "png":
+            return math.nan
+        anns = self.coco.imgToAnns.get(self.files[file_name], [])
+        return max((float(a["score"]) for a in anns if "score" in a), default=math.nan)
 
     def image_entry(self, file_name: str) -> dict[str, Any]:
         """The COCO ``images`` entry of a file (an empty dict for a PNG source)."""
@@ -263,7 +272,7 @@ def evaluate(pred: str | Path | MaskSource, ref: str | Path | MaskSource, *, cla
             empty = np.zeros(rsize, bool)
             per_cat.setdefault(name, []).append(confusion(pn.get(name, empty), rn.get(name, empty), ignore))
         rows.append({"file_name": p, "reference": r, "categories": " ".join(sorted(rn)),
-                     "predicted": " ".join(sorted(pn)),
+                     "predicted": " ".join(sorted(pn)), "score": pred.score(p),
                      **{k: m.from_counts(*counts) for k, m in METRICS.items()},
                      **dict(zip(("tp", "fp", "fn", "tn"), counts))})
     result: dict[str, Any] = summarise(agnostic)
@@ -335,41 +344,6 @@ def write_evaluation(out: str | Path, results: dict[str, dict[str, Any]], *, wor
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-
-
-AGREEMENT = "pseudo vs student IoU"
-"""The per-image column of a table with the student's masks: the IoU of the image's pseudo-label with the student's
-mask (ViTmiX's "pseudo vs student"), a label-free flag of a bad pseudo-label."""
-
-
-def agreement(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Per pseudo-labelled image (file name), the IoU of its pseudo-label with the student's mask (the rows of the
-    "pseudo vs student" comparison); empty without that comparison."""
-    return {row["file_name"]: row["iou"] for row in results.get("pseudo vs student", {}).get("per_image", [])}
-
-
-def per_image_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every comparison's per-image rows, each led by its comparison's name and, when the student's masks are
-    compared, ending with the image's :data:`AGREEMENT` (NaN where the image has none)."""
-    agree = agreement(results)
-    to_pseudo = {row["reference"]: row["file_name"] for row in results.get("pseudo vs student", {}).get("per_image",
-                                                                                                     [])}
-    rows = []
-    for name, r in results.items():
-        for row in r["per_image"]:
-            key = to_pseudo.get(row["file_name"]) if name == "student vs GT" else row["file_name"]
-            rows.append({"comparison": name, **row, **({AGREEMENT: agree.get(key, math.nan)} if agree else {})})
-    return rows
-
-
-def agreement_spearman(results: dict[str, dict[str, Any]]) -> float:
-    """Spearman's rank correlation (:func:`segfromxai.quality.metrics.spearman`) over images of the pseudo-labels'
-    agreement with the student (:func:`agreement`) and their true IoU (the "pseudo vs GT" comparison's): how well
-    the agreement ranks the pseudo-labels by quality. NaN without both comparisons or with fewer than two images."""
-    agree = agreement(results)
-    rows = results.get("pseudo vs GT", {}).get("per_image", [])
-    pairs = [(agree[r["file_name"]], r["iou"]) for r in rows if r["file_name"] in agree]
-    return spearman([a for a, _ in pairs], [t for _, t in pairs])
 
 
 def comparisons(pred: str | Path, *, gt: str | Path | None = None, student: str | Path | None = None,
@@ -454,7 +428,7 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
                             title: str = "segfromxai quality report") -> Path:
     """``out/report.html`` for these comparisons: the summary table, a histogram of per-image IoU (one colour per
     comparison), the per-category table, every evaluated image of every comparison (worst :data:`AGREEMENT` first
-    when the student is compared), and sheets of the ``n_sheets`` best and worst images by the first comparison's
+    when the student is compared, else the lowest pseudo-label quality score first), and sheets of the ``n_sheets`` best and worst images by the first comparison's
     IoU. A sheet shows the image, the fused heatmap, the pseudo mask, the ground truth and the student's mask (when
     given); its caption gives each comparison's IoU.
 
@@ -476,10 +450,11 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
     ranked = [r for r in worst(first, len(first["per_image"])) if not math.isnan(r["iou"])]
     best = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[::-1][:n_sheets]]
     bad = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[:n_sheets]]
-    keep = ("comparison", "file_name", "categories", "predicted", *METRICS, AGREEMENT)
+    keep = ("comparison", "file_name", "categories", "predicted", "score", *METRICS, AGREEMENT)
     rows = [{k: row[k] for k in keep if k in row} for row in per_image_rows(results)]
-    if AGREEMENT in (rows[0] if rows else {}):  # worst agreement first: the pseudo-labels to look at
-        rows.sort(key=lambda row: (math.isnan(row[AGREEMENT]), row[AGREEMENT], row["file_name"]))
+    # the pseudo-labels to look at first: the worst agreement with the student, else the lowest quality score
+    order = AGREEMENT if AGREEMENT in (rows[0] if rows else {}) else "score"
+    rows.sort(key=lambda row: (math.isnan(row.get(order, math.nan)), row.get(order, math.nan), row["file_name"]))
     notes = [w for r in results.values() for w in r.get("warnings", [])]
     if first["missing_in_pred"]:
         notes.append(f"{len(first['missing_in_pred'])} reference images have no prediction (failed or skipped): "

@@ -141,7 +141,7 @@ def train_student(train_run: str | Path, images: str | Path, out: str | Path, *,
     ``out/metrics.json`` (:func:`segfromxai.quality.evaluate.write_evaluation`'s format), ``out/report.html`` (the
     evaluation report with the student column and contact sheets, images from ``images``) and ``out/student.json``
     (the headline numbers of every round, with ``agreement_spearman``: the Spearman of the per-image pseudo vs
-    student IoU with the true IoU, :func:`segfromxai.quality.evaluate.agreement_spearman`). ``pseudo`` is a run
+    student IoU with the true IoU, :func:`segfromxai.quality.agreement.agreement_spearman`). ``pseudo`` is a run
     folder over ``images`` (default, when the student holds out part of the training folder: the training run);
     its labels are scored on the images the student predicts (``out/pseudo_scored.json``). ``log`` receives each
     round's table. ``cache``: the folder of the trunk's tokens (:func:`stored_tokens`; relative: under ``out``;
@@ -163,7 +163,8 @@ def _train_rounds(job: Job, images: str | Path, out: Path, *, model: LoadedModel
                   gt: str | Path | None, pseudo: str | Path | None, progress: bool,
                   on_epoch: Callable[[int, int], None] | None, log: Callable[[str], None] | None) -> dict[str, Any]:
     """:func:`train_student`'s rounds on a prepared job: train (or reuse), predict, score, write."""
-    from ..quality.evaluate import agreement_spearman, headline, table, write_evaluation
+    from ..quality.agreement import agreement_spearman
+    from ..quality.evaluate import headline, table, write_evaluation
 
     source = read_run(pseudo).coco if pseudo is not None else job.src.coco if job.split.held_out else None
     scored = subset_coco(source, job.split.test, out / "pseudo_scored.json") if source is not None else None
