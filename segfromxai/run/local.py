@@ -167,9 +167,11 @@ def records_of(recipe: Recipe, loaded: list[Item], got: Labelled) -> tuple[list[
         stages = recipe.stages_for(conf)  # a [domain]'s stages for an image the classifier is sure of
         where = {} if recipe.domain is None else {"refiner": stages.refine.method, "domain": stages is not recipe}
         quality = got.quality[j] if got.quality else [{} for _ in masks]
-        anns = [{"category_id": cls + 1, "segmentation": encode(m), "score": s,
-                 "attributes": {**provenance, **where, "confidence": conf, "quality": q}}
-                for m, s, q in zip(masks, got.scores[j], quality) if s >= recipe.output.get("min_score", 0.0)]
+        kept = [k for k, s in enumerate(got.scores[j]) if s >= recipe.output.get("min_score", 0.0)]
+        masks = [masks[k] for k in kept]  # the overlays show what the COCO file holds
+        anns = [{"category_id": cls + 1, "segmentation": encode(masks[i]), "score": got.scores[j][k],
+                 "attributes": {**provenance, **where, "confidence": conf, "quality": quality[k]}}
+                for i, k in enumerate(kept)]
         image = {"id": index + 1, "file_name": rel, "height": h, "width": w}
         records.append({**rec, "status": "ok" if anns else "empty", "image": image, "annotations": anns})
         if recipe.output["maps"] or recipe.output["overlays"]:
