@@ -281,6 +281,7 @@ def _preprocess_from_timm(module: nn.Module) -> Preprocess:
 
 
 def sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..io.coco import write_coco
 from ..io.images import find_images
+from ..models.model import sha256
 from ..run.manifest import Manifest
 from .config import StudentConfig
 
@@ -45,22 +46,13 @@ def read_run(folder: str | Path) -> RunSource:
                      dict(recipe.get("boundary", {"method": "none"})))
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_key(src: RunSource, names: list[str], head_weights: str | None) -> dict[str, Any]:
     """What a trained round learnt from, by content: the training run's pseudo-labels, the bytes of each training
     image ``names`` (under ``src.images``) and the ``head_weights`` file (None: none), each a SHA-256; part of the
     key that decides whether a finished round is reused."""
-    return {"pseudo_labels": file_digest(src.coco),
-            "images": [(n, file_digest(src.images / n)) for n in names],
-            "head_weights": file_digest(head_weights) if head_weights else None}
+    return {"pseudo_labels": sha256(src.coco),
+            "images": [(n, sha256(src.images / n)) for n in names],
+            "head_weights": sha256(head_weights) if head_weights else None}
 
 
 def check_labelled(src: RunSource, names: list[str]) -> None:

@@ -21,9 +21,8 @@ from ..fileio import atomic_write
 from ..io.images import load_image
 from ..io.progress import progress_bar
 from ..models.features import Backbone, load_backbone
-from ..models.model import LoadedModel, is_vit, tokens_to_grid
+from ..models.model import LoadedModel, is_vit, sha256, tokens_to_grid
 from .config import settings_key
-from .data import file_digest
 
 
 @dataclass
@@ -122,7 +121,7 @@ def cache_tokens(model: LoadedModel, root: str | Path, names: list[str], *, flip
 def token_key(model: LoadedModel, trunk: Backbone, root: Path, names: list[str], flip: bool) -> str:
     """What identifies a set of cached tokens: the classifier, the trunk and its input, the images (relative names
     and the SHA-256 of their bytes, so an image replaced at the same size and time is read again) and the views."""
-    stats = [(n, file_digest(root / n)) for n in names]
+    stats = [(n, sha256(root / n)) for n in names]
     return settings_key(model.timm_name, model.source, trunk.source, trunk.preprocess.to_dict(), flip,
                         str(root.resolve()), stats)
 
