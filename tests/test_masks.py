@@ -210,3 +210,13 @@ def test_fill_holes_and_remove_small_return_new_arrays():
     for out in (masks.fill_holes(m, max_area=0), masks.remove_small(m, min_area=0)):
         out[:] = False
     np.testing.assert_array_equal(m, RING)
+
+
+def test_mask_iou_known_answers():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert masks.mask_iou(a, b) == 0.0  # both empty
+    a[:2] = True  # 8 pixels
+    b[1:3] = True  # 8 pixels, 4 shared
+    assert masks.mask_iou(a, b) == pytest.approx(4 / 12)
+    assert masks.mask_iou(a, a) == 1.0 and masks.mask_iou(a, ~a) == 0.0

@@ -114,6 +114,12 @@ def fill_holes(mask: np.ndarray, *, max_area: int | None = None) -> np.ndarray:
     return m | is_hole[labels]
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks of one shape (0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
 def keep_largest(mask: np.ndarray, *, connectivity: int = 8) -> np.ndarray:
     """Keep only the largest component (ties: the first in raster order); an empty mask stays empty.
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..params import Fraction, NonNegative, Positive, PositiveInt, Range
 from ..registry import Entry
-from ..ops.masks import keep_largest
+from ..ops.masks import keep_largest, mask_iou
 from ..ops.resize import check_size
 
 
@@ -302,10 +302,8 @@ def checked(soft: np.ndarray, image: np.ndarray, *, min_iou: Fraction = 0.6, ite
         raise ValueError(f"need 0 <= min_iou <= 1, got {min_iou}")
     snapped = guided(soft, image, radius=radius, eps=eps)
     carved = grabcut(soft, image, far=far, iterations=iterations, work_side=work_side)
-    a, b = keep_largest(snapped), keep_largest(carved)
-    union = np.logical_or(a, b).sum()
-    agree = np.logical_and(a, b).sum() / union if union else 1.0
-    return carved if agree >= min_iou else snapped
+    # both empty: either is the (empty) answer
+    return carved if mask_iou(keep_largest(snapped), keep_largest(carved)) >= min_iou else snapped
 
 
 BOUNDARIES: dict[str, Entry] = {

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..ops.masks import mask_iou
 from ..ops.resize import resize_bilinear
 
 TERMS = ("border", "area", "confidence", "cohesion", "kept")
@@ -68,18 +69,12 @@ def cohesion(mask: np.ndarray, tokens: np.ndarray | None) -> float:
     return float(((fg @ m_f).mean() + (bg @ m_g).mean()) / 2 - (fg @ m_g).mean())
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def quality_terms(mask: np.ndarray, *, confidence: float, refined: Sequence[np.ndarray],
                   tokens: np.ndarray | None = None) -> dict[str, float]:
     """The terms of one mask (H, W) bool (see the module's docstring): ``refined`` the refiner's masks (H, W);
     ``tokens`` the refiner's token features (fh, fw, C), if it had any."""
     return {"border": border_share(mask), "area": float(mask.mean()), "confidence": float(confidence),
-            "cohesion": cohesion(mask, tokens), "kept": max((iou(mask, r) for r in refined), default=0.0)}
+            "cohesion": cohesion(mask, tokens), "kept": max((mask_iou(mask, r) for r in refined), default=0.0)}
 
 
 def quality_score(terms: dict[str, float], weights: dict[str, float] | None = None, bias: float | None = None
