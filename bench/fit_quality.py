@@ -13,41 +13,33 @@ same for the score the run wrote, and per subset. By hand only, never in CI.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from scipy.stats import spearmanr
 
+from segfromxai.ops.masks import decode
+from segfromxai.quality.evaluate import load_source, union
+from segfromxai.quality.metrics import METRICS, confusion
 from segfromxai.quality.paired import subset_of
 from segfromxai.stages.quality import TERMS, quality_score
 
 
 def samples(run: Path, gt_path: Path) -> list[dict]:
-    """One dict per annotation of the run: its terms, its written score, its true IoU, its image's subset."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
-    by_name = {im["file_name"]: im for im in gt.dataset["images"]}
+    """One dict per annotation of the run: its terms, its written score, its true IoU (0 when undefined), its image's
+    subset. The IoU is `segfromxai evaluate`'s: against the union of the image's ground truth, unknown and crowd
+    pixels left out."""
+    ref = load_source(gt_path)
     pred = json.loads((run / "pseudo_labels.json").read_text())
-    names = {im["id"]: im["file_name"] for im in pred["images"]}
+    names = {im["id"]: PurePosixPath(im["file_name"]).name for im in pred["images"]}
     out = []
     for ann in pred["annotations"]:
-        entry = by_name[Path(names[ann["image_id"]]).name]
-        g = np.zeros((entry["height"], entry["width"]), bool)
-        ignore = np.zeros_like(g)
-        for a in gt.imgToAnns.get(entry["id"], []):
-            g |= gt.annToMask(a).astype(bool)
-            if "ignore_segmentation" in a:
-                ignore |= mask_utils.decode(a["ignore_segmentation"]).astype(bool)
-        m = mask_utils.decode(ann["segmentation"]).astype(bool) & ~ignore
-        g &= ~ignore
-        union = (m | g).sum()
-        out.append({"terms": ann["attributes"]["quality"], "score": ann["score"], "file": entry["file_name"],
-                    "iou": float((m & g).sum() / union) if union else 0.0, "subset": subset_of(entry["file_name"], entry)})
+        name = names[ann["image_id"]]
+        gt, ignore, size = ref.masks(name)
+        iou = METRICS["iou"].from_counts(*confusion(decode(ann["segmentation"]), union(gt, size), ignore))
+        out.append({"terms": ann["attributes"]["quality"], "score": ann["score"], "file": name,
+                    "iou": iou if np.isfinite(iou) else 0.0, "subset": subset_of(name, ref.image_entry(name))})
     return out
 
 
