@@ -51,3 +51,50 @@ def docs_text():
     root = Path(__file__).parents[1]
     pages = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
     return "\n".join(p.read_text() for p in pages)
+
+
+def invoke(*args):
+    """``segfromxai ARGS...`` through click's CliRunner (arguments as strings, exceptions not caught)."""
+    from click.testing import CliRunner
+
+    from segfromxai.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    """The one ``Error:`` line of a usage error, checked to be the only one and without a traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.fixture()
+def images(tmp_path, synth_images):
+    """A copy of the twelve synth images in ``tmp_path/images`` (tests may add or break files there)."""
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(synth_images / "images", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_card):
+    """The tiny random ViT of ``tiny_card``, loaded."""
+    from segfromxai.models.model import load_model
+
+    return load_model(checkpoint=tiny_card)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, synth_images, tmp_path_factory):
+    """The default recipe run with the tiny ViT over the twelve synth images."""
+    from segfromxai.recipe.recipe import load_recipe
+    from segfromxai.run.local import run
+
+    out = tmp_path_factory.mktemp("run")
+    run(load_recipe("default"), synth_images / "images", out, model=tiny_model, batch_size=4)
+    return out

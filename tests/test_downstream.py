@@ -8,19 +8,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from pycocotools.coco import COCO
 
-from segfromxai.cli import main
 from segfromxai.io.yolo import yolo_split_key
 from segfromxai.run.outdir import finish
 from segfromxai.run.manifest import Manifest
 from segfromxai.io.progress import LogProgress, duration
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
+from conftest import invoke
 
 class FakeClock:
     def __init__(self):

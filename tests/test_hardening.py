@@ -27,26 +27,7 @@ from segfromxai.recipe.recipe import parse_recipe
 from segfromxai.recipe.checks import check_recipe_for_model
 from segfromxai.run.targets import read_labels_csv, write_predictions_csv
 from segfromxai.run.targets import Prediction
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    """The one ``Error:`` line of a usage error, checked to be the only one and without a traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
-
-
-@pytest.fixture()
-def images(tmp_path, synth_images):
-    folder = tmp_path / "images"
-    shutil.copytree(synth_images / "images", folder)
-    return folder
+from conftest import error_line, invoke
 
 
 @pytest.fixture(scope="module")

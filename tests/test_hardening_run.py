@@ -3,33 +3,11 @@ named after the case it pins down."""
 
 import errno
 import json
-import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from segfromxai.cli import main
 from segfromxai.recipe.recipe import RecipeError, parse_recipe
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    """The one ``Error:`` line of a usage error, checked to be the only one and without a traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
-
-
-@pytest.fixture()
-def images(tmp_path, synth_images):
-    folder = tmp_path / "images"
-    shutil.copytree(synth_images / "images", folder)
-    return folder
+from conftest import error_line, invoke
 
 
 def _recipe(**sections):

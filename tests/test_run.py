@@ -21,6 +21,7 @@ from segfromxai.models.model import load_model
 from segfromxai.run.local import run
 from segfromxai.run.targets import Targets, read_labels_csv
 from segfromxai.recipe.recipe import load_recipe, parse_recipe, recipes_dir
+from conftest import invoke
 
 
 @pytest.fixture()
@@ -33,12 +34,6 @@ def messy_images(tmp_path, synth_images):
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("this is not an image\n")
     return folder
-
-
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result
-
 
 def annotations(out):
     coco = json.loads((Path(out) / "pseudo_labels.json").read_text())

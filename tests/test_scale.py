@@ -3,20 +3,14 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 from pycocotools.coco import COCO
 
-from segfromxai.cli import main
 from segfromxai.run.outdir import merge, records
 from segfromxai.run.manifest import Manifest
 from segfromxai.models.model import load_model
 from segfromxai.run.local import run, shard_of
 from segfromxai.recipe.recipe import load_recipe
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
+from conftest import invoke
 
 def content(out):
     """Annotations without ids: (file name, category, RLE counts, score), and the images' file names."""

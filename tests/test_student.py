@@ -28,26 +28,6 @@ from segfromxai.student.tokens import Tokens
 from segfromxai.student.train import load_checkpoint, load_student, save_checkpoint, train_head
 
 FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_card):
-    from segfromxai.models.model import load_model
-
-    return load_model(checkpoint=tiny_card)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model, synth_images, tmp_path_factory):
-    """The default recipe run with the tiny ViT over the twelve synth images."""
-    from segfromxai.run.local import run
-    from segfromxai.recipe.recipe import load_recipe
-
-    out = tmp_path_factory.mktemp("run")
-    run(load_recipe("default"), synth_images / "images", out, model=tiny_model, batch_size=4)
-    return out
-
-
 def _anns(path: Path) -> list[tuple]:
     doc = json.loads(path.read_text())
     names = {i["id"]: i["file_name"] for i in doc["images"]}

@@ -23,26 +23,6 @@ from segfromxai.student.job import train_student
 
 FAST = dict(epochs=2, batch_size=8, lr=0.05, img_size=0, val_fraction=0.4)
 CLI_FAST = ["--epochs", "2", "--img-size", "0", "--val-fraction", "0.4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_card):
-    from segfromxai.models.model import load_model
-
-    return load_model(checkpoint=tiny_card)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model, synth_images, tmp_path_factory):
-    """The default recipe run with the tiny ViT over the twelve synth images."""
-    from segfromxai.recipe.recipe import load_recipe
-    from segfromxai.run.local import run
-
-    out = tmp_path_factory.mktemp("run")
-    run(load_recipe("default"), synth_images / "images", out, model=tiny_model, batch_size=4)
-    return out
-
-
 def _copy_run(run: Path, images: Path, where: Path) -> tuple[Path, Path]:
     """A copy of ``run`` over a copy of its images (the manifest header names the copy)."""
     shutil.copytree(images, where / "images")

@@ -14,20 +14,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from segfromxai.cli import main
 from segfromxai.student.config import StudentConfig
+from conftest import invoke
 
 FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, val_fraction=0.4)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_card):
-    from segfromxai.models.model import load_model
-
-    return load_model(checkpoint=tiny_card)
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, synth_images, tmp_path_factory):
@@ -51,11 +42,6 @@ def messy(tmp_path, synth_images):
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "notes.jpg").write_text("this is not an image\n")
     return folder
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
 
 def annotations(out: Path) -> list[tuple]:
     doc = json.loads((out / "pseudo_labels.json").read_text())
