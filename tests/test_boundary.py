@@ -32,6 +32,17 @@ def square_scene(h=224, w=224, top=60, left=70, bottom=150, right=170, grow=6):
     return image, square, coarse
 
 
+def ring_scene():
+    """A bright ring (radii 40-80) on a dark ground, the ring's mask, and the filled disc (radius 86) a token grid
+    would cut."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:224, :224]
+    r = np.hypot(yy - 112, xx - 112)
+    ring = (r < 80) & (r >= 40)
+    image = np.where(ring[..., None], rng.normal(200, 4, (224, 224, 3)), rng.normal(50, 4, (224, 224, 3)))
+    return np.clip(image, 0, 255).astype(np.uint8), ring, r < 86
+
+
 def iou(a, b):
     return (a & b).sum() / (a | b).sum()
 
@@ -72,13 +83,7 @@ def test_grabcut_opens_a_ring_that_the_cut_filled_and_hole_filling_would_close_a
     cannot see the hole). GrabCut's colour models carve the hole; ``masks.clean(fill_holes=True)`` would undo it."""
     from segfromxai.ops.masks import clean
 
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:224, :224]
-    r = np.hypot(yy - 112, xx - 112)
-    ring = (r < 80) & (r >= 40)
-    image = np.where(ring[..., None], rng.normal(200, 4, (224, 224, 3)), rng.normal(50, 4, (224, 224, 3)))
-    image = np.clip(image, 0, 255).astype(np.uint8)
-    disc = r < 86
+    image, ring, disc = ring_scene()
     (out,) = refine_boundary([disc], image, (16.0, 16.0), "grabcut", {"iterations": 2})
     assert iou(disc, ring) < 0.8 and iou(out, ring) > 0.95, iou(out, ring)
     assert iou(clean([out], fill_holes=False)[0], ring) > 0.95
@@ -219,13 +224,8 @@ def test_checked_is_grabcut_where_it_agrees_with_the_guided_filter_else_the_guid
     filter's, exactly."""
     from segfromxai.stages.boundary import checked, grabcut, guided
 
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:224, :224]
-    r = np.hypot(yy - 112, xx - 112)
-    ring = (r < 80) & (r >= 40)
-    image = np.where(ring[..., None], rng.normal(200, 4, (224, 224, 3)), rng.normal(50, 4, (224, 224, 3)))
-    image = np.clip(image, 0, 255).astype(np.uint8)
-    soft = mask_soft(r < 86, (16.0, 16.0))
+    image, ring, disc = ring_scene()
+    soft = mask_soft(disc, (16.0, 16.0))
     carved, snapped = grabcut(soft, image, iterations=2), guided(soft, image)
     agree = iou(carved, snapped)
     assert 0.6 < agree < 0.8 and iou(carved, ring) > 0.95
