@@ -27,6 +27,7 @@ from .options import (
     resolve_recipes,
     seed_option,
     resume_option,
+    student_trunk_options,
     usage_errors,
 )
 from .version import __version__
@@ -407,8 +408,7 @@ def compare_cmd(**kw: Any) -> None:
               "boundaries; default: the training run's recipe's method and parameters; none: off)")
 @click.option("--soft", default="ramp", show_default=True,
               help="the boundary method's soft map: probs (the student's own) or ramp (one token around its mask)")
-@click.option("--img-size", type=click.IntRange(min=0), default=392, show_default=True,
-              help="the trunk's input side in pixels (0: the classifier's own; 392 gives a ViT-S/14 28 x 28 tokens)")
+@student_trunk_options
 @click.option("--head-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="a local state dict (.safetensors or torch) to start the head from, e.g. ImageNet MobileNetV3 "
                    "weights for --head lraspp/deeplabv3 (torchvision segmenters trained on the images; want a GPU)")

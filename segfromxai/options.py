@@ -155,6 +155,25 @@ features_options = _group(
                       "28x28 grid)"))
 
 
+TRUNK_DTYPES = ("auto", "float32", "bfloat16")  # segfromxai.student.config's, kept here so --help loads no torch
+
+
+def student_trunk_options(fn: Callable) -> Callable:
+    """``segfromxai student``'s trunk: ``--img-size``, ``--blocks`` and ``--trunk-dtype`` (flat options)."""
+    for opt in reversed((
+        click.option("--img-size", type=click.IntRange(min=0), default=392, show_default=True,
+                     help="the trunk's input side in pixels (0: the classifier's own; 392 gives a ViT-S/14 28 x 28 "
+                          "tokens)"),
+        click.option("--blocks", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="the head reads the trunk's last N blocks' tokens, concatenated (DINOv2's multi-layer "
+                          "probe; with --head std-linear)"),
+        click.option("--trunk-dtype", type=click.Choice(TRUNK_DTYPES), default="auto", show_default=True,
+                     help="the trunk's precision, for training and labelling (auto: bfloat16 where the CPU or GPU "
+                          "multiplies it natively)"))):
+        fn = opt(fn)
+    return fn
+
+
 def label_options(labels_help: str, folder_help: str) -> Callable:
     """``--labels`` / ``--folder-labels`` (each command words its help), passed as ``labels``."""
     return _group("labels", LabelOptions, {"labels": "labels", "folder_labels": "folder_labels"},
@@ -279,6 +298,8 @@ class StudentOptions:
     boundary: str | None
     soft: str
     img_size: int
+    blocks: int
+    trunk_dtype: str
     head_weights: str | None
     token_cache: Path | None
     resume: bool | None
@@ -294,7 +315,8 @@ class StudentOptions:
                                  min_score=self.min_score, rounds=self.rounds, confident=self.confident,
                                  val_fraction=self.val_fraction, holdout=not self.score_train,
                                  boundary=self.boundary, soft=self.soft, img_size=self.img_size,
-                                 head_weights=self.head_weights)
+                                 head_weights=self.head_weights, blocks=self.blocks,
+                                 trunk_dtype=self.trunk_dtype)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 
 from segfromxai.io.coco import write_coco
 from segfromxai.ops.masks import encode
-from segfromxai.quality.agreement import AGREEMENT, agreement, agreement_spearman, per_image_rows
+from segfromxai.quality.agreement import AGREEMENT, FLAG, agreement, agreement_spearman, flag, per_image_rows
 from segfromxai.quality.evaluate import (comparisons,
                                          write_evaluation, write_evaluation_report)
 from segfromxai.quality.metrics import ranks, spearman
@@ -23,9 +23,9 @@ def _box(r0: int, r1: int, c0: int = 0, c1: int = 10) -> np.ndarray:
     return m
 
 
-def _coco(path, masks: dict[str, np.ndarray]):
+def _coco(path, masks: dict[str, np.ndarray], scores: dict[str, float] | None = None):
     recs = [{"image": {"id": i + 1, "file_name": f, "height": 10, "width": 10},
-             "annotations": [{"category_id": 1, "segmentation": encode(m), "score": 0.5}]}
+             "annotations": [{"category_id": 1, "segmentation": encode(m), "score": (scores or {}).get(f, 0.5)}]}
             for i, (f, m) in enumerate(masks.items())]
     write_coco(path, lambda: recs, categories=CATS, info={})
     return path
@@ -34,12 +34,14 @@ def _coco(path, masks: dict[str, np.ndarray]):
 # Pseudo-label rows 0..4 on every image; the student's rows 0..k give IoU k/5 (k <= 5) or 5/k (k > 5) with it.
 STUDENT_ROWS = {"a.png": 5, "b.png": 4, "c.png": 2, "d.png": 10, "e.png": 1}
 AGREE = {"a.png": 1.0, "b.png": 0.8, "c.png": 0.4, "d.png": 0.5, "e.png": 0.2}
+SCORES = {"a.png": 0.9, "b.png": 0.3, "c.png": 0.9, "d.png": 0.9, "e.png": 0.9}  # the pseudo-labels' own scores
+FLAGS = {"a.png": 0.9, "b.png": 0.3, "c.png": 0.4, "d.png": 0.5, "e.png": 0.2}  # the smaller of score and agreement
 
 
 @pytest.fixture()
 def table(tmp_path):
     names = list(STUDENT_ROWS)
-    pseudo = _coco(tmp_path / "pseudo.json", {n: _box(0, 5) for n in names})
+    pseudo = _coco(tmp_path / "pseudo.json", {n: _box(0, 5) for n in names}, SCORES)
     student = _coco(tmp_path / "student.json", {n: _box(0, k) for n, k in STUDENT_ROWS.items()})
     # ground truth: rows 0..g, so the pseudo-label's true IoU is 5/g or g/5
     truth = {"a.png": 5, "b.png": 4, "c.png": 3, "d.png": 2, "e.png": 1}  # IoU 1, .8, .6, .4, .2
@@ -61,7 +63,14 @@ def test_agreement_spearman_known_answer(table):
     assert math.isnan(agreement_spearman({k: v for k, v in table.items() if k != "pseudo vs GT"}))
 
 
-def test_per_image_csv_has_the_column_and_the_report_lists_the_worst_agreement_first(table, tmp_path):
+def test_flag_is_the_smaller_of_score_and_agreement_with_its_known_spearman(table):
+    assert flag(table) == pytest.approx(FLAGS)
+    assert all(r[FLAG] == pytest.approx(FLAGS[r["file_name"]]) for r in per_image_rows(table))
+    # flag .9 .3 .4 .5 .2 against true IoU 1 .8 .6 .4 .2: ranks 5 2 3 4 1 vs 5 4 3 2 1, d = 0 2 0 2 0
+    assert agreement_spearman(table, FLAG) == pytest.approx(1 - 6 * 8 / (5 * 24))
+
+
+def test_per_image_csv_has_the_column_and_the_report_lists_the_lowest_flag_first(table, tmp_path):
     out = tmp_path / "eval"
     write_evaluation(out, table)
     with open(out / "per_image.csv") as f:
@@ -70,7 +79,7 @@ def test_per_image_csv_has_the_column_and_the_report_lists_the_worst_agreement_f
     assert got[("pseudo vs GT", "c.png")] == pytest.approx(0.4) and got[("student vs GT", "e.png")] == 0.2
     page = write_evaluation_report(out, table, settings={}).read_text()
     per_image = page[page.index(AGREEMENT):]
-    order = [per_image.index(f"<td>{n}</td>") for n in ("e.png", "c.png", "d.png", "b.png", "a.png")]
+    order = [per_image.index(f"<td>{n}</td>") for n in ("e.png", "b.png", "c.png", "d.png", "a.png")]
     assert order == sorted(order)
 
 

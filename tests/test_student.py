@@ -91,7 +91,8 @@ def test_linear_probe_learns_a_linearly_separable_known_answer():
     from segfromxai.student.heads import view_probs
 
     tokens, target = _toy_tokens()
-    head = train_head(tokens, target, np.ones(len(target), bool), 2, StudentConfig(epochs=40, lr=0.1, batch_size=4))
+    head = train_head(tokens, target, np.ones(len(target), bool), 2,
+                      StudentConfig(head="linear", epochs=40, lr=0.1, batch_size=4))
     with torch.no_grad():
         pred = view_probs(head, tokens.grid, (4, 4)).argmax(1).numpy()
     assert np.array_equal(pred, target)
@@ -121,9 +122,31 @@ def test_context_head_learns_a_neighbourhood_label_that_a_linear_probe_cannot():
     assert got["context"] == 1.0 and got["linear"] < 0.9, got
 
 
+def test_bn_linear_head_learns_a_label_that_an_outlier_channel_hides_from_a_linear_probe():
+    """Known answer: the label is the sign of a small channel (+-0.01), next to a channel of noise 1000 times
+    larger (as a ViT's inner blocks have a few such channels). Batch norm puts both on one scale, so ``bn-linear``
+    learns the label; the plain linear probe, whose noise weight moves as fast as its signal weight under AdamW,
+    does not."""
+    from segfromxai.student.heads import view_probs
+
+    rng = np.random.default_rng(0)
+    n, g = 16, 4
+    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
+    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
+    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
+                    np.zeros((n, 0), np.float32))
+    got = {}
+    for name in ("linear", "bn-linear"):
+        head = train_head(tokens, fg, np.ones(n, bool), 2, StudentConfig(head=name, epochs=40, lr=0.05, batch_size=8,
+                                                                        flip=False))
+        with torch.no_grad():
+            got[name] = (view_probs(head, tokens.grid, (g, g)).argmax(1).numpy() == fg).mean()
+    assert got["bn-linear"] == 1.0 and got["linear"] < 0.8, got
+
+
 def test_checkpoint_round_trip_restores_head_and_optimiser(tmp_path):
     tokens, target = _toy_tokens()
-    cfg = StudentConfig(epochs=2, lr=0.1, batch_size=4)
+    cfg = StudentConfig(head="linear", epochs=2, lr=0.1, batch_size=4)
     head = train_head(tokens, target, np.ones(len(target), bool), 2, cfg, checkpoint=tmp_path / "c.safetensors",
                       key="k")
     fresh = HEADS["linear"](3, 2)
@@ -161,7 +184,7 @@ def test_tiny_student_end_to_end_trains_predicts_and_scores(tiny_model, tiny_run
     card = json.loads((tmp_path / "round_2" / "card.json").read_text())
     assert card["format"] == "segfromxai-model-card/1" and card["round"] == 2
     model, head, _ = load_student(tmp_path / "round_2")
-    assert isinstance(head, HEADS["linear"](1, 1).__class__)
+    assert isinstance(head, type(HEADS[cfg.head](1, 1))) and cfg.head == "linear"  # the default head
 
 
 def test_same_run_twice_gives_the_same_masks(tiny_model, tiny_run, synth_images, tmp_path):
@@ -384,3 +407,4 @@ def test_predict_gives_the_same_records_on_one_and_two_threads(tiny_model, tiny_
     two = predict(head, job.test, job.labeller, chunk=3, workers=2)
     assert len(one) == len(job.test.names) and any(r["annotations"] for r in one)
     assert one == two
+

@@ -39,7 +39,7 @@ import numpy as np
 from ..io.coco import AGNOSTIC_CLASS, export_name, ignore_mask
 from ..fileio import atomic_write
 from ..io.png import IGNORE
-from .agreement import AGREEMENT, per_image_rows
+from .agreement import AGREEMENT, FLAG, per_image_rows
 from .metrics import METRICS, Counts, confusion, summarise
 
 
@@ -427,9 +427,9 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
                             images: str | Path | None = None, maps: str | Path | None = None, n_sheets: int = 6,
                             title: str = "segfromxai quality report") -> Path:
     """``out/report.html`` for these comparisons: the summary table, a histogram of per-image IoU (one colour per
-    comparison), the per-category table, every evaluated image of every comparison (worst :data:`AGREEMENT` first
-    when the student is compared, else the lowest pseudo-label quality score first), and sheets of the ``n_sheets`` best and worst images by the first comparison's
-    IoU. A sheet shows the image, the fused heatmap, the pseudo mask, the ground truth and the student's mask (when
+    comparison), the per-category table, every evaluated image of every comparison (lowest
+    :data:`segfromxai.quality.agreement.FLAG` first when the student is compared, else the lowest pseudo-label quality
+    score first), and sheets of the ``n_sheets`` best and worst images by the first comparison's IoU. A sheet shows the image, the fused heatmap, the pseudo mask, the ground truth and the student's mask (when
     given); its caption gives each comparison's IoU.
 
     ``images``: the image folder (for the sheets; grey tiles without it); ``maps``: a run's ``maps/`` folder
@@ -450,10 +450,11 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
     ranked = [r for r in worst(first, len(first["per_image"])) if not math.isnan(r["iou"])]
     best = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[::-1][:n_sheets]]
     bad = [_sheet(by_pseudo[r["file_name"]], sources, images, maps) for r in ranked[:n_sheets]]
-    keep = ("comparison", "file_name", "categories", "predicted", "score", *METRICS, AGREEMENT)
+    keep = ("comparison", "file_name", "categories", "predicted", "score", *METRICS, AGREEMENT, FLAG)
     rows = [{k: row[k] for k in keep if k in row} for row in per_image_rows(results)]
-    # the pseudo-labels to look at first: the worst agreement with the student, else the lowest quality score
-    order = AGREEMENT if AGREEMENT in (rows[0] if rows else {}) else "score"
+    # the pseudo-labels to look at first: the lowest of quality score and agreement with the student (FLAG), else
+    # the lowest quality score
+    order = FLAG if FLAG in (rows[0] if rows else {}) else "score"
     rows.sort(key=lambda row: (math.isnan(row.get(order, math.nan)), row.get(order, math.nan), row["file_name"]))
     notes = [w for r in results.values() for w in r.get("warnings", [])]
     if first["missing_in_pred"]:

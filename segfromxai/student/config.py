@@ -15,6 +15,7 @@ from .masks import SOFT_MAPS
 
 UNTRAINED = ("rounds", "boundary", "soft")  # settings that do not change a round's head (its checkpoint key)
 MODES = ("auto", "binary", "classes")
+TRUNK_DTYPES = ("auto", "float32", "bfloat16")  # the trunk's precision (segfromxai.student.tokens.use_bf16)
 Mode = Literal[MODES]
 
 
@@ -30,14 +31,19 @@ class StudentConfig:
     least this (None: all). flip : cache mirrored tokens too (flip augmentation). val_fraction, holdout : see
     :func:`segfromxai.student.data.split`. boundary : a name in :data:`segfromxai.stages.boundary.BOUNDARIES` for
     the predicted masks (None: the training run's recipe's method and parameters; another method runs with its
-    defaults; ``none``: off). soft : the boundary method's soft map, a name in
+    defaults; ``none``: off).
+    soft : the boundary method's soft map, a name in
     :data:`segfromxai.student.masks.SOFT_MAPS`. img_size : the trunk's input side in pixels (0: the classifier's
     own; see :func:`segfromxai.student.tokens.student_trunk`); 392 (28 x 28 tokens for the embedded ViT-S/14)
     measured better than its own 224 on synth; for a segmenter of :data:`SEGMENTERS` (``head`` ``lraspp`` or
     ``deeplabv3``, trained on the image itself at ``img_size``, 0: the classifier's input size) it is the training
     and prediction size. head_weights : a local state dict to start the head from
     (:func:`segfromxai.student.heads.load_head_weights`; e.g. an ImageNet MobileNetV3 for a segmenter's backbone),
-    None: from scratch.
+    None: from scratch. blocks : the head reads the tokens of the trunk's last ``blocks`` blocks, each after the
+    final norm, concatenated (:class:`segfromxai.student.tokens.LastBlocks`; at most the trunk's depth; 1: the
+    last block's only; a segmenter of :data:`SEGMENTERS` reads the image and ignores it).
+    trunk_dtype : ``auto``, ``float32`` or ``bfloat16``: the trunk's precision, for training and labelling alike
+    (:func:`segfromxai.student.tokens.use_bf16`; ``auto``: bfloat16 where the device multiplies it natively).
     """
 
     head: str = "linear"
@@ -58,6 +64,8 @@ class StudentConfig:
     soft: str = "ramp"
     img_size: int = 392
     head_weights: str | None = None
+    blocks: int = 1
+    trunk_dtype: str = "auto"
 
     @property
     def pixels(self) -> bool:
@@ -69,6 +77,11 @@ class StudentConfig:
         if self.boundary is not None and self.boundary not in BOUNDARIES:
             raise ValueError(f"unknown boundary method {self.boundary!r}; choose one of {', '.join(BOUNDARIES)}")
         lookup(SOFT_MAPS, self.soft, "soft map")
+        if self.trunk_dtype not in TRUNK_DTYPES:
+            raise ValueError(f"unknown trunk dtype {self.trunk_dtype!r}; choose one of {', '.join(TRUNK_DTYPES)}")
+        if self.blocks < 1:
+            raise ValueError(f"blocks must be >= 1 (the trunk's last blocks whose tokens the head reads), got "
+                             f"{self.blocks}")
         if self.img_size < 0:
             raise ValueError(f"img_size must be >= 0 (0: the classifier's own), got {self.img_size}")
         if self.mode not in MODES:

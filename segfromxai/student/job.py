@@ -26,7 +26,7 @@ from .config import UNTRAINED, StudentConfig, settings_key
 from .data import RunSource, Split, check_labelled, content_key, read_annotations, read_run, split, subset_coco
 from .predict import Labeller, make_labeller, predict, write_labels
 from .targets import choose_mode, pseudo_targets, student_targets
-from .tokens import Tokens, stored_tokens, student_trunk
+from .tokens import Tokens, stored_tokens, student_trunk, use_bf16
 from .heads import read_head_weights
 from .jobdir import check_job_out, job_folder
 from .train import load_round, new_head, save_round, train_head
@@ -69,7 +69,7 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
     channel = {int(c["id"]): (1 if mode == "binary" else j + 1) for j, c in enumerate(src.categories)}
     channels = ["background", "foreground"] if mode == "binary" else ["background", *(c["name"] for c in
                                                                                      src.categories)]
-    trunk = student_trunk(model, config.img_size, pixels=config.pixels)
+    trunk = student_trunk(model, config.img_size, pixels=config.pixels, blocks=config.blocks)
     if config.head_weights:  # a bad file is refused before the token pass
         new_head(config, int(trunk.module.num_features), len(channels), 1)
     targets, keep = pseudo_targets(anns, sizes, sp.train, trunk.preprocess.size, channel,
@@ -77,13 +77,14 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
     if not keep.any():
         raise ValueError(f"no training image left: {len(sp.train)} images in {src.coco}, none with a mask that "
                          "passes the filters (--max-area, --min-score)")
+    bf16 = use_bf16(config.trunk_dtype, model.device)
     train = stored_tokens(model, src.images, sp.train, cache=cache, trunk=trunk, flip=config.flip, progress=progress,
-                          desc="training tokens")
+                          desc="training tokens", bf16=bf16)
     if sp.test == sp.train and Path(images).resolve() == src.images.resolve():
         test = Tokens(train.names, train.sizes, train.grid[:, :1], train.probs, train.root)
     else:
         test = stored_tokens(model, images, sp.test, cache=cache, trunk=trunk, flip=False, progress=progress,
-                             desc="tokens to predict")
+                             desc="tokens to predict", bf16=bf16)
     return Job(src, sp, train, test, targets, keep, channels, make_labeller(model, src, anns, mode, config),
                trunk.preprocess.size)
 
@@ -163,7 +164,7 @@ def _train_rounds(job: Job, images: str | Path, out: Path, *, model: LoadedModel
                   gt: str | Path | None, pseudo: str | Path | None, progress: bool,
                   on_epoch: Callable[[int, int], None] | None, log: Callable[[str], None] | None) -> dict[str, Any]:
     """:func:`train_student`'s rounds on a prepared job: train (or reuse), predict, score, write."""
-    from ..quality.agreement import agreement_spearman
+    from ..quality.agreement import FLAG, agreement_spearman
     from ..quality.evaluate import headline, table, write_evaluation
 
     source = read_run(pseudo).coco if pseudo is not None else job.src.coco if job.split.held_out else None
@@ -179,15 +180,15 @@ def _train_rounds(job: Job, images: str | Path, out: Path, *, model: LoadedModel
         labels = out / f"round_{r}" / "student_labels.json"
         write_labels(labels, records, job.labeller, label_info(job, config, r))
         results = score(labels, gt=gt, pseudo=scored)
-        rho = agreement_spearman(results)
+        rho, rho_flag = agreement_spearman(results), agreement_spearman(results, FLAG)
         if results:
             write_evaluation(labels.parent, results)
             if log is not None:
                 log(f"round {r} ({job.labeller.mode} {config.head} student, {int(job.keep.sum())} training "
                     f"images, {len(job.split.test)} scored):\n" + table({n: headline(x) for n, x in results.items()})
                     + ("" if np.isnan(rho) else f"\nagreement as a quality flag: Spearman {rho:.3f} of pseudo vs "
-                       "student IoU with pseudo vs GT IoU, over images"))
-        rounds.append({"round": r, "n_train": int(job.keep.sum()), "agreement_spearman": rho,
+                       f"student IoU with pseudo vs GT IoU, over images; {rho_flag:.3f} of {FLAG}"))
+        rounds.append({"round": r, "n_train": int(job.keep.sum()), "agreement_spearman": rho, "flag_spearman": rho_flag,
                        "table": {n: headline(x) for n, x in results.items()}})
         if r < config.rounds:
             job.targets, job.keep = student_targets(head, job.train, job.input_size,

@@ -29,14 +29,15 @@ from ..run.pipeline import Clock
 from .config import StudentConfig, settings_key
 from .data import read_annotations, read_run
 from .predict import Labeller, make_labeller, predict, student_boundary
-from .tokens import Tokens, batch_tokens, student_trunk
+from .tokens import Tokens, batch_tokens, student_trunk, use_bf16
 from .train import load_student
 
 
 @dataclass(frozen=True)
 class Student:
     """A trained student ready to label: the classifier (the image's category in binary mode), its trunk at the
-    student's input size, the head, the labeller, and the card (``path``) it came from."""
+    student's input size, the head, the labeller, the card (``path``) it came from, and whether its trunk runs under
+    bfloat16 autocast (the card's ``trunk_dtype`` on this device; a card from before that setting: float32)."""
 
     model: LoadedModel
     trunk: Backbone
@@ -44,6 +45,7 @@ class Student:
     labeller: Labeller
     card: dict[str, Any]
     path: Path
+    bf16: bool = False
 
 
 def student_card(path: str | Path) -> Path:
@@ -86,15 +88,15 @@ def open_student(path: str | Path, *, boundary: str | None = None, device: str =
     if trunk_source not in ("", "random-init", "timm-pretrained") and not Path(trunk_source).exists():
         raise ValueError(f"{card_path}: its trunk {trunk_source} is not on this machine")
     model, head, card = load_student(card_path, device=device)
-    config = StudentConfig(**card["config"])
+    config = StudentConfig(**{"trunk_dtype": "float32", **card["config"]})
     lab = card_labeller(card, model, config)
     if boundary is not None:
         method, params = student_boundary({"method": lab.boundary, **lab.boundary_params}, boundary)
         config = dataclasses.replace(config, boundary=method)  # checks the name against BOUNDARIES
         lab = dataclasses.replace(lab, boundary=method, boundary_params=params,
                                   provenance={**lab.provenance, "boundary": method})
-    trunk = student_trunk(model, config.img_size, pixels=config.pixels)
-    return Student(model, trunk, head, lab, card, card_path)
+    trunk = student_trunk(model, config.img_size, pixels=config.pixels, blocks=config.blocks)
+    return Student(model, trunk, head, lab, card, card_path, use_bf16(config.trunk_dtype, device))
 
 
 def student_header(student: Student, images: Path) -> dict[str, Any]:
@@ -128,7 +130,7 @@ def label_chunk(student: Student, paths: list[Path], rels: list[str], chunk: lis
                 records.append({"index": i, "file_name": rels[i], "status": "failed", "reason": reason})
     if ims:
         with clock("trunk"), torch.no_grad():
-            grid, probs = batch_tokens(student.model, student.trunk, ims, False)
+            grid, probs = batch_tokens(student.model, student.trunk, ims, False, bf16=student.bf16)
         tokens = Tokens([rels[i] for i in idx], [im.shape[:2] for im in ims], grid, probs)
         with clock("masks"):
             got = predict(student.head, tokens, student.labeller, chunk=len(ims), guides=ims)

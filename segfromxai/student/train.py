@@ -23,9 +23,9 @@ from ..fileio import atomic_write
 from ..io.progress import progress_bar
 from ..models.model import LoadedModel, write_card
 from .config import StudentConfig
-from .heads import HEADS, SEGMENTERS, head_logits, load_head_weights
+from .heads import HEADS, SEGMENTERS, Standardize, head_logits, load_head_weights
 from .targets import IGNORE
-from .tokens import Pixels, Tokens
+from .tokens import Pixels, Tokens, used_blocks
 
 
 def save_checkpoint(path: Path, head: nn.Module, opt: torch.optim.Optimizer, epoch: int, key: str) -> None:
@@ -83,6 +83,9 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = load_checkpoint(checkpoint, head, opt, key) if checkpoint is not None else 0
     idx = np.flatnonzero(keep)
+    for m in head.modules():  # a Standardize layer takes the training tokens' statistics (view 0) before any step
+        if isinstance(m, Standardize):
+            m.fit(tokens.grid[idx[s:s + 64], 0] for s in range(0, len(idx), 64))
     pairs = np.array([(i, v) for i in idx for v in range(tokens.grid.shape[1])], dtype=np.int64).reshape(-1, 2)
     size = targets.shape[-2:]
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules())
@@ -150,7 +153,7 @@ def load_student(card: str | Path, *, device: str = "cpu") -> tuple[LoadedModel,
     """A trained student from its round folder or ``card.json``: the classifier (from the card's ``trunk``), the
     head and the card. The classifier is reloaded with :func:`segfromxai.models.model.load_model` (a card path, or the
     default); the head reads the tokens of ``student_trunk(model, card["config"]["img_size"])`` (with ``pixels`` for
-    a segmenter of :data:`SEGMENTERS`)
+    a segmenter of :data:`SEGMENTERS`, and the card's ``blocks``: its last blocks' tokens concatenated)
     (:func:`segfromxai.student.tokens.student_trunk`, :func:`segfromxai.student.tokens.cache_tokens`)."""
     from safetensors.torch import load_file
 
@@ -162,7 +165,7 @@ def load_student(card: str | Path, *, device: str = "cpu") -> tuple[LoadedModel,
     trunk = c["trunk"] if Path(c["trunk"]).exists() else None
     model = load_model(checkpoint=trunk, device=device)
     name = c["config"]["head"]
-    head = HEADS[name](Pixels.num_features if name in SEGMENTERS else int(model.module.num_features),
-                       len(c["classes"]))
+    dim = int(model.module.num_features) * used_blocks(model.module, int(c["config"].get("blocks", 1)))
+    head = HEADS[name](Pixels.num_features if name in SEGMENTERS else dim, len(c["classes"]))
     head.load_state_dict(load_file(str(path.parent / c["weights"])))
     return model, head.eval(), c

@@ -1,0 +1,168 @@
+"""The student's trunk: its last blocks' tokens (``--blocks``) and its precision (``--trunk-dtype``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segfromxai.student.config import TRUNK_DTYPES, StudentConfig
+from segfromxai.student.job import train_student
+from segfromxai.student.train import load_student
+
+FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
+
+
+def _anns(path: Path) -> list[tuple]:
+    doc = json.loads(path.read_text())
+    names = {i["id"]: i["file_name"] for i in doc["images"]}
+    return [(names[a["image_id"]], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))
+            for a in doc["annotations"]]
+
+
+def test_last_blocks_tokens_are_each_blocks_output_after_the_final_norm(tiny_model):
+    """Reference: forward hooks on the last two blocks, the final norm applied, prefix tokens dropped, reshaped to
+    the grid; the last slice is the one-block trunk's tokens, and the classifier's probabilities are unchanged."""
+    import torch
+
+    from segfromxai.student.tokens import LastBlocks, student_trunk, trunk_tokens
+
+    vit = tiny_model.module.eval()
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in vit.blocks[-2:]]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one, probs = trunk_tokens(vit, x)
+        seen.clear()
+        grid, probs2 = trunk_tokens(student_trunk(tiny_model, blocks=2).module, x)
+    for h in hooks:
+        h.remove()
+    gh, gw, d = one.shape[1:]
+    want = [vit.norm(t)[:, vit.num_prefix_tokens:].reshape(2, gh, gw, d) for t in seen]
+    assert grid.shape == (2, gh, gw, 2 * d)
+    assert torch.allclose(grid[..., :d], want[0], atol=1e-5) and torch.allclose(grid[..., d:], want[1], atol=1e-5)
+    assert torch.allclose(grid[..., d:], one, atol=1e-5) and torch.allclose(probs2, probs, atol=1e-6)
+    deep = LastBlocks(vit, len(vit.blocks) + 3)  # at most the trunk's depth
+    assert deep.blocks == len(vit.blocks) and deep.num_features == len(vit.blocks) * d
+
+
+def test_a_student_on_two_blocks_trains_reloads_and_labels_as_it_was_trained(tiny_model, tiny_run, synth_images,
+                                                                             tmp_path):
+    from segfromxai.student.label import label_folder, open_student
+
+    cfg = StudentConfig(val_fraction=0.4, head="linear", blocks=2, **FAST)
+    train_student(tiny_run, synth_images / "images", tmp_path / "s", model=tiny_model, config=cfg)
+    _, head, card = load_student(tmp_path / "s" / "round_1")
+    assert card["config"]["blocks"] == 2 and head.weight.shape[1] == 2 * tiny_model.module.num_features
+    student = open_student(tmp_path / "s")
+    label_folder(student, synth_images / "images", tmp_path / "p")
+    trained = _anns(tmp_path / "s" / "student_labels.json")
+    names = {a[0] for a in trained}
+    labelled = [a for a in _anns(tmp_path / "p" / "pseudo_labels.json") if a[0] in names]
+    assert trained and sorted(labelled) == sorted(trained)
+    with pytest.raises(ValueError, match="blocks must be >= 1"):
+        StudentConfig(blocks=0)
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from segfromxai.student.tokens import cpu_has_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_bf16(info)
+    for flag in ("amx_bf16", "avx512_bf16"):
+        info.write_text(f"processor\t: 0\nflags\t\t: fpu avx2 {flag} avx512f\n")
+        assert cpu_has_bf16(info)
+    assert not cpu_has_bf16(tmp_path / "missing")
+
+
+def test_trunk_dtype_auto_follows_the_device(monkeypatch):
+    import segfromxai.student.tokens as tokens
+
+    assert not tokens.use_bf16("float32", "cpu") and tokens.use_bf16("bfloat16", "cpu")
+    for native in (False, True):
+        monkeypatch.setattr(tokens, "cpu_has_bf16", lambda: native)
+        assert tokens.use_bf16("auto", "cpu") is native
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
+        tokens.use_bf16("half", "cpu")
+    with pytest.raises(ValueError, match="unknown trunk dtype"):
+        StudentConfig(trunk_dtype="half")
+
+
+def test_cli_trunk_dtypes_are_the_configs():
+    from segfromxai import options
+
+    assert options.TRUNK_DTYPES == TRUNK_DTYPES
+
+
+def test_bf16_tokens_are_close_to_float32_and_cached_apart(tiny_model, synth_images, tmp_path):
+    from segfromxai.io.images import load_image
+    from segfromxai.student.tokens import batch_tokens, stored_tokens, student_trunk, token_key
+
+    root = synth_images / "images"
+    names = sorted(p.name for p in root.iterdir())[:2]
+    trunk = student_trunk(tiny_model, blocks=2)
+    ims = [load_image(root / n) for n in names]
+    g32, p32 = batch_tokens(tiny_model, trunk, ims, True)
+    g16, p16 = batch_tokens(tiny_model, trunk, ims, True, bf16=True)
+    assert g16.shape == g32.shape and g16.dtype == torch.float16
+    rel = float((g16.float() - g32.float()).norm() / g32.float().norm())
+    assert 0 < rel < 0.02, rel  # bfloat16 keeps 8 bits of mantissa: about 0.4% per value
+    assert np.allclose(p16, p32, atol=0.02)
+    assert token_key(tiny_model, trunk, root, names, True) != token_key(tiny_model, trunk, root, names, True, True)
+    a = stored_tokens(tiny_model, root, names, cache=tmp_path, trunk=trunk, bf16=True)
+    assert torch.equal(a.grid, g16) and len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+def test_a_card_from_before_trunk_dtype_labels_in_float32(tiny_model, tiny_run, synth_images, tmp_path):
+    from segfromxai.student.label import open_student
+
+    train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model,
+                  config=StudentConfig(val_fraction=0.4, trunk_dtype="bfloat16", **FAST))
+    assert open_student(tmp_path).bf16
+    card_path = tmp_path / "round_1" / "card.json"
+    card = json.loads(card_path.read_text())
+    del card["config"]["trunk_dtype"]
+    card_path.write_text(json.dumps(card))
+    assert not open_student(tmp_path).bf16
+
+
+def test_standardize_fits_the_training_tokens_statistics_against_numpy():
+    from segfromxai.student.heads import HEADS, Standardize
+
+    rng = np.random.default_rng(0)
+    grid = torch.tensor(rng.normal([1.0, -3.0, 50.0], [0.5, 2.0, 30.0], (7, 3, 4, 3)), dtype=torch.float16)
+    s = Standardize(3)
+    s.fit(grid[i:i + 2] for i in range(0, 7, 2))
+    flat = grid.double().numpy().reshape(-1, 3)
+    assert np.allclose(s.mean.numpy(), flat.mean(0), rtol=1e-5) and np.allclose(s.std.numpy(), flat.std(0), rtol=1e-5)
+    x = grid[:2].float().permute(0, 3, 1, 2)
+    want = (x.double().numpy() - flat.mean(0)[:, None, None]) / flat.std(0)[:, None, None]
+    assert np.allclose(s(x).numpy(), want, atol=1e-4)
+    head = HEADS["std-linear"](3, 2)
+    assert set(head.state_dict()) >= {"0.mean", "0.std"}  # a saved head carries its statistics
+
+
+def test_std_linear_learns_a_label_that_an_outlier_channel_hides_and_keeps_its_statistics(tmp_path):
+    from segfromxai.student.heads import view_probs
+    from segfromxai.student.tokens import Tokens
+    from segfromxai.student.train import train_head
+
+    rng = np.random.default_rng(0)
+    n, g = 16, 4
+    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
+    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
+    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
+                    np.zeros((n, 0), np.float32))
+    keep = np.ones(n, bool)
+    keep[0] = False  # statistics of the trained images only
+    head = train_head(tokens, fg, keep, 2, StudentConfig(head="std-linear", epochs=40, lr=0.05, batch_size=8,
+                                                         flip=False))
+    with torch.no_grad():
+        acc = (view_probs(head, tokens.grid, (g, g)).argmax(1).numpy() == fg).mean()
+    assert acc == 1.0
+    used = tokens.grid[1:, 0].double().numpy().reshape(-1, 2)
+    assert np.allclose(head[0].mean.numpy(), used.mean(0), rtol=1e-4)
