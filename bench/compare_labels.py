@@ -6,10 +6,11 @@ against its teacher, or one student setting against another, under the README's 
         [--resamples 10000]
 
 Every file is scored by :func:`segfromxai.quality.evaluate.evaluate` (the per-image IoU of the union of an image's
-masks with the union of its ground truth, unknown and crowd pixels left out; an image without a mask scores 0 against
-a non-empty truth). Printed: each file's mean IoU and precision / recall per image, then for every file after the
-first its paired bootstrap difference against the first (:func:`segfromxai.quality.paired.paired_rows`: 95%
-percentile interval, seed 0; images better and worse by more than 0.02) and its mean per subset
+masks with the union of its ground truth, unknown and crowd pixels left out; an image without a mask scores 0
+against a non-empty truth; where both are empty there is no IoU and the image is left out, as ``compare`` does).
+Printed: each file's mean IoU and precision / recall per image, then for every file after the first its paired
+bootstrap difference against the first (:func:`segfromxai.quality.paired.paired_rows`: 95% percentile interval,
+seed 0; images better and worse by more than 0.02) and its mean per subset
 (:func:`segfromxai.quality.paired.subset_rows`; the subset is the ground-truth image's ``subset``, else ``source``,
 else the file-name prefix before ``_``).
 """
@@ -32,12 +33,13 @@ def main() -> None:
 
     ref = load_source(args.gt)
     names = [str(Path(f)) for f in args.labels]
+    if len(set(names)) != len(names):
+        p.error("a label file is named twice")
     per_image = []
     for name in names:
         result = evaluate(name, ref)
         for row in result["per_image"]:
-            iou = row["iou"] if not math.isnan(row["iou"]) else 0.0
-            per_image.append({"recipe": name, "file_name": row["file_name"], "iou": iou,
+            per_image.append({"recipe": name, "file_name": row["file_name"], "iou": row["iou"],
                               "precision": row["precision"], "recall": row["recall"],
                               "subset": subset_of(row["file_name"], ref.image_entry(row["file_name"]))})
         rows = [r for r in per_image if r["recipe"] == name]

@@ -123,3 +123,11 @@ def test_without_a_student_the_report_lists_the_lowest_quality_score_first(tmp_p
     per_image = page[page.index("<td>pseudo vs GT</td>"):]
     order = [per_image.index(f"<td>{n}</td>") for n in ("b.png", "c.png", "a.png")]
     assert order == sorted(order)
+
+
+def test_flag_takes_either_value_where_the_other_is_nan():
+    rows = [{"file_name": "a.png", "score": math.nan, "iou": 0.3},
+            {"file_name": "b.png", "score": 0.2, "iou": math.nan},
+            {"file_name": "c.png", "score": math.nan, "iou": math.nan}, {"file_name": "d.png", "iou": 0.7}]
+    got = flag({"pseudo vs student": {"per_image": rows}})
+    assert got["a.png"] == 0.3 and got["b.png"] == 0.2 and math.isnan(got["c.png"]) and got["d.png"] == 0.7

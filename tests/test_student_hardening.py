@@ -21,7 +21,7 @@ from segfromxai.cli import main
 from segfromxai.student.config import StudentConfig
 from segfromxai.student.job import train_student
 
-FAST = dict(epochs=2, batch_size=8, lr=0.05, img_size=0, val_fraction=0.4)
+FAST = dict(epochs=2, batch_size=8, lr=0.05, img_size=0, val_fraction=0.4, trunk_dtype="float32")
 CLI_FAST = ["--epochs", "2", "--img-size", "0", "--val-fraction", "0.4"]
 def _copy_run(run: Path, images: Path, where: Path) -> tuple[Path, Path]:
     """A copy of ``run`` over a copy of its images (the manifest header names the copy)."""

@@ -18,7 +18,7 @@ import pytest
 from segfromxai.student.config import StudentConfig
 from conftest import invoke
 
-FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, val_fraction=0.4)
+FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, val_fraction=0.4, trunk_dtype="float32")
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, synth_images, tmp_path_factory):

@@ -13,7 +13,7 @@ from segfromxai.student.config import TRUNK_DTYPES, StudentConfig
 from segfromxai.student.job import train_student
 from segfromxai.student.train import load_student
 
-FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0)  # the tiny ViT at its own 32 px
+FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, trunk_dtype="float32")  # tiny ViT at 32 px, all CPUs alike
 
 
 def _anns(path: Path) -> list[tuple]:
@@ -121,7 +121,7 @@ def test_a_card_from_before_trunk_dtype_labels_in_float32(tiny_model, tiny_run, 
     from segfromxai.student.label import open_student
 
     train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model,
-                  config=StudentConfig(val_fraction=0.4, trunk_dtype="bfloat16", **FAST))
+                  config=StudentConfig(val_fraction=0.4, **{**FAST, "trunk_dtype": "bfloat16"}))
     assert open_student(tmp_path).bf16
     card_path = tmp_path / "round_1" / "card.json"
     card = json.loads(card_path.read_text())
@@ -166,3 +166,83 @@ def test_std_linear_learns_a_label_that_an_outlier_channel_hides_and_keeps_its_s
     assert acc == 1.0
     used = tokens.grid[1:, 0].double().numpy().reshape(-1, 2)
     assert np.allclose(head[0].mean.numpy(), used.mean(0), rtol=1e-4)
+
+
+def test_trunk_dtype_auto_on_a_gpu_asks_for_native_bfloat16(monkeypatch):
+    import segfromxai.student.tokens as tokens
+
+    asked = []
+
+    class Device:  # torch.cuda.device as a context manager that records the device
+        def __init__(self, d):
+            asked.append(str(d))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
+                            n and not including_emulation)
+        assert tokens.use_bf16("auto", "cuda:1") is native
+    assert asked == ["cuda:1", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not tokens.use_bf16("auto", "cuda")
+
+
+def test_a_std_linear_head_resumed_from_its_checkpoint_is_the_fresh_one(tmp_path):
+    from segfromxai.student.tokens import Tokens
+    from segfromxai.student.train import train_head
+
+    rng = np.random.default_rng(0)
+    n, g = 16, 4
+    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
+    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
+    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
+                    np.zeros((n, 0), np.float32))
+    keep = np.arange(n) > 0
+    cfg = StudentConfig(head="std-linear", epochs=4, lr=0.05, batch_size=8, flip=False)
+    fresh = train_head(tokens, fg, keep, 2, cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop(r, e):
+        if e == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_head(tokens, fg, keep, 2, cfg, checkpoint=tmp_path / "c.safetensors", key="k", on_epoch=stop)
+    resumed = train_head(tokens, fg, keep, 2, cfg, checkpoint=tmp_path / "c.safetensors", key="k")
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_the_precision_auto_resolved_to_keys_the_rounds(tiny_model, tiny_run, synth_images, tmp_path, monkeypatch):
+    """A job resumed where `auto` means another precision trains its rounds again on the new tokens."""
+    import segfromxai.student.tokens as tokens
+
+    cfg = StudentConfig(val_fraction=0.4, **{**FAST, "trunk_dtype": "auto"})
+    seen = []
+    for native in (False, True, True):
+        monkeypatch.setattr(tokens, "cpu_has_bf16", lambda n=native: n)
+        train_student(tiny_run, synth_images / "images", tmp_path, model=tiny_model, config=cfg, resume=True,
+                      on_epoch=lambda r, e: seen.append((native, e)))
+    assert seen == [(False, 1), (False, 2), (False, 3), (True, 1), (True, 2), (True, 3)]  # the third reuses
+    card = json.loads((tmp_path / "round_1" / "card.json").read_text())
+    assert card["trunk_bf16"] is True and card["config"]["trunk_dtype"] == "auto"
+
+
+def test_blocks_above_the_depth_at_another_input_size_train_and_label(tiny_model, tiny_run, synth_images, tmp_path):
+    from segfromxai.student.label import label_folder, open_student
+
+    cfg = StudentConfig(val_fraction=0.4, head="std-linear", blocks=5, **{**FAST, "img_size": 48})
+    train_student(tiny_run, synth_images / "images", tmp_path / "s", model=tiny_model, config=cfg)
+    student = open_student(tmp_path / "s")
+    assert student.trunk.module.blocks == len(tiny_model.module.blocks) and "last 2 blocks" in student.trunk.source
+    summary = label_folder(student, synth_images / "images", tmp_path / "p")
+    assert summary["counts"]["found"] == 12

@@ -429,8 +429,9 @@ def write_evaluation_report(out: str | Path, results: dict[str, dict[str, Any]],
     """``out/report.html`` for these comparisons: the summary table, a histogram of per-image IoU (one colour per
     comparison), the per-category table, every evaluated image of every comparison (lowest
     :data:`segfromxai.quality.agreement.FLAG` first when the student is compared, else the lowest pseudo-label quality
-    score first), and sheets of the ``n_sheets`` best and worst images by the first comparison's IoU. A sheet shows the image, the fused heatmap, the pseudo mask, the ground truth and the student's mask (when
-    given); its caption gives each comparison's IoU.
+    score first), and sheets of the ``n_sheets`` best and worst images by the first comparison's IoU. A sheet shows
+    the image, the fused heatmap, the pseudo mask, the ground truth and the student's mask (when given); its caption
+    gives each comparison's IoU.
 
     ``images``: the image folder (for the sheets; grey tiles without it); ``maps``: a run's ``maps/`` folder
     (``--maps``) for the fused heatmaps.

@@ -1,9 +1,9 @@
 """Student heads: what maps the trunk's tokens (or the image's pixels) to K logits, the :data:`HEADS` registry, and
 starting a head from local weights.
 
-A head from :data:`HEADS` (default ``std-linear``: each channel standardised with the training tokens' statistics,
-then a 1x1 linear probe, the linear evaluation of DINO/DINOv2, Caron et al. 2021, Oquab et al. 2023) maps each
-token to K logits: background plus foreground (``binary``) or background plus one
+A head from :data:`HEADS` (default ``linear``: a 1x1 linear probe, the linear evaluation of DINO/DINOv2, Caron et
+al. 2021, Oquab et al. 2023; ``std-linear`` first standardises each channel with the training tokens' statistics)
+maps each token to K logits: background plus foreground (``binary``) or background plus one
 channel per category of the run (``classes``). Logits are upsampled bilinearly to the input size for the loss and
 to each image's size for prediction (:func:`view_probs`).
 

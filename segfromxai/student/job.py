@@ -34,7 +34,8 @@ from .train import load_round, new_head, save_round, train_head
 
 @dataclass
 class Job:
-    """A student job's data: the training run, the split, cached tokens, targets and the labeller."""
+    """A student job's data: the training run, the split, cached tokens, targets, the labeller, and whether the
+    trunk ran in bfloat16 (``trunk_dtype`` resolved on this device)."""
 
     src: RunSource
     split: Split
@@ -45,6 +46,7 @@ class Job:
     channels: list[str]
     labeller: Labeller
     input_size: tuple[int, int] = (224, 224)
+    bf16: bool = False
 
 
 def check_inputs(out: str | Path, config: StudentConfig, *, resume: bool, overwrite: bool) -> None:
@@ -86,7 +88,7 @@ def prepare(train_run: str | Path, images: str | Path, *, model: LoadedModel, co
         test = stored_tokens(model, images, sp.test, cache=cache, trunk=trunk, flip=False, progress=progress,
                              desc="tokens to predict", bf16=bf16)
     return Job(src, sp, train, test, targets, keep, channels, make_labeller(model, src, anns, mode, config),
-               trunk.preprocess.size)
+               trunk.preprocess.size, bf16)
 
 
 def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel, config: StudentConfig,
@@ -102,7 +104,7 @@ def run_round(job: Job, round_: int, key: str, out: Path, *, model: LoadedModel,
                           progress=progress, on_epoch=on_epoch, device=model.device)
         extra = {"config": config.to_dict(), "round": round_, "mode": job.labeller.mode,
                  "train_run": str(job.src.folder), "n_train": int(job.keep.sum()), "held_out": job.split.held_out,
-                 "input_size": list(job.input_size), "labeller": job.labeller.to_dict()}
+                 "input_size": list(job.input_size), "labeller": job.labeller.to_dict(), "trunk_bf16": job.bf16}
         save_round(folder, head, model, channels=job.channels, key=key, extra=extra)
         ckpt.unlink(missing_ok=True)
     return head
@@ -170,6 +172,8 @@ def _train_rounds(job: Job, images: str | Path, out: Path, *, model: LoadedModel
     source = read_run(pseudo).coco if pseudo is not None else job.src.coco if job.split.held_out else None
     scored = subset_coco(source, job.split.test, out / "pseudo_scored.json") if source is not None else None
     trained = {k: v for k, v in config.to_dict().items() if k not in UNTRAINED}
+    if job.bf16:  # the precision `auto` resolved to: another machine's tokens train another head
+        trained["trunk_bf16"] = True
     key = settings_key(trained, job.split.train, model.source,
                        content_key(job.src, job.split.train, config.head_weights))
     rounds, results, records = [], {}, []

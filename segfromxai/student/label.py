@@ -101,16 +101,19 @@ def open_student(path: str | Path, *, boundary: str | None = None, device: str =
 
 def student_header(student: Student, images: Path) -> dict[str, Any]:
     """The manifest header of a student's labelling job: what must match to resume it (``recipe``: a digest of the
-    student's weights and labeller, ``images``, ``model``), its categories and the resolved settings
+    student's weights, labeller and trunk precision, ``images``, ``model``), its categories and the resolved settings
     (``resolved``, the COCO ``info``'s ``recipe``: ``name``, ``student``, ``masks``, ``boundary``, so that the
     labels can train another student)."""
     lab, card = student.labeller, student.card
     resolved = {"name": "student", "student": {"card": str(student.path.resolve()), "round": card.get("round"),
                                                "head": card["config"]["head"], "mode": lab.mode,
                                                "img_size": card["config"]["img_size"], "soft": lab.soft,
+                                               "blocks": card["config"].get("blocks", 1),
+                                               "trunk_dtype": "bfloat16" if student.bf16 else "float32",
                                                "train_run": card.get("train_run")},
                 "masks": dict(lab.mask_params), "boundary": {"method": lab.boundary, **lab.boundary_params}}
-    digest = settings_key(card.get("weights_sha256"), card.get("key"), lab.to_dict())
+    digest = settings_key(card.get("weights_sha256"), card.get("key"), lab.to_dict(),
+                          *(["bfloat16"] if student.bf16 else []))
     return {"recipe": digest, "images": str(images.resolve()), "model": student.model.source, "targets": {},
             "shard": None, "classes": [c["name"] for c in lab.categories], "categories": lab.categories,
             "resolved": resolved}

@@ -4,8 +4,8 @@ The trunk is a timm ViT (by default the embedded classifier, :func:`segfromxai.m
 patch tokens of its last block, or of its last ``blocks`` blocks each after the final norm and concatenated
 (:class:`LastBlocks`, the multi-layer linear probe of DINOv2, Oquab et al. 2023), are computed once per image, for the
 image and its left-right mirror (in bfloat16 where the device multiplies it natively, :func:`use_bf16`), and kept in
-memory as float16 (:class:`Tokens`; on disk too when a cache folder is given, :func:`stored_tokens`). A student of :data:`segfromxai.student.heads.SEGMENTERS` reads the image itself (the
-:class:`Pixels` trunk).
+memory as float16 (:class:`Tokens`; on disk too when a cache folder is given, :func:`stored_tokens`). A student
+of :data:`segfromxai.student.heads.SEGMENTERS` reads the image itself (the :class:`Pixels` trunk).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def student_trunk(model: LoadedModel, img_size: int = 0, *, pixels: bool = False
         trunk = Backbone(model.module, model.preprocess, model.source)
     if not is_vit(trunk.module) or used_blocks(trunk.module, blocks) == 1:
         return trunk
-    return Backbone(LastBlocks(trunk.module, blocks), trunk.preprocess, f"{trunk.source}, last {blocks} blocks")
+    n = used_blocks(trunk.module, blocks)
+    return Backbone(LastBlocks(trunk.module, n), trunk.preprocess, f"{trunk.source}, last {n} blocks")
 
 
 def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
@@ -138,7 +139,10 @@ def use_bf16(trunk_dtype: str, device: str | torch.device) -> bool:
     if trunk_dtype != "auto":
         return trunk_dtype == "bfloat16"
     if torch.device(device).type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(torch.device(device)):  # the model's GPU, natively (not emulated on pre-Ampere cards)
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.device(device).type == "cpu" and cpu_has_bf16()
 
 

@@ -85,7 +85,7 @@ def train_head(tokens: Tokens, targets: np.ndarray, keep: np.ndarray, k: int, co
     idx = np.flatnonzero(keep)
     for m in head.modules():  # a Standardize layer takes the training tokens' statistics (view 0) before any step
         if isinstance(m, Standardize):
-            m.fit(tokens.grid[idx[s:s + 64], 0] for s in range(0, len(idx), 64))
+            m.fit(tokens.grid[idx[s:s + 16], 0] for s in range(0, len(idx), 16))
     pairs = np.array([(i, v) for i in idx for v in range(tokens.grid.shape[1])], dtype=np.int64).reshape(-1, 2)
     size = targets.shape[-2:]
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules())
