@@ -81,6 +81,46 @@ def images(tmp_path, synth_images):
     return folder
 
 
+@pytest.fixture()
+def messy_images(images):
+    """The synth images plus a truncated PNG, an empty file and a text file named .jpg (what a folder of photos
+    holds: every command must report and skip the three)."""
+    good = sorted(images.glob("*.png"))[0].read_bytes()
+    (images / "truncated.png").write_bytes(good[: len(good) // 2])
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.jpg").write_text("this is not an image\n")
+    return images
+
+
+# a student trained in seconds: the tiny ViT at its own 32 px, float32 on every CPU
+STUDENT_FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, trunk_dtype="float32")
+
+
+def coco_anns(path) -> list[tuple]:
+    """A COCO file's annotations as comparable tuples: (file name, category, RLE counts, score to 6 places)."""
+    import json
+
+    doc = json.loads(path.read_text())
+    names = {i["id"]: i["file_name"] for i in doc["images"]}
+    return [(names[a["image_id"]], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))
+            for a in doc["annotations"]]
+
+
+def outlier_tokens(n: int = 16, g: int = 4):
+    """Known-answer tokens (one view) whose label is the sign of a small channel (+-0.01) beside a channel of noise
+    1000 times larger, as a ViT's inner blocks have a few such channels: (Tokens, uint8 labels (n, g, g))."""
+    import numpy as np
+
+    from segfromxai.student.tokens import Tokens
+
+    rng = np.random.default_rng(0)
+    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
+    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
+    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
+                    np.zeros((n, 0), np.float32))
+    return tokens, fg
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_card):
     """The tiny random ViT of ``tiny_card``, loaded."""

@@ -24,17 +24,6 @@ from segfromxai.recipe.recipe import load_recipe, parse_recipe, recipes_dir
 from conftest import invoke
 
 
-@pytest.fixture()
-def messy_images(tmp_path, synth_images):
-    """The synth images plus a truncated PNG, an empty file and a text file named .jpg."""
-    folder = tmp_path / "images"
-    shutil.copytree(synth_images / "images", folder)
-    good = sorted(folder.glob("*.png"))[0].read_bytes()
-    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "notes.jpg").write_text("this is not an image\n")
-    return folder
-
 def annotations(out):
     coco = json.loads((Path(out) / "pseudo_labels.json").read_text())
     return [(a["image_id"], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))

@@ -26,15 +26,9 @@ from segfromxai.student.job import train_student
 from segfromxai.student.targets import pseudo_targets
 from segfromxai.student.tokens import Tokens
 from segfromxai.student.train import load_checkpoint, load_student, save_checkpoint, train_head
+from conftest import STUDENT_FAST, coco_anns, outlier_tokens
 
-FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, trunk_dtype="float32")  # tiny ViT at 32 px, all CPUs alike
-def _anns(path: Path) -> list[tuple]:
-    doc = json.loads(path.read_text())
-    names = {i["id"]: i["file_name"] for i in doc["images"]}
-    return [(names[a["image_id"]], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))
-            for a in doc["annotations"]]
-
-
+FAST = STUDENT_FAST
 def test_held_out_is_a_stable_hash_of_the_name_with_the_requested_share():
     name = "sub/img_001.png"
     h = int(hashlib.sha1(name.encode()).hexdigest()[:16], 16) / 2**64  # slow reference
@@ -129,12 +123,8 @@ def test_bn_linear_head_learns_a_label_that_an_outlier_channel_hides_from_a_line
     does not."""
     from segfromxai.student.heads import view_probs
 
-    rng = np.random.default_rng(0)
-    n, g = 16, 4
-    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
-    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
-    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
-                    np.zeros((n, 0), np.float32))
+    tokens, fg = outlier_tokens()
+    n, g = fg.shape[:2]
     got = {}
     for name in ("linear", "bn-linear"):
         head = train_head(tokens, fg, np.ones(n, bool), 2, StudentConfig(head=name, epochs=40, lr=0.05, batch_size=8,
@@ -191,7 +181,7 @@ def test_same_run_twice_gives_the_same_masks(tiny_model, tiny_run, synth_images,
     cfg = StudentConfig(val_fraction=0.4, **FAST)
     for name in ("a", "b"):
         train_student(tiny_run, synth_images / "images", tmp_path / name, model=tiny_model, config=cfg)
-    a, b = _anns(tmp_path / "a" / "student_labels.json"), _anns(tmp_path / "b" / "student_labels.json")
+    a, b = coco_anns(tmp_path / "a" / "student_labels.json"), coco_anns(tmp_path / "b" / "student_labels.json")
     assert a == b
 
 
@@ -212,7 +202,7 @@ def test_resume_after_an_interruption_ends_with_the_same_masks(tiny_model, tiny_
     train_student(tiny_run, images, tmp_path / "cut", model=tiny_model, config=cfg,
                   on_epoch=lambda r, e: seen.append((r, e)))
     assert seen == [(2, 3)]  # round 1 reloaded, round 2 continued after its last checkpoint
-    assert _anns(tmp_path / "ref" / "student_labels.json") == _anns(tmp_path / "cut" / "student_labels.json")
+    assert coco_anns(tmp_path / "ref" / "student_labels.json") == coco_anns(tmp_path / "cut" / "student_labels.json")
 
 
 def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp_path):
@@ -239,7 +229,7 @@ def test_resume_after_sigkill(tiny_card, tiny_model, tiny_run, synth_images, tmp
                   config=StudentConfig(**cfg), on_epoch=lambda r, e: seen.append(e))
     train_student(tiny_run, synth_images / "images", tmp_path / "ref", model=tiny_model, config=StudentConfig(**cfg))
     assert seen == [3]
-    assert _anns(tmp_path / "ref" / "student_labels.json") == _anns(tmp_path / "cut" / "student_labels.json")
+    assert coco_anns(tmp_path / "ref" / "student_labels.json") == coco_anns(tmp_path / "cut" / "student_labels.json")
 
 
 def test_cli_student_prints_the_table_per_round(tiny_card, tiny_run, synth_images, tmp_path, monkeypatch):
@@ -275,7 +265,7 @@ def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_
     cfg = StudentConfig(val_fraction=0.4, **FAST)
     images = synth_images / "images"
     train_student(tiny_run, images, tmp_path, model=tiny_model, config=cfg, gt=synth_images / "annotations.json")
-    snapped = _anns(tmp_path / "student_labels.json")
+    snapped = coco_anns(tmp_path / "student_labels.json")
     assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {method}
     assert (tmp_path / "report.html").is_file() and list((tmp_path / "sheets").glob("*.png"))
     seen = []
@@ -283,7 +273,7 @@ def test_masks_take_the_run_recipes_boundary_and_an_override_reuses_the_trained_
     train_student(tiny_run, images, tmp_path, model=tiny_model, config=off, on_epoch=lambda r, e: seen.append(e))
     assert seen == []  # the boundary does not change the head: round 1 is reloaded, not retrained
     assert {a["boundary"] for a in _attributes(tmp_path / "student_labels.json")} == {"none"}
-    assert _anns(tmp_path / "student_labels.json") != snapped
+    assert coco_anns(tmp_path / "student_labels.json") != snapped
 
 
 def test_boundary_none_gives_the_winning_pixels_of_the_students_probabilities(tiny_model, tiny_run, synth_images,
@@ -345,7 +335,7 @@ def test_tokens_are_cached_on_disk_and_reused(tiny_model, tiny_run, synth_images
     monkeypatch.setattr(tokens, "cache_tokens", no_trunk)  # where stored_tokens looks it up
     train_student(tiny_run, synth_images / "images", tmp_path / "b", model=tiny_model, config=cfg,
                   cache=tmp_path / "tok")
-    assert _anns(tmp_path / "a" / "student_labels.json") == _anns(tmp_path / "b" / "student_labels.json")
+    assert coco_anns(tmp_path / "a" / "student_labels.json") == coco_anns(tmp_path / "b" / "student_labels.json")
 
 
 def test_a_torchvision_segmenter_student_trains_on_the_pixels_and_writes_coco(tiny_model, tiny_run, synth_images,

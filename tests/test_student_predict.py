@@ -33,34 +33,25 @@ def trained(tiny_model, synth_images, tmp_path_factory):
     return out
 
 
-@pytest.fixture()
-def messy(tmp_path, synth_images):
-    """The synth images plus a truncated PNG and a text file named .jpg."""
-    folder = tmp_path / "images"
-    shutil.copytree(synth_images / "images", folder)
-    good = sorted(folder.glob("*.png"))[0].read_bytes()
-    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
-    (folder / "notes.jpg").write_text("this is not an image\n")
-    return folder
-
 def annotations(out: Path) -> list[tuple]:
     doc = json.loads((out / "pseudo_labels.json").read_text())
     return [(a["image_id"], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))
             for a in doc["annotations"]]
 
 
-def test_predict_writes_what_run_writes_and_skips_bad_files(trained, messy, synth_images, tmp_path):
+def test_predict_writes_what_run_writes_and_skips_bad_files(trained, messy_images, synth_images, tmp_path):
     from pycocotools.coco import COCO
 
     out = tmp_path / "out"
-    r = invoke("student", "predict", "--student", trained, "--images", messy, "--out", out, "--format", "png",
+    r = invoke("student", "predict", "--student", trained, "--images", messy_images, "--out", out, "--format", "png",
                "--format", "yolo", "--batch-size", "5", "--gt", synth_images / "annotations.json")
     assert r.exit_code == 0, r.output
-    assert "14 images: " in r.output and "2 failed" in r.output and "IoU" in r.output
+    assert "15 images: " in r.output and "3 failed" in r.output and "IoU" in r.output
     lines = [line for line in r.stderr.splitlines() if line.startswith("progress: ")]  # off a terminal: lines
-    assert lines[0].startswith("progress: 0/14 images") and lines[-1].startswith("progress: 14/14 images")
+    assert lines[0].startswith("progress: 0/15 images") and lines[-1].startswith("progress: 15/15 images")
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
-    assert sorted(f["file_name"] for f in failures) == ["notes.jpg", "truncated.png"] and all(f["reason"] for f in failures)
+    assert sorted(f["file_name"] for f in failures) == ["empty.jpg", "notes.jpg", "truncated.png"]
+    assert all(f["reason"] for f in failures)
     coco = COCO(str(out / "pseudo_labels.json"))
     assert len(coco.getImgIds()) == 12 and coco.getAnnIds()
     train_run = json.loads((trained / "round_1" / "card.json").read_text())["train_run"]
@@ -73,7 +64,7 @@ def test_predict_writes_what_run_writes_and_skips_bad_files(trained, messy, synt
     info = json.loads((out / "pseudo_labels.json").read_text())["info"]
     assert info["recipe"]["name"] == "student" and info["recipe"]["boundary"]["method"] != "none"
     summary = json.loads((out / "run.json").read_text())
-    assert summary["counts"]["found"] == 14 and summary["counts"]["failed"] == 2 and summary["engine"] == "student"
+    assert summary["counts"]["found"] == 15 and summary["counts"]["failed"] == 3 and summary["engine"] == "student"
     assert (out / "pseudo_labels_results.json").is_file() and (out / "report.html").is_file()
     assert len(list((out / "png").glob("*.png"))) == 12 and (out / "yolo" / "data.yaml").is_file()
     assert (out / "metrics.json").is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +11,9 @@ import torch
 from segfromxai.student.config import TRUNK_DTYPES, StudentConfig
 from segfromxai.student.job import train_student
 from segfromxai.student.train import load_student
+from conftest import STUDENT_FAST, coco_anns, outlier_tokens
 
-FAST = dict(epochs=3, batch_size=8, lr=0.05, img_size=0, trunk_dtype="float32")  # tiny ViT at 32 px, all CPUs alike
-
-
-def _anns(path: Path) -> list[tuple]:
-    doc = json.loads(path.read_text())
-    names = {i["id"]: i["file_name"] for i in doc["images"]}
-    return [(names[a["image_id"]], a["category_id"], a["segmentation"]["counts"], round(a["score"], 6))
-            for a in doc["annotations"]]
+FAST = STUDENT_FAST
 
 
 def test_last_blocks_tokens_are_each_blocks_output_after_the_final_norm(tiny_model):
@@ -59,9 +52,9 @@ def test_a_student_on_two_blocks_trains_reloads_and_labels_as_it_was_trained(tin
     assert card["config"]["blocks"] == 2 and head.weight.shape[1] == 2 * tiny_model.module.num_features
     student = open_student(tmp_path / "s")
     label_folder(student, synth_images / "images", tmp_path / "p")
-    trained = _anns(tmp_path / "s" / "student_labels.json")
+    trained = coco_anns(tmp_path / "s" / "student_labels.json")
     names = {a[0] for a in trained}
-    labelled = [a for a in _anns(tmp_path / "p" / "pseudo_labels.json") if a[0] in names]
+    labelled = [a for a in coco_anns(tmp_path / "p" / "pseudo_labels.json") if a[0] in names]
     assert trained and sorted(labelled) == sorted(trained)
     with pytest.raises(ValueError, match="blocks must be >= 1"):
         StudentConfig(blocks=0)
@@ -148,15 +141,10 @@ def test_standardize_fits_the_training_tokens_statistics_against_numpy():
 
 def test_std_linear_learns_a_label_that_an_outlier_channel_hides_and_keeps_its_statistics(tmp_path):
     from segfromxai.student.heads import view_probs
-    from segfromxai.student.tokens import Tokens
     from segfromxai.student.train import train_head
 
-    rng = np.random.default_rng(0)
-    n, g = 16, 4
-    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
-    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
-    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
-                    np.zeros((n, 0), np.float32))
+    tokens, fg = outlier_tokens()
+    n, g = fg.shape[:2]
     keep = np.ones(n, bool)
     keep[0] = False  # statistics of the trained images only
     head = train_head(tokens, fg, keep, 2, StudentConfig(head="std-linear", epochs=40, lr=0.05, batch_size=8,
@@ -195,16 +183,10 @@ def test_trunk_dtype_auto_on_a_gpu_asks_for_native_bfloat16(monkeypatch):
 
 
 def test_a_std_linear_head_resumed_from_its_checkpoint_is_the_fresh_one(tmp_path):
-    from segfromxai.student.tokens import Tokens
     from segfromxai.student.train import train_head
 
-    rng = np.random.default_rng(0)
-    n, g = 16, 4
-    fg = rng.integers(0, 2, (n, g, g)).astype(np.uint8)
-    grid = np.stack([np.where(fg == 1, 0.01, -0.01), rng.normal(0, 10.0, (n, g, g))], -1)
-    tokens = Tokens([f"{i}.png" for i in range(n)], [(g, g)] * n, torch.tensor(grid[:, None], dtype=torch.float16),
-                    np.zeros((n, 0), np.float32))
-    keep = np.arange(n) > 0
+    tokens, fg = outlier_tokens()
+    keep = np.arange(len(fg)) > 0
     cfg = StudentConfig(head="std-linear", epochs=4, lr=0.05, batch_size=8, flip=False)
     fresh = train_head(tokens, fg, keep, 2, cfg)
 

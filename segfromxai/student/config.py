@@ -16,6 +16,12 @@ from .masks import SOFT_MAPS
 UNTRAINED = ("rounds", "boundary", "soft")  # settings that do not change a round's head (its checkpoint key)
 MODES = ("auto", "binary", "classes")
 TRUNK_DTYPES = ("auto", "float32", "bfloat16")  # the trunk's precision (segfromxai.student.tokens.use_bf16)
+
+
+def check_trunk_dtype(value: str) -> None:
+    """Raise ValueError naming the valid choices unless ``value`` is one of :data:`TRUNK_DTYPES`."""
+    if value not in TRUNK_DTYPES:
+        raise ValueError(f"unknown trunk dtype {value!r}; choose one of {', '.join(TRUNK_DTYPES)}")
 Mode = Literal[MODES]
 
 
@@ -77,8 +83,7 @@ class StudentConfig:
         if self.boundary is not None and self.boundary not in BOUNDARIES:
             raise ValueError(f"unknown boundary method {self.boundary!r}; choose one of {', '.join(BOUNDARIES)}")
         lookup(SOFT_MAPS, self.soft, "soft map")
-        if self.trunk_dtype not in TRUNK_DTYPES:
-            raise ValueError(f"unknown trunk dtype {self.trunk_dtype!r}; choose one of {', '.join(TRUNK_DTYPES)}")
+        check_trunk_dtype(self.trunk_dtype)
         if self.blocks < 1:
             raise ValueError(f"blocks must be >= 1 (the trunk's last blocks whose tokens the head reads), got "
                              f"{self.blocks}")

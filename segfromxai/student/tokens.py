@@ -23,7 +23,7 @@ from ..io.images import load_image
 from ..io.progress import progress_bar
 from ..models.features import Backbone, load_backbone
 from ..models.model import LoadedModel, is_vit, sha256, tokens_to_grid
-from .config import TRUNK_DTYPES, settings_key
+from .config import check_trunk_dtype, settings_key
 
 
 @dataclass
@@ -134,8 +134,7 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 def use_bf16(trunk_dtype: str, device: str | torch.device) -> bool:
     """Whether the trunk runs under bfloat16 autocast: ``bfloat16`` yes, ``float32`` no, ``auto`` where the device
     multiplies bfloat16 natively (a CUDA GPU that supports it, :func:`cpu_has_bf16` on the CPU)."""
-    if trunk_dtype not in TRUNK_DTYPES:
-        raise ValueError(f"unknown trunk dtype {trunk_dtype!r}; choose one of {', '.join(TRUNK_DTYPES)}")
+    check_trunk_dtype(trunk_dtype)
     if trunk_dtype != "auto":
         return trunk_dtype == "bfloat16"
     if torch.device(device).type == "cuda":
